@@ -1,0 +1,1 @@
+"""editflow: MLflow-tracked mass knowledge editing for causal LMs."""
