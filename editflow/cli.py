@@ -1,0 +1,38 @@
+"""The ``editflow`` command line: a click group whose subcommands live in ``editflow.commands``.
+
+Each module in :mod:`editflow.commands` exposes ``command`` (a click command or group); it is
+registered under its own name. Modules are imported lazily so ``editflow --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import click
+
+import editflow.commands as _commands
+
+
+class _LazyGroup(click.Group):
+    def _modules(self) -> list[str]:
+        return sorted(m.name for m in pkgutil.iter_modules(_commands.__path__) if not m.name.startswith("_"))
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [m.replace("_", "-") for m in self._modules()]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        module = name.replace("-", "_")
+        if module not in self._modules():
+            return None
+        return importlib.import_module(f"editflow.commands.{module}").command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="editflow")
+def main() -> None:
+    """editflow: edit facts in causal LMs with MEMIT, tracked and versioned in MLflow."""
+
+
+if __name__ == "__main__":
+    main()
