@@ -1,0 +1,451 @@
+"""MEMIT and AlphaEdit: the edit math, as pure functions of a model, requests and covariances.
+
+No I/O and no MLflow here. The steps follow ``shared/design/memit.md`` (Meng et al. 2023; Fang et
+al. 2025): batched target optimisation (step 2), keys averaged over context templates, and the
+layer-by-layer closed-form update in float64 (step 3). The public entry point is :func:`edit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from editflow import nethook
+from editflow.config import MemitConfig
+from editflow.models import Adapter
+from editflow.requests import EditRequest
+from editflow.tokens import encode, encode_target, fact_token_index, pad_id, pad_right
+
+TEMPLATE_SEEDS = ("The", "Therefore", "Because", "I", "You")
+KL_PROMPT = "{} is a"
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class RequestDiagnostics:
+    """How target optimisation went for one request."""
+
+    subject: str
+    target_new: str
+    loss: float
+    prob_new: float
+    delta_norm: float
+    steps: int
+    chunk: int = 0
+
+
+@dataclass
+class EditResult:
+    """Weight deltas (in each weight's own layout, keyed by parameter name) and diagnostics."""
+
+    deltas: dict[str, torch.Tensor]
+    diagnostics: list[RequestDiagnostics]
+    layer_update_norms: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    context_templates: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def apply_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add ``deltas`` to the model's weights in place; return the original tensors (for :func:`restore`)."""
+    params = dict(model.named_parameters())
+    backup = {}
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            p = params[name]
+            backup[name] = p.detach().clone()
+            p.add_(delta.to(p.device, p.dtype))
+    return backup
+
+
+def restore(model: nn.Module, backup: Mapping[str, torch.Tensor]) -> None:
+    """Put back weights saved by :func:`apply_deltas` (bit-exact undo)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, original in backup.items():
+            params[name].copy_(original)
+
+
+def undo_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> None:
+    """Subtract ``deltas`` (undo without a backup; exact up to floating-point rounding)."""
+    apply_deltas(model, {k: -v for k, v in deltas.items()})
+
+
+# --------------------------------------------------------------------------- context templates
+
+
+def context_templates(model: nn.Module, tokenizer: object, n: int, length: int, seed: int) -> list[str]:
+    """``["{}"]`` plus ``n`` seeded short continuations of fixed words, each followed by ``". {}"``."""
+    if n == 0:
+        return ["{}"]
+    device = next(model.parameters()).device
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in range(n):
+            ids = torch.tensor([encode(tokenizer, TEMPLATE_SEEDS[i % len(TEMPLATE_SEEDS)])], device=device)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 top_k=5, max_new_tokens=length, pad_token_id=pad_id(tokenizer))
+            text = tokenizer.decode(gen[0], skip_special_tokens=True)  # type: ignore[attr-defined]
+            out.append(text.replace("{", " ").replace("}", " ") + ". {}")
+    return ["{}"] + out
+
+
+# --------------------------------------------------------------------------- rows of prompts
+
+
+@dataclass
+class _Rows:
+    """Prompts of several requests flattened into one padded batch."""
+
+    ids: list[list[int]]
+    fact_idx: list[int]
+    owner: list[int]  # request index of each row
+
+
+def _prompt_rows(tokenizer: object, requests: Sequence[EditRequest], templates: Sequence[str],
+                 suffix_ids: Callable[[int], list[int]] | None = None) -> _Rows:
+    """One row per (request, template): the templated prompt (+ optional suffix ids per request)."""
+    rows = _Rows([], [], [])
+    for i, r in enumerate(requests):
+        for t in templates:
+            prompt = t.replace("{}", r.prompt, 1) if t != "{}" else r.prompt
+            ids = encode(tokenizer, prompt.format(r.subject))
+            rows.ids.append(ids + (suffix_ids(i) if suffix_ids else []))
+            rows.fact_idx.append(fact_token_index(tokenizer, prompt, r.subject))
+            rows.owner.append(i)
+    return rows
+
+
+def _chunks(n: int, size: int | None) -> list[range]:
+    size = size or n
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _rewrite_inputs_and_block_outputs(model: nn.Module, tokenizer: object, adapter: Adapter,
+                                      rows: _Rows, rewrite_layer: int | None, block_layer: int,
+                                      batch_rows: int = 256) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """At each row's fact token: the rewrite-module input of ``rewrite_layer`` and the output of block
+    ``block_layer``, in batched forwards stopped after the deeper of the two."""
+    device = next(model.parameters()).device
+    ins = [adapter.rewrite(rewrite_layer)] if rewrite_layer is not None else []
+    outs = [adapter.layer(block_layer)]
+    stop = adapter.layer(max(block_layer, rewrite_layer if rewrite_layer is not None else -1))
+    keys, hidden = [], []
+    for part in _chunks(len(rows.ids), batch_rows):
+        batch = pad_right([rows.ids[j] for j in part], pad_id(tokenizer)).to(device)
+        idx = torch.tensor([rows.fact_idx[j] for j in part], device=device)
+        arange = torch.arange(len(part), device=device)
+        with torch.no_grad(), nethook.capture(model, ins, outs, stop_after=stop,
+                                              transform=lambda _n, t: t[arange, idx]) as got:
+            nethook.run_until_stopped(model, **batch.model_inputs())
+        if ins:
+            keys.append(got[ins[0]].float())
+        hidden.append(got[outs[0]].float())
+    return (torch.cat(keys) if keys else None), torch.cat(hidden)
+
+
+# --------------------------------------------------------------------------- step 2: targets z
+
+
+def _logits_at(model: nn.Module, batch_inputs: dict, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probabilities at the given (row, position) pairs: LM head only where needed."""
+    hidden = model.base_model(**batch_inputs, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    logits = head(hidden[rows, cols]).float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def compute_targets(model: nn.Module, tokenizer: object, adapter: Adapter,
+                    requests: Sequence[EditRequest], config: MemitConfig, templates: Sequence[str],
+                    requests_per_batch: int | None = 64) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
+    """Optimise one residual vector z per request at the last edited layer (step 2).
+
+    Requests are optimised together, ``requests_per_batch`` at a time: each has its own δ and its own
+    loss, and finished requests are frozen, so the result equals a one-request-at-a-time loop
+    (``requests_per_batch=1``, the reference structure) up to floating-point rounding.
+    """
+    zs, diags = [], []
+    with frozen_weights(model):
+        for part in _chunks(len(requests), requests_per_batch):
+            z, d = _optimise_group(model, tokenizer, adapter, [requests[i] for i in part], config, templates)
+            zs.append(z)
+            diags.extend(d)
+    return torch.cat(zs), diags
+
+
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """Turn off gradients of the model's parameters (only δ is optimised)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
+                    requests: Sequence[EditRequest], config: MemitConfig,
+                    templates: Sequence[str]) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
+    device = next(model.parameters()).device
+    n, layer = len(requests), config.layers[-1]
+    targets = [encode_target(tokenizer, r.target_new) for r in requests]
+    rw = _prompt_rows(tokenizer, requests, templates, suffix_ids=lambda i: targets[i][:-1])
+    kl = _Rows([], [], [])
+    if config.kl_factor > 0:  # "{subject} is a": the next-token distribution to keep
+        for i, r in enumerate(requests):
+            kl.ids.append(encode(tokenizer, KL_PROMPT.format(r.subject)))
+            kl.fact_idx.append(fact_token_index(tokenizer, KL_PROMPT, r.subject))
+            kl.owner.append(i)
+    all_ids = rw.ids + kl.ids
+    batch = pad_right(all_ids, pad_id(tokenizer)).to(device)
+    fact_idx = torch.tensor(rw.fact_idx + kl.fact_idx, device=device)
+    owner = torch.tensor(rw.owner + kl.owner, device=device)
+    n_rw = len(rw.ids)
+
+    # Target token positions: the last len(target) positions of each rewriting row predict the target.
+    t_rows, t_cols, t_ids = [], [], []
+    for row, ids in enumerate(rw.ids):
+        tgt = targets[rw.owner[row]]
+        start = len(ids) - len(tgt)  # the position before each target token predicts it
+        t_rows.extend([row] * len(tgt))
+        t_cols.extend(range(start, start + len(tgt)))
+        t_ids.extend(tgt)
+    t_rows_t = torch.tensor(t_rows, device=device)
+    t_cols_t = torch.tensor(t_cols, device=device)
+    t_ids_t = torch.tensor(t_ids, device=device)
+    tok_weight = torch.tensor([1.0 / len(targets[rw.owner[r]]) for r in t_rows], device=device)
+    rows_per_req = torch.bincount(torch.tensor(rw.owner, device=device), minlength=n).float()
+    kl_rows = torch.arange(n_rw, n_rw + len(kl.ids), device=device)
+    kl_cols = fact_idx[n_rw:]
+    bare_rows = torch.tensor([rw.owner.index(i) for i in range(n)], device=device)  # template "{}"
+
+    # Clean h_L at the fact token of the bare prompt (and the unedited KL distribution).
+    _, h_all = _rewrite_inputs_and_block_outputs(model, tokenizer, adapter,
+                                                 _Rows(all_ids, fact_idx.tolist(), owner.tolist()),
+                                                 None, layer)
+    target_init = h_all[bare_rows]  # (n, d)
+    init_norm = target_init.norm(dim=1)
+    delta = torch.zeros_like(target_init, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=config.v_lr)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    steps = torch.zeros(n, dtype=torch.long)
+    final_loss = torch.zeros(n)
+    arange_rows = torch.arange(len(all_ids), device=device)
+    kl_init: torch.Tensor | None = None
+
+    def add_delta(h: torch.Tensor) -> torch.Tensor:
+        upd = torch.zeros(h.shape[0], h.shape[-1], dtype=torch.float32, device=h.device)
+        upd = upd + delta[owner]
+        h = h.clone()
+        h[arange_rows, fact_idx] = (h[arange_rows, fact_idx].float() + upd).to(h.dtype)
+        return h
+
+    for it in range(config.v_num_grad_steps):
+        opt.zero_grad()
+        with nethook.patch_output(model, adapter.layer(layer), add_delta):
+            logp_t = _logits_at(model, batch.model_inputs(), torch.cat([t_rows_t, kl_rows]),
+                                torch.cat([t_cols_t, kl_cols]))
+        logp_kl = logp_t[len(t_rows):]
+        tok_lp = logp_t[: len(t_rows)].gather(1, t_ids_t[:, None]).squeeze(1)
+        row_nll = torch.zeros(n_rw, device=device).index_add(0, t_rows_t, -tok_lp * tok_weight)
+        nll = torch.zeros(n, device=device).index_add(0, torch.tensor(rw.owner, device=device), row_nll)
+        nll = nll / rows_per_req
+        loss = nll + config.v_weight_decay * delta.norm(dim=1) / init_norm**2
+        if config.kl_factor > 0:
+            if kl_init is None:
+                kl_init = logp_kl.detach().clone()
+            # KL(p_delta || p_0), as in the ROME/MEMIT papers.
+            kl_term = (logp_kl.exp() * (logp_kl - kl_init)).sum(-1)
+            loss = loss + config.kl_factor * kl_term
+        with torch.no_grad():
+            final_loss[active.cpu()] = loss.detach().cpu()[active.cpu()]
+            steps[active.cpu()] += 1
+            active &= loss.detach() >= config.v_early_stop_loss
+        if not bool(active.any()) or it == config.v_num_grad_steps - 1:
+            break
+        frozen = delta.detach().clone()
+        (loss * active.float()).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            max_norm = config.clamp_norm_factor * init_norm
+            norm = delta.norm(dim=1)
+            scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
+            delta.mul_(scale[:, None])
+            delta[~active] = frozen[~active]
+
+    with torch.no_grad():
+        bare_tok = torch.isin(t_rows_t, bare_rows)
+        with nethook.patch_output(model, adapter.layer(layer), add_delta):
+            logp_t = _logits_at(model, batch.model_inputs(), t_rows_t[bare_tok], t_cols_t[bare_tok])
+        lp = logp_t.gather(1, t_ids_t[bare_tok][:, None]).squeeze(1)
+        owners = torch.tensor(rw.owner, device=device)[t_rows_t[bare_tok]]
+        mean_lp = torch.zeros(n, device=device).index_add(0, owners, lp) / torch.tensor(
+            [len(t) for t in targets], device=device)
+    z = (target_init + delta).detach()
+    diags = [RequestDiagnostics(r.subject, r.target_new, float(final_loss[i]), float(mean_lp[i].exp()),
+                                float(delta[i].detach().norm()), int(steps[i]))
+             for i, r in enumerate(requests)]
+    return z, diags
+
+
+# --------------------------------------------------------------------------- step 3: the solve
+
+
+def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float) -> torch.Tensor:
+    """ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ in float64, with K (d_ff × n), R (d × n), C (d_ff × d_ff); -> (d × d_ff)."""
+    k, r, c = keys.double(), resid.double(), cov.to(keys.device).double()
+    adj_k = torch.linalg.solve(lam * c + k @ k.T, k)  # (λC + KKᵀ)⁻¹ K
+    return r @ adj_k.T
+
+
+def nullspace_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U Uᵀ over the eigenvectors of C with eigenvalue below ``threshold`` (AlphaEdit)."""
+    evals, evecs = torch.linalg.eigh(cov.double())
+    u = evecs[:, evals < threshold]
+    return u @ u.T
+
+
+def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor,
+                     preserved: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹ (AlphaEdit), in float64; -> (d × d_ff)."""
+    k, r, p = keys.double(), resid.double(), projector.to(keys.device).double()
+    kp = preserved.to(keys.device).double()
+    eye = torch.eye(k.shape[0], dtype=torch.float64, device=k.device)
+    sol = torch.linalg.solve(p @ (k @ k.T + kp) + alpha * eye, p @ k @ r.T)  # (d_ff × d)
+    return sol.T
+
+
+# --------------------------------------------------------------------------- one MEMIT call
+
+
+@dataclass
+class _AlphaState:
+    projectors: dict[int, torch.Tensor]
+    preserved: dict[int, torch.Tensor]
+
+
+def key_weights(n_templates: int) -> torch.Tensor:
+    """Averaging weights over templates: the bare prompt ½, the prefixed ones sharing the other ½."""
+    if n_templates == 1:
+        return torch.ones(1)
+    rest = torch.full((n_templates - 1,), 0.5 / (n_templates - 1))
+    return torch.cat([torch.tensor([0.5]), rest])
+
+
+def compute_keys(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
+                 layer: int, templates: Sequence[str], block_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (n × d_ff, template-averaged rewrite inputs) and h (n × d, block output at the bare prompt)."""
+    rows = _prompt_rows(tokenizer, requests, templates)
+    ks, hs = _rewrite_inputs_and_block_outputs(model, tokenizer, adapter, rows, layer, block_layer)
+    n, t = len(requests), len(templates)
+    w = key_weights(t).to(ks.device)
+    keys = (ks.view(n, t, -1) * w[None, :, None]).sum(1)
+    return keys, hs.view(n, t, -1)[:, 0]
+
+
+def _weight_layout(delta: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """A (d × d_ff) update in the stored layout of the rewrite weight (Conv1D stores it transposed)."""
+    return delta.T if conv1d else delta
+
+
+def _memit_chunk(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
+                 covs: Mapping[int, torch.Tensor], config: MemitConfig, templates: Sequence[str],
+                 alpha: _AlphaState | None, timings: dict[str, float], requests_per_batch: int | None,
+                 ) -> tuple[dict[str, torch.Tensor], list[RequestDiagnostics], dict[str, float]]:
+    """One MEMIT (or AlphaEdit) call over ``requests``; the model holds the update afterwards."""
+    t0 = time.perf_counter()
+    z, diags = compute_targets(model, tokenizer, adapter, requests, config, templates, requests_per_batch)
+    timings["targets"] = timings.get("targets", 0.0) + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    params = dict(model.named_parameters())
+    last = config.layers[-1]
+    deltas, norms = {}, {}
+    for i, layer in enumerate(config.layers):
+        keys, h_now = compute_keys(model, tokenizer, adapter, requests, layer, templates, last)
+        resid = (z - h_now).T / (len(config.layers) - i)  # (d × n) share for this layer
+        k = keys.T  # (d_ff × n)
+        if alpha is None:
+            upd = memit_update(k, resid, covs[layer], config.mom2_update_weight)
+        else:
+            upd = alphaedit_update(k, resid, alpha.projectors[layer], alpha.preserved[layer], config.alphaedit_l2)
+        name = adapter.rewrite_weight(layer)
+        w = params[name]
+        delta = _weight_layout(upd, adapter.conv1d).to(w.dtype)
+        with torch.no_grad():
+            w.add_(delta.to(w.device))
+        deltas[name] = delta.to(w.device)
+        norms[name] = float(upd.norm())
+    if alpha is not None:  # remember this chunk's keys so later chunks preserve them
+        for layer in config.layers:
+            keys, _ = compute_keys(model, tokenizer, adapter, requests, layer, templates, layer)
+            alpha.preserved[layer] = alpha.preserved[layer] + (keys.T.double() @ keys.double())
+    timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t0
+    return deltas, diags, norms
+
+
+def edit(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
+         covs: Mapping[int, torch.Tensor], config: MemitConfig,
+         on_chunk: Callable[[int, Sequence[EditRequest], list[RequestDiagnostics]], None] | None = None,
+         requests_per_batch: int | None = 64, keep_applied: bool = False) -> EditResult:
+    """Edit ``requests`` into the model with MEMIT or AlphaEdit, in batch or sequential mode.
+
+    ``covs[layer]`` is C = E[k kᵀ] of the rewrite-module input. In sequential mode the requests go in
+    chunks of ``config.chunk_size``, each on the result of the previous; ``on_chunk(i, chunk, diags)``
+    is called after each chunk while the model holds the weights so far (for per-chunk evaluation).
+    The returned deltas are the total change. The model is restored to its original weights unless
+    ``keep_applied``.
+    """
+    if not requests:
+        raise ValueError("no requests to edit")
+    missing = [layer for layer in config.layers if layer not in covs]
+    if missing:
+        raise ValueError(f"no covariance for layer(s) {missing}")
+    if any(layer >= adapter.n_layers for layer in config.layers):
+        raise ValueError(f"layers {list(config.layers)} out of range for a {adapter.n_layers}-layer model")
+    was_training = model.training
+    model.eval()
+    names = [adapter.rewrite_weight(layer) for layer in config.layers]
+    params = dict(model.named_parameters())
+    original = {n: params[n].detach().clone() for n in names}
+    timings: dict[str, float] = {}
+    templates = context_templates(model, tokenizer, config.context_templates,
+                                  config.context_template_length, config.seed)
+    alpha = None
+    if config.algorithm == "alphaedit":
+        alpha = _AlphaState(
+            projectors={layer: nullspace_projector(covs[layer], config.nullspace_threshold) for layer in config.layers},
+            preserved={layer: torch.zeros(adapter.d_ff, adapter.d_ff, dtype=torch.float64) for layer in config.layers})
+    size = config.chunk_size if config.mode == "sequential" else len(requests)
+    diagnostics: list[RequestDiagnostics] = []
+    norms: dict[str, float] = {}
+    try:
+        for c, part in enumerate(_chunks(len(requests), size)):
+            chunk = [requests[i] for i in part]
+            _, diags, chunk_norms = _memit_chunk(model, tokenizer, adapter, chunk, covs, config, templates,
+                                                 alpha, timings, requests_per_batch)
+            for d in diags:
+                d.chunk = c
+            diagnostics.extend(diags)
+            for k, v in chunk_norms.items():
+                norms[k] = norms.get(k, 0.0) + v
+            if on_chunk is not None:
+                on_chunk(c, chunk, diags)
+        deltas = {n: (params[n].detach() - original[n]) for n in names}
+    finally:
+        if not keep_applied:
+            restore(model, original)
+        model.train(was_training)
+    return EditResult(deltas=deltas, diagnostics=diagnostics, layer_update_norms=norms,
+                      timings=timings, context_templates=list(templates))

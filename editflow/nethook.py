@@ -1,0 +1,115 @@
+"""Minimal hooks on named modules: capture inputs/outputs, patch outputs, stop a forward pass early.
+
+In the spirit of ROME's ``util/nethook.py``, but only what editflow needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass once the needed layers have run."""
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """Return the submodule called ``name`` (a dotted path), with a clear error if it is missing."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise KeyError(f"model has no module named {name!r}") from exc
+
+
+def first_tensor(output: object) -> torch.Tensor:
+    """A block's hidden states, whether the module returned a tensor or a tuple starting with one."""
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[index,return-value]
+
+
+def replace_first_tensor(output: object, hidden: torch.Tensor) -> object:
+    """``output`` with its hidden states replaced by ``hidden`` (keeps tuple structure)."""
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    return hidden
+
+
+@contextlib.contextmanager
+def hooks(handles: Sequence[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    """Remove the given hook handles on exit."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def capture(
+    model: nn.Module,
+    inputs_of: Sequence[str] = (),
+    outputs_of: Sequence[str] = (),
+    stop_after: str | None = None,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the first positional input of ``inputs_of`` and the hidden output of ``outputs_of``.
+
+    ``transform(name, tensor)`` may reduce what is kept (e.g. gather the fact-token rows) so that
+    full activations are never stored. ``stop_after`` names a module after whose forward the pass is
+    aborted with :class:`StopForward`; use :func:`run_until_stopped` to call the model.
+    """
+    store: dict[str, torch.Tensor] = {}
+    keep = transform or (lambda _name, t: t)
+    handles = []
+
+    def pre_hook(name: str) -> Callable:
+        def fn(_module: nn.Module, args: tuple) -> None:
+            store[name] = keep(name, args[0])
+            if stop_after == name and name not in outputs_of:
+                raise StopForward
+
+        return fn
+
+    def post_hook(name: str) -> Callable:
+        def fn(_module: nn.Module, _args: tuple, output: object) -> None:
+            store[name] = keep(name, first_tensor(output))
+            if stop_after == name:
+                raise StopForward
+
+        return fn
+
+    for name in inputs_of:
+        handles.append(get_module(model, name).register_forward_pre_hook(pre_hook(name)))
+    for name in outputs_of:
+        handles.append(get_module(model, name).register_forward_hook(post_hook(name)))
+    if stop_after is not None and stop_after not in inputs_of and stop_after not in outputs_of:
+
+        def stop(_m: nn.Module, _a: tuple, _o: object) -> None:
+            raise StopForward
+
+        handles.append(get_module(model, stop_after).register_forward_hook(stop))
+    with hooks(handles):
+        yield store
+
+
+@contextlib.contextmanager
+def patch_output(
+    model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Replace the hidden output ``h`` of module ``name`` by ``fn(h)`` for the duration."""
+
+    def hook(_module: nn.Module, _args: tuple, output: object) -> object:
+        return replace_first_tensor(output, fn(first_tensor(output)))
+
+    with hooks([get_module(model, name).register_forward_hook(hook)]):
+        yield
+
+
+def run_until_stopped(model: nn.Module, **inputs: torch.Tensor) -> object | None:
+    """Call ``model(**inputs)``; return its output, or ``None`` if a hook stopped it early."""
+    try:
+        return model(**inputs)
+    except StopForward:
+        return None
