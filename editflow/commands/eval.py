@@ -1,0 +1,54 @@
+"""``editflow eval``: evaluate any causal LM on any request file (no editing)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+#: URI scheme → loader returning a :class:`~editflow.models.ModelHandle`; the workflow may register
+#: e.g. ``"models:/"`` (MLflow registry) here. Anything else is a Hugging Face id or a local path.
+RESOLVERS: dict[str, Callable[..., object]] = {}
+
+
+def resolve_model(uri: str, device: str | None = None, dtype: str | None = None) -> object:
+    """Load ``uri`` with the resolver registered for its prefix, else :func:`editflow.models.load_model`."""
+    for prefix, loader in RESOLVERS.items():
+        if uri.startswith(prefix):
+            return loader(uri, device=device, dtype=dtype)
+    from editflow.models import load_model
+
+    return load_model(uri, device=device, dtype=dtype)
+
+
+@click.command("eval")
+@click.argument("model")
+@click.argument("requests_path", metavar="REQUESTS", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", default="eval_out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
+@click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: as saved).")
+@click.option("--batch-size", default=64, show_default=True, help="Rows per forward (micro-batch).")
+@click.option("--no-fluency", is_flag=True, help="Skip the generation-entropy metric.")
+@click.option("--heldout", "heldout_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Held-out text, one document per line, for drift (default: bundled corpus/heldout.txt).")
+@click.option("--heldout-facts", "heldout_facts_n", default=100, show_default=True,
+              help="Bundled CounterFact facts not being edited used for held-out specificity (0: none).")
+@click.option("--limit", default=None, type=int, help="Evaluate only the first N requests.")
+@click.option("--seed", default=0, show_default=True)
+def command(model: str, requests_path: str, out_dir: str, device: str | None, dtype: str | None,
+            batch_size: int, no_fluency: bool, heldout_path: str | None, heldout_facts_n: int,
+            limit: int | None, seed: int) -> None:
+    """Evaluate MODEL (HF id, local path or registered URI) on the REQUESTS file, unedited."""
+    from editflow.evaluate import (Evaluator, default_heldout_facts, fact_table, format_summary,
+                                   load_heldout_texts, summary, write_report)
+    from editflow.requests import load_requests
+
+    requests = load_requests(requests_path)[:limit]
+    handle = resolve_model(model, device=device, dtype=dtype)
+    ev = Evaluator(handle, requests, heldout_texts=load_heldout_texts(heldout_path),
+                   heldout_facts=default_heldout_facts(requests, heldout_facts_n) if heldout_facts_n else (),
+                   fluency=not no_fluency, seed=seed, batch_rows=batch_size)
+    pre = ev.pre()
+    paths = write_report(out_dir, fact_table(requests, pre), summary(pre))
+    click.echo(format_summary(summary(pre)))
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))

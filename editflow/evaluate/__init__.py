@@ -1,0 +1,32 @@
+"""Evaluation of edits: CounterFact / zsRE / plain-request metrics, fluency and drift, batched.
+
+Typical use::
+
+    ev = Evaluator(handle, requests, heldout_texts=load_heldout_texts(),
+                   heldout_facts=default_heldout_facts(requests))
+    pre = ev.pre()                 # pre-edit answers and references, computed once
+    ...edit the model in place...
+    post = ev.post(step=1)         # callable after every chunk
+    table = fact_table(requests, pre, post); s = summary(pre, post)
+
+Metric names: see :mod:`editflow.evaluate.report`.
+"""
+
+from editflow.evaluate.data import default_heldout_facts, load_heldout_texts
+from editflow.evaluate.drift import DriftReference, drift, drift_reference
+from editflow.evaluate.evaluator import EvalResult, Evaluator
+from editflow.evaluate.fluency import ngram_entropy, sample_texts, text_entropy, weighted_ngram_entropy, words
+from editflow.evaluate.metrics import KINDS, aggregate, check_outcomes, fact_metrics, harmonic_mean
+from editflow.evaluate.probes import Check, auto_neighbor_texts
+from editflow.evaluate.report import (METRIC_NAMES, fact_table, format_summary, history_frame, plot_curve,
+                                      plot_probabilities, summary, write_report)
+from editflow.evaluate.scoring import TargetScores, batched_forward, greedy_answers, score_ids, score_targets
+
+__all__ = [
+    "Check", "DriftReference", "EvalResult", "Evaluator", "KINDS", "METRIC_NAMES", "TargetScores",
+    "aggregate", "auto_neighbor_texts", "batched_forward", "check_outcomes", "default_heldout_facts", "drift",
+    "drift_reference", "fact_metrics", "fact_table", "format_summary", "greedy_answers", "harmonic_mean",
+    "history_frame", "load_heldout_texts", "ngram_entropy", "plot_curve", "plot_probabilities",
+    "sample_texts", "score_ids", "score_targets", "summary", "text_entropy", "weighted_ngram_entropy",
+    "words", "write_report",
+]

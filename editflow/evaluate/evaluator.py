@@ -1,0 +1,165 @@
+"""The :class:`Evaluator`: pre-edit references computed once, post-edit evaluation callable per chunk."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from editflow.evaluate import drift as drift_mod
+from editflow.evaluate.fluency import sample_texts, text_entropy
+from editflow.evaluate.metrics import aggregate, check_outcomes, fact_metrics
+from editflow.evaluate.probes import (HELDOUT_FACT, Check, answer_queries, build_checks, heldout_probes,
+                                      request_probes)
+from editflow.evaluate.scoring import greedy_answers, score_ids
+from editflow.requests import EditRequest
+from editflow.tokens import encode, encode_target, pad_id
+
+REWRITE_KINDS = ("rewrite", "zsre_rewrite")
+
+
+@dataclass
+class EvalResult:
+    """One evaluation of the model state: ``metrics`` (unprefixed, see :mod:`editflow.evaluate.report`),
+    ``facts`` (one row per evaluated request, index = request index) and the scored ``checks``."""
+
+    phase: str
+    step: int | None
+    metrics: dict[str, float]
+    facts: pd.DataFrame
+    checks: pd.DataFrame = field(repr=False)
+
+    @property
+    def summary(self) -> dict[str, float]:
+        """Metrics under stable ``phase/name`` keys."""
+        return {f"{self.phase}/{k}": v for k, v in self.metrics.items()}
+
+
+def _unpack(handle_or_pair: object) -> tuple[nn.Module, object]:
+    if isinstance(handle_or_pair, tuple):
+        return handle_or_pair
+    return handle_or_pair.model, handle_or_pair.tokenizer  # type: ignore[attr-defined]
+
+
+class Evaluator:
+    """Evaluate ``requests`` on the current state of a model, before and after editing.
+
+    ``handle_or_model_tokenizer`` is a :class:`~editflow.models.ModelHandle` or ``(model, tokenizer)``;
+    the model is read at each call, so edit it in place between :meth:`pre` and :meth:`post`.
+    ``heldout_texts`` feed drift, ``heldout_facts`` (requests with ``target_true``) the held-out
+    specificity; ``batch_rows`` is the micro-batch row budget, ``one_by_one`` the per-prompt reference.
+    """
+
+    def __init__(self, handle_or_model_tokenizer: object, requests: Sequence[EditRequest], *,
+                 heldout_texts: Sequence[str] = (), heldout_facts: Sequence[EditRequest] = (),
+                 heldout_known_only: bool = True, n_auto_neighbors: int = 5, fluency: bool = True,
+                 fluency_prompts: int = 1, fluency_tokens: int = 90, seed: int = 0,
+                 drift_tokens: int = 1024, drift_top_k: int = 64, batch_rows: int = 64,
+                 padding_side: str = "right", one_by_one: bool = False):
+        self.model, self.tokenizer = _unpack(handle_or_model_tokenizer)
+        self.requests = list(requests)
+        self.heldout_texts, self.heldout_facts = list(heldout_texts), list(heldout_facts)
+        self.heldout_known_only, self.n_auto_neighbors = heldout_known_only, n_auto_neighbors
+        self.fluency, self.fluency_prompts, self.fluency_tokens = fluency, fluency_prompts, fluency_tokens
+        self.seed, self.drift_tokens, self.drift_top_k = seed, drift_tokens, drift_top_k
+        self.batching = {"batch_rows": batch_rows, "padding_side": padding_side, "one_by_one": one_by_one}
+        self.checks: list[Check] | None = None
+        self.drift_ref: drift_mod.DriftReference | None = None
+        self.pre_result: EvalResult | None = None
+        self.history: list[EvalResult] = []
+
+    # ------------------------------------------------------------------ references (once)
+
+    def _build_checks(self) -> list[Check]:
+        tok = self.tokenizer
+        probes = request_probes(tok, self.requests, self.n_auto_neighbors) + heldout_probes(tok, self.heldout_facts)
+        queries = sorted(set(answer_queries(probes)))
+        answers = greedy_answers(self.model, [encode(tok, t) for t, _ in queries], [n for _, n in queries],
+                                 pad_id(tok), **self.batching)
+        truth = ({f.text: tuple(encode_target(tok, f.target_true)) for f in self.heldout_facts if f.target_true}
+                 if self.heldout_known_only else None)
+        return build_checks(probes, dict(zip(queries, answers)), truth)
+
+    # ------------------------------------------------------------------ one evaluation
+
+    def _score(self, checks: Sequence[Check]) -> pd.DataFrame:
+        """Score both sides of every check in one batched call."""
+        pairs, where = [], []
+        for j, c in enumerate(checks):
+            for side in ("new", "true"):
+                ids = getattr(c, side)
+                if ids:
+                    pairs.append((encode(self.tokenizer, c.text), ids))
+                    where.append((j, side))
+        s = score_ids(self.model, pairs, pad_id(self.tokenizer), **self.batching)
+        table = pd.DataFrame({"fact": [c.fact for c in checks], "kind": [c.kind for c in checks],
+                              "text": [c.text for c in checks]})
+        for name in ("nll", "top1", "acc"):
+            for side in ("new", "true"):
+                table[f"{name}_{side}"] = np.nan
+        for k, (j, side) in enumerate(where):
+            table.loc[j, [f"nll_{side}", f"top1_{side}", f"acc_{side}"]] = [s.nll[k], float(s.top1[k]), s.token_acc[k]]
+        return table
+
+    def _fluency(self, facts: Sequence[int]) -> pd.Series:
+        """Per-fact weighted n-gram entropy ×100 of sampled texts (generation prompts, else the prompt)."""
+        prompts, owner = [], []
+        for i in facts:
+            r = self.requests[i]
+            chosen = list(dict.fromkeys(r.generation_prompts))[: self.fluency_prompts] or [r.text]
+            prompts += chosen
+            owner += [i] * len(chosen)
+        texts = sample_texts(self.model, self.tokenizer, prompts, new_tokens=self.fluency_tokens, seed=self.seed,
+                             batch_rows=self.batching["batch_rows"])
+        per_text = pd.DataFrame({"fact": owner, "ge": [text_entropy([t]) for t in texts]})
+        return per_text.groupby("fact")["ge"].mean()
+
+    def _evaluate(self, phase: str, step: int | None, facts: Sequence[int] | None) -> EvalResult:
+        assert self.checks is not None
+        chosen = set(range(len(self.requests)) if facts is None else facts)
+        checks = [c for c in self.checks if c.fact in chosen or c.fact == HELDOUT_FACT]
+        table = self._score(checks)
+        outcomes = check_outcomes(table)
+        per_fact = fact_metrics(outcomes).reindex(sorted(chosen))
+        rewrite = table[table["kind"].isin(REWRITE_KINDS)].groupby("fact").first()
+        per_fact["p_new"] = np.exp(-rewrite["nll_new"])
+        per_fact["p_true"] = np.exp(-rewrite["nll_true"])
+        metrics = aggregate(per_fact.drop(columns=["p_new", "p_true"]), outcomes)
+        if self.fluency:
+            per_fact["fluency"] = self._fluency(sorted(chosen)) * 100
+            metrics["fluency"] = float(per_fact["fluency"].mean())
+        metrics.update(self._drift(phase))
+        metrics["n_facts"] = float(len(chosen))
+        metrics["n_heldout"] = float((table["fact"] == HELDOUT_FACT).sum())
+        return EvalResult(phase, step, metrics, per_fact, table)
+
+    def _drift(self, phase: str) -> dict[str, float]:
+        if self.drift_ref is None:
+            return {}
+        if phase == "pre":
+            return {"drift_ppl": self.drift_ref.ppl}
+        d = drift_mod.drift(self.model, self.tokenizer, self.drift_ref, one_by_one=self.batching["one_by_one"])
+        return {"drift_ppl": d["ppl"], "drift_ppl_rel": d["ppl_rel"], "drift_kl": d["kl"]}
+
+    # ------------------------------------------------------------------ public
+
+    def pre(self) -> EvalResult:
+        """Evaluate the unedited model; computes pre-edit answers and the drift reference (once)."""
+        if self.pre_result is None:
+            self.checks = self._build_checks()
+            if self.heldout_texts:
+                self.drift_ref = drift_mod.drift_reference(
+                    self.model, self.tokenizer, self.heldout_texts, max_tokens=self.drift_tokens,
+                    top_k=self.drift_top_k, one_by_one=self.batching["one_by_one"])
+            self.pre_result = self._evaluate("pre", None, None)
+        return self.pre_result
+
+    def post(self, step: int | None = None, facts: Sequence[int] | None = None) -> EvalResult:
+        """Evaluate the current (edited) model; ``facts`` restricts to the requests edited so far."""
+        self.pre()
+        result = self._evaluate("post", step, facts)
+        self.history.append(result)
+        return result

@@ -1,0 +1,119 @@
+"""Probes: the prompts each request is checked on, and the targets they are scored against.
+
+Every check is (fact, kind, text, new ids, true ids). The "true" side is ``target_true`` when the
+request has one, else the **pre-edit model's greedy answer** to that prompt (as many tokens as the new
+target): plain requests thereby get efficacy (new beats what the model said before) and specificity.
+
+Automatic neighbours (plain requests without ``neighborhood_prompts``): the request's prompt filled
+with other requests' subjects — same relation, another subject, the CounterFact notion — skipping
+pairs that are themselves edited; they must keep their pre-edit answer over the edited target.
+Held-out facts (kind ``heldout``, fact −1): requests not being edited whose pre-edit greedy answer is
+their ``target_true`` (``known_only``); after the edit that answer must still be top-1.
+
+Pre-edit answers are computed once (:func:`answer_queries` → greedy → :func:`build_checks`) and the
+same checks are scored before and after the edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from editflow.requests import EditRequest
+from editflow.tokens import encode_target
+
+Ids = tuple[int, ...]
+HELDOUT_FACT = -1
+
+
+@dataclass(frozen=True)
+class Check:
+    """One prompt of one request, with the token ids of both sides (None where absent)."""
+
+    fact: int
+    kind: str
+    text: str
+    new: Ids | None
+    true: Ids | None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A prompt before its reference answer is known: ``true`` None means "ask the pre-edit model"."""
+
+    fact: int
+    kind: str
+    text: str
+    new: Ids | None
+    true: Ids | None
+    answer_len: int = 0
+
+
+def auto_neighbor_texts(requests: Sequence[EditRequest], i: int, n: int) -> list[str]:
+    """Up to ``n`` texts: request i's prompt with other requests' subjects (cyclic from i+1), never an
+    edited (subject, prompt) pair or request i's own subject."""
+    edited = {(r.subject, r.prompt) for r in requests}
+    me, out, seen = requests[i], [], set()
+    for k in range(1, len(requests)):
+        subject = requests[(i + k) % len(requests)].subject
+        if len(out) >= n:
+            break
+        if subject == me.subject or subject in seen or (subject, me.prompt) in edited:
+            continue
+        seen.add(subject)
+        out.append(me.prompt.format(subject))
+    return out
+
+
+def _ids(tokenizer: object, text: str | None) -> Ids | None:
+    return tuple(encode_target(tokenizer, text)) if text else None
+
+
+def request_probes(tokenizer: object, requests: Sequence[EditRequest], n_auto_neighbors: int = 5) -> list[Probe]:
+    """All probes of the edited requests, by source format (module docstring)."""
+    probes: list[Probe] = []
+    for i, r in enumerate(requests):
+        new = _ids(tokenizer, r.target_new)
+        if r.source_format == "zsre":
+            probes.append(Probe(i, "zsre_rewrite", r.text, new, None))
+            probes += [Probe(i, "zsre_paraphrase", p, new, None) for p in r.paraphrase_prompts]
+            if r.loc and r.loc_ans:
+                probes.append(Probe(i, "zsre_loc", r.loc, None, _ids(tokenizer, r.loc_ans)))
+            continue
+        true = _ids(tokenizer, r.target_true)
+        n = len(new or ())
+        probes.append(Probe(i, "rewrite", r.text, new, true, n))
+        probes += [Probe(i, "paraphrase", p, new, true, n) for p in r.paraphrase_prompts]
+        probes += [Probe(i, "neighborhood", p, new, true, n) for p in r.neighborhood_prompts]
+        if not r.neighborhood_prompts:
+            probes += [Probe(i, "neighborhood_auto", t, new, None, n)
+                       for t in auto_neighbor_texts(requests, i, n_auto_neighbors)]
+    return probes
+
+
+def heldout_probes(tokenizer: object, facts: Sequence[EditRequest]) -> list[Probe]:
+    """One probe per held-out fact with a ``target_true``; its answer length is that target's."""
+    out = []
+    for r in facts:
+        true = _ids(tokenizer, r.target_true)
+        if true:
+            out.append(Probe(HELDOUT_FACT, "heldout", r.text, None, None, len(true)))
+    return out
+
+
+def answer_queries(probes: Sequence[Probe]) -> list[tuple[str, int]]:
+    """(text, n_tokens) of the probes whose reference is the pre-edit answer (true is None)."""
+    return [(p.text, p.answer_len) for p in probes if p.true is None and p.answer_len > 0]
+
+
+def build_checks(probes: Sequence[Probe], answers: Mapping[tuple[str, int], Ids],
+                 heldout_truth: Mapping[str, Ids] | None = None) -> list[Check]:
+    """Fill in pre-edit answers. Held-out probes are kept only when their answer equals the truth
+    given in ``heldout_truth`` (text → ids), when that mapping is passed (``known_only``)."""
+    checks = []
+    for p in probes:
+        true = p.true if p.true is not None or p.answer_len == 0 else answers[(p.text, p.answer_len)]
+        if p.kind == "heldout" and heldout_truth is not None and heldout_truth.get(p.text) != true:
+            continue
+        checks.append(Check(p.fact, p.kind, p.text, p.new, true))
+    return checks
