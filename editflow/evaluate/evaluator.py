@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from editflow.evaluate import drift as drift_mod
+from editflow.evaluate.drift import DriftReference, drift, drift_reference
 from editflow.evaluate.fluency import sample_texts, text_entropy
 from editflow.evaluate.metrics import aggregate, check_outcomes, fact_metrics
 from editflow.evaluate.probes import (HELDOUT_FACT, Check, answer_queries, build_checks, heldout_probes,
@@ -67,7 +67,7 @@ class Evaluator:
         self.seed, self.drift_tokens, self.drift_top_k = seed, drift_tokens, drift_top_k
         self.batching = {"batch_rows": batch_rows, "padding_side": padding_side, "one_by_one": one_by_one}
         self.checks: list[Check] | None = None
-        self.drift_ref: drift_mod.DriftReference | None = None
+        self.drift_ref: DriftReference | None = None
         self.pre_result: EvalResult | None = None
         self.history: list[EvalResult] = []
 
@@ -141,7 +141,7 @@ class Evaluator:
             return {}
         if phase == "pre":
             return {"drift_ppl": self.drift_ref.ppl}
-        d = drift_mod.drift(self.model, self.tokenizer, self.drift_ref, one_by_one=self.batching["one_by_one"])
+        d = drift(self.model, self.tokenizer, self.drift_ref, one_by_one=self.batching["one_by_one"])
         return {"drift_ppl": d["ppl"], "drift_ppl_rel": d["ppl_rel"], "drift_kl": d["kl"]}
 
     # ------------------------------------------------------------------ public
@@ -151,7 +151,7 @@ class Evaluator:
         if self.pre_result is None:
             self.checks = self._build_checks()
             if self.heldout_texts:
-                self.drift_ref = drift_mod.drift_reference(
+                self.drift_ref = drift_reference(
                     self.model, self.tokenizer, self.heldout_texts, max_tokens=self.drift_tokens,
                     top_k=self.drift_top_k, one_by_one=self.batching["one_by_one"])
             self.pre_result = self._evaluate("pre", None, None)
