@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_type_hints
 
@@ -138,13 +137,3 @@ def default_config(model_type: str, n_layers: int, model_defaults: dict[str, Any
     ref_depth, ref_layers, extra = PUBLISHED[family]
     base = MemitConfig(layers=scaled_layers(ref_depth, ref_layers, n_layers), **extra)
     return base.replace(**{**(model_defaults or {}), **overrides})
-
-
-def load_model_defaults(model_dir: str) -> dict[str, Any]:
-    """Hyperparameters a model directory recommends for itself (``editflow.json``), if any."""
-    from pathlib import Path
-
-    path = Path(model_dir) / "editflow.json"
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text()).get("hparams", {})

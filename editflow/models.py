@@ -8,6 +8,7 @@ overridden for architectures the search does not know.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,14 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None,
         k: v for k, v in kwargs.items() if k == "local_files_only"}))
     model.to(device or default_device()).eval()
     return ModelHandle(model=model, tokenizer=tokenizer,
-                       adapter=detect_adapter(model, layer_tmp, rewrite_tmp), source=source)
+                       adapter=detect_adapter(model, layer_tmp, rewrite_tmp), source=source,
+                       extra={"model_defaults": read_model_defaults(source)})
+
+
+def read_model_defaults(model_dir: str | os.PathLike) -> dict:
+    """What a model directory recommends for editing it (``editflow.json``: hparams, stats_tokens)."""
+    path = Path(model_dir) / "editflow.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def fingerprint(model: nn.Module, names: list[str] | None = None) -> str:

@@ -1,0 +1,16 @@
+"""``editflow init``: register the bundled default model (version 1, alias production)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("init")
+def command() -> None:
+    """Register the bundled default model in the tracking store if it is not there yet."""
+    from editflow.registry.resolve import ensure_default_model
+    from editflow.registry.store import DEFAULT_MODEL_NAME, tracking_uri
+
+    version = ensure_default_model()
+    click.echo(f"{DEFAULT_MODEL_NAME} version {version} is registered in {tracking_uri()} "
+               f"(alias production: models:/{DEFAULT_MODEL_NAME}@production)")

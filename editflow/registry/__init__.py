@@ -1,0 +1,2 @@
+"""Everything MLflow: the tracking store, the editflow model flavor, versions, the audit ledger,
+promotion and rollback."""

@@ -1,0 +1,194 @@
+"""The audit ledger: which facts each version holds, and every registration, promotion and rollback.
+
+Tables live beside MLflow's in the same database when the tracking store is SQL, else in a local
+sqlite file (``EDITFLOW_LEDGER_URI`` overrides both).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import DateTime, Integer, String, Text, create_engine, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from editflow.registry.store import is_sql, tracking_uri
+from editflow.requests import EditRequest
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class FactRow(Base):
+    """One fact edited into one version (the version's own edits, not inherited ones)."""
+
+    __tablename__ = "editflow_facts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(String(256), index=True)
+    version: Mapped[int] = mapped_column(Integer, index=True)
+    subject: Mapped[str] = mapped_column(Text, index=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    target_new: Mapped[str] = mapped_column(Text)
+    target_true: Mapped[str | None] = mapped_column(Text, nullable=True)
+    requests_digest: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class EventRow(Base):
+    """A registry event: ``register``, ``promote`` or ``rollback``."""
+
+    __tablename__ = "editflow_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(String(256), index=True)
+    action: Mapped[str] = mapped_column(String(32))
+    version: Mapped[int] = mapped_column(Integer)
+    previous_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    actor: Mapped[str] = mapped_column(String(256))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+def ledger_uri() -> str:
+    """Where the ledger lives (see module docstring)."""
+    explicit = os.environ.get("EDITFLOW_LEDGER_URI")
+    if explicit:
+        return explicit
+    uri = tracking_uri()
+    return uri if is_sql(uri) else f"sqlite:///{Path.cwd() / 'editflow-ledger.db'}"
+
+
+@lru_cache(maxsize=8)
+def _engine_for(uri: str) -> Engine:
+    kwargs = {"connect_args": {"timeout": 60}} if uri.startswith("sqlite") else {}
+    engine = create_engine(uri, **kwargs)
+    Base.metadata.create_all(engine, checkfirst=True)
+    return engine
+
+
+def engine() -> Engine:
+    return _engine_for(ledger_uri())
+
+
+def actor() -> str:
+    return os.environ.get("EDITFLOW_ACTOR") or getpass.getuser()
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def record_facts(model_name: str, version: int, requests: Sequence[EditRequest], digest: str,
+                 run_id: str | None) -> None:
+    with Session(engine()) as s, s.begin():
+        s.add_all(FactRow(model_name=model_name, version=version, subject=r.subject, prompt=r.prompt,
+                          target_new=r.target_new, target_true=r.target_true, requests_digest=digest,
+                          run_id=run_id) for r in requests)
+
+
+def record_event(model_name: str, action: str, version: int, *, previous_version: int | None = None,
+                 parent_version: int | None = None, reason: str = "", run_id: str | None = None) -> None:
+    with Session(engine()) as s, s.begin():
+        s.add(EventRow(model_name=model_name, action=action, version=version,
+                       previous_version=previous_version, parent_version=parent_version, actor=actor(),
+                       reason=reason, run_id=run_id, time=now()))
+
+
+def delete_version(model_name: str, version: int) -> None:
+    """Forget a version that failed to register completely."""
+    with Session(engine()) as s, s.begin():
+        for row in s.scalars(select(FactRow).where(FactRow.model_name == model_name, FactRow.version == version)):
+            s.delete(row)
+        for row in s.scalars(select(EventRow).where(EventRow.model_name == model_name, EventRow.version == version,
+                                                    EventRow.action == "register")):
+            s.delete(row)
+
+
+@dataclass(frozen=True)
+class Fact:
+    version: int
+    subject: str
+    prompt: str
+    target_new: str
+    target_true: str | None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.subject, self.prompt)
+
+
+def _fact(row: FactRow) -> Fact:
+    return Fact(row.version, row.subject, row.prompt, row.target_new, row.target_true)
+
+
+def own_facts(model_name: str, version: int) -> list[Fact]:
+    with Session(engine()) as s:
+        rows = s.scalars(select(FactRow).where(FactRow.model_name == model_name, FactRow.version == version)
+                         .order_by(FactRow.id))
+        return [_fact(r) for r in rows]
+
+
+def parent_of(model_name: str, version: int) -> int | None:
+    with Session(engine()) as s:
+        row = s.scalars(select(EventRow).where(EventRow.model_name == model_name, EventRow.version == version,
+                                               EventRow.action == "register")).first()
+        return row.parent_version if row else None
+
+
+def held_facts(model_name: str, version: int) -> dict[tuple[str, str], Fact]:
+    """Facts a version holds: its own edits over those of its ancestors (latest edit wins)."""
+    chain: list[int] = []
+    v: int | None = version
+    while v is not None and v not in chain:
+        chain.append(v)
+        v = parent_of(model_name, v)
+    held: dict[tuple[str, str], Fact] = {}
+    for v in reversed(chain):
+        for f in own_facts(model_name, v):
+            held[f.key] = f
+    return held
+
+
+def facts_for_subject(model_name: str, subject: str) -> list[Fact]:
+    """Every edit of ``subject`` (case-insensitive substring match), oldest first."""
+    with Session(engine()) as s:
+        rows = s.scalars(select(FactRow).where(FactRow.model_name == model_name,
+                                               FactRow.subject.ilike(f"%{subject}%")).order_by(FactRow.id))
+        return [_fact(r) for r in rows]
+
+
+def events(model_name: str) -> list[EventRow]:
+    with Session(engine()) as s:
+        rows = list(s.scalars(select(EventRow).where(EventRow.model_name == model_name).order_by(EventRow.id)))
+        s.expunge_all()
+        return rows
+
+
+def production_history(model_name: str) -> list[int]:
+    """Production versions as a stack: a promotion pushes, a rollback pops back to its target."""
+    stack: list[int] = []
+    for e in events(model_name):
+        if e.action == "promote":
+            stack.append(e.version)
+        elif e.action == "rollback":
+            if e.version in stack:
+                del stack[stack.index(e.version) + 1:]
+            else:
+                stack.append(e.version)
+    return stack
+
+
+def previous_production(model_name: str, current: int | None) -> int | None:
+    """The version that was production before ``current`` (what a plain rollback returns to)."""
+    stack = production_history(model_name)
+    if stack and stack[-1] == current and len(stack) > 1:
+        return stack[-2]
+    return None

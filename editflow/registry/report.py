@@ -1,0 +1,64 @@
+"""Read-only views of a registered model: the version table, one version, two versions compared."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from editflow.registry import ledger
+from editflow.registry.store import client
+from editflow.registry.versions import TAG, aliases_of, resolve_version, versions_of
+
+
+def _created(ms: int | None) -> str:
+    return dt.datetime.fromtimestamp((ms or 0) / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _metrics(tags: dict[str, str]) -> dict[str, str]:
+    prefix = TAG + "metric."
+    return {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix)}
+
+
+def version_rows(name: str) -> list[dict[str, Any]]:
+    """One row per version: aliases, stage, parent, facts held, headline metrics, created."""
+    by_version: dict[int, list[str]] = {}
+    for alias, v in aliases_of(name).items():
+        by_version.setdefault(v, []).append(alias)
+    rows = []
+    for mv in versions_of(name):
+        v = int(mv.version)
+        tags = dict(mv.tags)
+        rows.append({"version": v, "aliases": ",".join(sorted(by_version.get(v, []))), "stage": mv.current_stage,
+                     "role": tags.get(TAG + "role", ""), "parent": tags.get(TAG + "parent_version", ""),
+                     "facts": len(ledger.held_facts(name, v)), "new_facts": tags.get(TAG + "n_facts", ""),
+                     **_metrics(tags), "created": _created(mv.creation_timestamp)})
+    return rows
+
+
+def show_version(name: str, ref: str | int) -> dict[str, Any]:
+    """Everything editflow knows about one version: tags, description, run metrics, facts, events."""
+    v = resolve_version(name, ref)
+    c = client()
+    mv = c.get_model_version(name, str(v))
+    run_id = mv.tags.get(TAG + "run_id") or mv.run_id
+    run_metrics = dict(c.get_run(run_id).data.metrics) if run_id else {}
+    return {"name": name, "version": v, "description": mv.description, "stage": mv.current_stage,
+            "aliases": [a for a, x in aliases_of(name).items() if x == v], "tags": dict(mv.tags),
+            "run_id": run_id, "metrics": run_metrics, "facts": [f.__dict__ for f in ledger.own_facts(name, v)],
+            "events": [{"action": e.action, "time": e.time.isoformat() if e.time else "", "actor": e.actor,
+                        "previous": e.previous_version, "reason": e.reason}
+                       for e in ledger.events(name) if e.version == v]}
+
+
+def compare_versions(name: str, a: str | int, b: str | int) -> dict[str, Any]:
+    """Metric deltas (b − a, from each version's run) and the facts held by one and not the other."""
+    va, vb = resolve_version(name, a), resolve_version(name, b)
+    sa, sb = show_version(name, va), show_version(name, vb)
+    keys = sorted(k for k in set(sa["metrics"]) | set(sb["metrics"]) if k.startswith("post/"))
+    deltas = {k: (sa["metrics"].get(k), sb["metrics"].get(k),
+                  (sb["metrics"][k] - sa["metrics"][k]) if k in sa["metrics"] and k in sb["metrics"] else None)
+              for k in keys}
+    fa, fb = ledger.held_facts(name, va), ledger.held_facts(name, vb)
+    only_a = [fa[k] for k in fa if k not in fb or fb[k].target_new != fa[k].target_new]
+    only_b = [fb[k] for k in fb if k not in fa or fa[k].target_new != fb[k].target_new]
+    return {"name": name, "a": va, "b": vb, "metrics": deltas, "only_a": only_a, "only_b": only_b}

@@ -1,0 +1,127 @@
+"""Resolve what an edit starts from: the default model's production version, any ``models:/`` URI, a
+local path or a hub id; register a base in full the first time it is used."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from editflow.config import MemitConfig, default_config
+from editflow.models import fingerprint, is_local, load_model
+from editflow.registry import ledger
+from editflow.registry.store import DEFAULT_MODEL_NAME, configure, ensure_experiment, tracking_uri
+from editflow.registry.versions import (PRODUCTION, TAG, VersionRef, aliases_of, client, find_base, load_version,
+                                        log_and_register, parse_models_uri, set_alias, versions_of)
+
+#: Statistics budget when neither the job nor the model's ``editflow.json`` names one.
+DEFAULT_STATS_TOKENS = 1_000_000
+
+
+def _lock():
+    from filelock import FileLock
+
+    digest = hashlib.sha256(tracking_uri().encode()).hexdigest()[:16]
+    return FileLock(str(Path(tempfile.gettempdir()) / f"editflow-registry-{digest}.lock"), timeout=600)
+
+
+def bundled_model_dir() -> Path:
+    from editflow.demo import default_model_path
+
+    return Path(default_model_path())
+
+
+def ensure_default_model(device: str | None = None) -> int:
+    """Register the bundled model as version 1 of ``editflow-default`` (alias production) if absent."""
+    import mlflow
+
+    configure()
+    with _lock():
+        existing = versions_of(DEFAULT_MODEL_NAME)
+        if existing:
+            return int(existing[0].version)
+        handle = load_model(bundled_model_dir(), device=device or "cpu")
+        base = VersionRef(handle=handle, name=None, version=None, uri=str(bundled_model_dir()),
+                          fingerprint=fingerprint(handle.model))
+        nested = mlflow.active_run() is not None
+        if not nested:
+            mlflow.set_experiment(experiment_id=ensure_experiment())
+        with mlflow.start_run(run_name="register-default-model", nested=nested):
+            card = bundled_model_dir() / "card.json"
+            if card.is_file():
+                mlflow.log_artifact(str(card), "default_model")
+            version = _register_base(base, DEFAULT_MODEL_NAME, "The editflow default model: a small GPT-2 "
+                                     "trained on CounterFact facts, shipped with editflow (see card.json).")
+        return version
+
+
+def _register_base(base: VersionRef, name: str, description: str) -> int:
+    """Register ``base`` in full as a new version of ``name``; production if the model has none."""
+
+    def on_registered(version: int) -> None:
+        ledger.record_event(name, "register", version, reason="base model")
+        if PRODUCTION not in aliases_of(name):
+            from editflow.registry.promotion import promote
+
+            promote(name, version, reason="first base version")
+
+    lineage = {"base_version": None, "parent_version": None, "source": base.uri,
+               "model_defaults": base.handle.extra.get("model_defaults", {})}
+    tags = {TAG + "role": "base", TAG + "fingerprint": base.fingerprint, TAG + "source": base.uri,
+            TAG + "storage": "full", TAG + "n_facts": "0"}
+    return log_and_register(name, base.handle, storage="full", lineage=lineage, tags=tags,
+                            description=description, on_registered=on_registered)
+
+
+def resolve_base(ref: str, device: str | None = None, dtype: str | None = None) -> VersionRef:
+    """Load the model an edit starts from. ``""`` means the default model's production version."""
+    configure()
+    if not ref:
+        ensure_default_model()
+        return load_version(DEFAULT_MODEL_NAME, "@" + PRODUCTION, device=device, dtype=dtype)
+    if ref.startswith("models:/"):
+        name, version_ref = parse_models_uri(ref)
+        return load_version(name, version_ref, device=device, dtype=dtype)
+    if not is_local(ref):
+        os.environ.pop("HF_HUB_OFFLINE", None)  # a hub id was asked for explicitly
+    handle = load_model(ref, device=device, dtype=dtype)
+    return VersionRef(handle=handle, name=None, version=None, uri=handle.source, fingerprint=fingerprint(handle.model))
+
+
+def default_registered_name(base: VersionRef) -> str:
+    """The registered model an edit goes to: the base's own, else ``editflow-<model folder or id>``."""
+    if base.name:
+        return base.name
+    stem = Path(base.uri.rstrip("/")).name or "model"
+    return "editflow-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-").lower()
+
+
+def ensure_registered_base(base: VersionRef, name: str) -> VersionRef:
+    """``base`` as a registered version of ``name``: reuse it, find it by fingerprint, or register it."""
+    if base.version is not None and base.name == name:
+        return base
+    with _lock():
+        version = find_base(name, base.fingerprint)
+        if version is None:
+            version = _register_base(base, name, f"Base model {base.uri}, registered in full by editflow.")
+    uri = client().get_model_version_download_uri(name, str(version))
+    base.name, base.version, base.base_version, base.base_artifact_uri = name, version, version, uri
+    base.uri = f"models:/{name}/{version}"
+    base.edited_tensors = []
+    return base
+
+
+def config_for(base: VersionRef, overrides: dict[str, Any]) -> MemitConfig:
+    """Published defaults for the architecture, then the model's own recommendations, then overrides."""
+    defaults = dict(base.handle.extra.get("model_defaults", {}).get("hparams", {}))
+    adapter = base.handle.adapter
+    return default_config(adapter.model_type, adapter.n_layers, defaults, **overrides)
+
+
+def stats_tokens(base: VersionRef, explicit: int | None) -> int:
+    if explicit:
+        return int(explicit)
+    return int(base.handle.extra.get("model_defaults", {}).get("stats_tokens") or DEFAULT_STATS_TOKENS)

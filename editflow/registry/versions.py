@@ -1,0 +1,161 @@
+"""Registered model versions: register bases and edits, resolve references, load, export, list.
+
+A base model enters the registry once, in full. An edit version stores only the tensors that differ
+from its root base (the rewrite weights edited anywhere in its lineage) and names its base and
+parent versions in tags and in ``editflow.json``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from editflow.models import ModelHandle, fingerprint
+from editflow.registry import flavor, ledger
+from editflow.registry.store import client, configure, quiet_deprecations
+
+T = TypeVar("T")
+TAG = "editflow."
+CANDIDATE, PRODUCTION = "candidate", "production"
+
+
+@dataclass
+class VersionRef:
+    """A loaded registered version (or a model not yet registered: ``version is None``)."""
+
+    handle: ModelHandle
+    name: str | None
+    version: int | None
+    uri: str
+    fingerprint: str
+    base_version: int | None = None
+    base_artifact_uri: str | None = None
+    edited_tensors: list[str] = field(default_factory=list)
+
+
+def retry(fn: Callable[[], T], attempts: int = 8, delay: float = 0.5) -> T:
+    """Retry ``fn`` on transient store errors ("database is locked" under concurrent writers)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised unless transient
+            transient = "locked" in str(exc).lower() or "busy" in str(exc).lower()
+            if not transient or i == attempts - 1:
+                raise
+            time.sleep(delay * (i + 1))
+    raise AssertionError("unreachable")
+
+
+def parse_models_uri(uri: str) -> tuple[str, str]:
+    """``models:/NAME/3`` or ``models:/NAME@alias`` -> (NAME, "3" | "@alias")."""
+    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", uri)
+    if not m:
+        raise ValueError(f"not a registered-model URI: {uri!r} (use models:/NAME/VERSION or models:/NAME@ALIAS)")
+    return m.group(1), (m.group(2) or "@" + m.group(3))
+
+
+def resolve_version(name: str, ref: str | int) -> int:
+    """A version number from ``3``, ``"3"`` or ``"@production"``."""
+    c = client()
+    ref = str(ref)
+    if ref.startswith("@"):
+        try:
+            return int(c.get_model_version_by_alias(name, ref[1:]).version)
+        except Exception as exc:
+            raise LookupError(f"registered model {name!r} has no version with alias {ref[1:]!r}") from exc
+    c.get_model_version(name, ref)  # raises if absent
+    return int(ref)
+
+
+def tags_of(name: str, version: int) -> dict[str, str]:
+    return dict(client().get_model_version(name, str(version)).tags)
+
+
+def load_version(name: str, ref: str | int, device: str | None = None, dtype: str | None = None) -> VersionRef:
+    """Load a registered version (full, or delta over its base)."""
+    version = resolve_version(name, ref)
+    uri = client().get_model_version_download_uri(name, str(version))
+    handle = flavor.load_model(uri, device=device, dtype=dtype)
+    meta = handle.extra["editflow"]
+    return VersionRef(handle=handle, name=name, version=version, uri=f"models:/{name}/{version}",
+                      fingerprint=fingerprint(handle.model),
+                      base_version=int(meta.get("base_version") or version),
+                      base_artifact_uri=meta.get("base_artifact_uri") or uri,
+                      edited_tensors=list(meta.get("edited_tensors", [])))
+
+
+def registered_names() -> list[str]:
+    return [m.name for m in client().search_registered_models()]
+
+
+def versions_of(name: str) -> list[Any]:
+    """All versions of ``name``, oldest first (empty when the model is not registered)."""
+    try:
+        found = client().search_model_versions(f"name='{name}'")
+    except Exception:
+        return []
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def find_base(name: str, fp: str) -> int | None:
+    """The version of ``name`` registered as a base with this weight fingerprint, if any."""
+    for v in versions_of(name):
+        if v.tags.get(TAG + "role") == "base" and v.tags.get(TAG + "fingerprint") == fp:
+            return int(v.version)
+    return None
+
+
+def log_and_register(name: str, handle: ModelHandle, *, storage: str, edited_tensors: Sequence[str] = (),
+                     lineage: dict[str, Any], tags: dict[str, str], description: str,
+                     on_registered: Callable[[int], None] | None = None) -> int:
+    """Log the model in the active run and register it as a new version of ``name``.
+
+    Everything after the version exists (tags, alias, ledger) runs in ``on_registered``; if anything
+    there fails the version is deleted again, so no half-registered version is left behind.
+    """
+    import mlflow
+    from mlflow.models import Model
+
+    configure()
+    info = retry(lambda: Model.log(artifact_path=None, name="model", flavor=flavor, handle=handle,
+                                   storage=storage, edited_tensors=list(edited_tensors), lineage=lineage))
+    mv = retry(lambda: mlflow.register_model(info.model_uri, name, tags=tags, await_registration_for=0))
+    version = int(mv.version)
+    try:
+        c = client()
+        retry(lambda: c.update_model_version(name, str(version), description=description))
+        if on_registered is not None:
+            on_registered(version)
+    except BaseException:
+        with quiet_deprecations():
+            try:
+                c.delete_model_version(name, str(version))
+            finally:
+                ledger.delete_version(name, version)
+        raise
+    return version
+
+
+def set_alias(name: str, alias: str, version: int) -> None:
+    c = client()
+    retry(lambda: c.set_registered_model_alias(name, alias, str(version)))
+
+
+def aliases_of(name: str) -> dict[str, int]:
+    """alias -> version for a registered model."""
+    try:
+        rm = client().get_registered_model(name)
+    except Exception:
+        return {}
+    return {a: int(v) for a, v in (rm.aliases or {}).items()}
+
+
+def export_version(name: str, ref: str | int, out_dir: str | Path) -> Path:
+    """Write a plain ``save_pretrained`` directory (weights + tokenizer) of any version."""
+    loaded = load_version(name, ref, device="cpu")
+    flavor.export_pretrained(loaded.handle, out_dir)
+    return Path(out_dir)
