@@ -97,11 +97,13 @@ class Evaluator:
         s = score_ids(self.model, pairs, pad_id(self.tokenizer), **self.batching)
         table = pd.DataFrame({"fact": [c.fact for c in checks], "kind": [c.kind for c in checks],
                               "text": [c.text for c in checks]})
-        for name in ("nll", "top1", "acc"):
-            for side in ("new", "true"):
-                table[f"{name}_{side}"] = np.nan
-        for k, (j, side) in enumerate(where):
-            table.loc[j, [f"nll_{side}", f"top1_{side}", f"acc_{side}"]] = [s.nll[k], float(s.top1[k]), s.token_acc[k]]
+        for side in ("new", "true"):
+            k = [n for n, (_, sd) in enumerate(where) if sd == side]
+            rows = [where[n][0] for n in k]
+            for name, values in (("nll", s.nll), ("top1", s.top1.astype(float)), ("acc", s.token_acc)):
+                col = np.full(len(checks), np.nan)
+                col[rows] = values[k]
+                table[f"{name}_{side}"] = col
         return table
 
     def _fluency(self, facts: Sequence[int]) -> pd.Series:
