@@ -124,6 +124,22 @@ def test_merge_equals_one_pass() -> None:
     torch.testing.assert_close(merged.mean(), one.mean())
 
 
+@pytest.mark.parametrize("dim,block", [(50, 16), (48, 16), (2100, 1024)])
+def test_block_upper_triangle_update_equals_full_product(dim: int, block: int) -> None:
+    from editflow.stats.moments import add_upper, mirror_upper
+
+    x = torch.randn(40, dim, generator=torch.Generator().manual_seed(dim), dtype=torch.float64)
+    acc = torch.zeros(dim, dim, dtype=torch.float64)
+    add_upper(acc, x[:25], block)
+    mirror_upper(acc, block)
+    add_upper(acc, x[25:], block)  # lower blocks are stale again until mirrored
+    mirror_upper(acc, block)
+    torch.testing.assert_close(acc, x.T @ x)
+    stats = LayerStats.zeros(dim, torch.float64)
+    stats.add(x)
+    torch.testing.assert_close(stats.mom2(), x.T @ x / 40)
+
+
 def test_budget_takes_a_prefix_of_the_stream() -> None:
     docs = [Doc(i, tuple(range(n))) for i, n in enumerate([5, 0, 7, 3, 9, 4])]
     small, large = Budget(10), Budget(20)

@@ -20,6 +20,7 @@ FORMATS = ("editflow", "memit")
 
 def stats_arrays(stats: LayerStats) -> dict[str, np.ndarray]:
     """editflow's arrays for ``stats``."""
+    stats.symmetrize()
     return {"sum": stats.sum_kkT.cpu().numpy(), "sum_k": stats.sum_k.cpu().numpy(),
             "count": np.asarray(stats.count, dtype=np.int64), "mom2": stats.mom2().cpu().numpy(),
             "docs": np.asarray(-1 if stats.docs is None else stats.docs, dtype=np.int64)}
@@ -30,7 +31,7 @@ def memit_arrays(stats: LayerStats) -> dict[str, np.ndarray]:
     return {"constructor": np.asarray("util.runningstats.CombinedStat()"),
             "mom2.constructor": np.asarray("util.runningstats.SecondMoment()"),
             "mom2.count": np.asarray(stats.count, dtype=np.int64),
-            "mom2.mom2": stats.sum_kkT.cpu().numpy()}
+            "mom2.mom2": stats.symmetrize().sum_kkT.cpu().numpy()}
 
 
 def write_npz(target: str | Path | BinaryIO, stats: LayerStats, fmt: str = "editflow") -> None:

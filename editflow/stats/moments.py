@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+#: Σ k kᵀ is symmetric: only blocks on and above the diagonal are accumulated (rows in blocks of this
+#: size), then mirrored, which saves up to half of the update FLOPs for wide layers.
+BLOCK = 1024
+
+
+def add_upper(acc: torch.Tensor, x: torch.Tensor, block: int = BLOCK) -> None:
+    """acc += xᵀx on the block upper triangle only (blocks below the diagonal are left untouched)."""
+    d = x.shape[1]
+    if d < 2 * block:
+        acc.addmm_(x.T, x)
+        return
+    for i in range(0, d, block):
+        acc[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
+
+
+def mirror_upper(acc: torch.Tensor, block: int = BLOCK) -> None:
+    """Copy the block upper triangle onto the blocks below the diagonal (in place)."""
+    d = acc.shape[0]
+    if d < 2 * block:
+        return
+    for i in range(block, d, block):
+        acc[i:i + block, :i].copy_(acc[:i, i:i + block].T)
 
 
 def stats_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -33,6 +56,7 @@ class LayerStats:
     sum_k: torch.Tensor
     count: int = 0
     docs: int | None = 0
+    _stale_lower: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def zeros(cls, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "LayerStats":
@@ -47,15 +71,23 @@ class LayerStats:
         x = keys.reshape(-1, self.dim).to(self.sum_kkT.dtype)
         if x.shape[0] == 0:
             return
-        self.sum_kkT.addmm_(x.T, x)
+        add_upper(self.sum_kkT, x)
+        self._stale_lower = True
         self.sum_k.add_(x.sum(0))
         self.count += int(x.shape[0])
+
+    def symmetrize(self) -> "LayerStats":
+        """Make ``sum_kkT`` whole after :meth:`add` (which updates only its block upper triangle)."""
+        if self._stale_lower:
+            mirror_upper(self.sum_kkT)
+            self._stale_lower = False
+        return self
 
     def mom2(self) -> torch.Tensor:
         """E[k kᵀ] = Σ k kᵀ / n."""
         if self.count == 0:
             raise ValueError("no tokens accumulated")
-        return self.sum_kkT / self.count
+        return self.symmetrize().sum_kkT / self.count
 
     def mean(self) -> torch.Tensor:
         if self.count == 0:
@@ -67,10 +99,11 @@ class LayerStats:
         if other.dim != self.dim:
             raise ValueError(f"cannot merge statistics of width {self.dim} and {other.dim}")
         dtype = torch.promote_types(self.sum_kkT.dtype, other.sum_kkT.dtype)
-        a, b = self.to(dtype=dtype), other.to(self.sum_kkT.device, dtype)
+        a, b = self.symmetrize().to(dtype=dtype), other.symmetrize().to(self.sum_kkT.device, dtype)
         docs = None if a.docs is None or b.docs is None else a.docs + b.docs
         return LayerStats(a.sum_kkT + b.sum_kkT, a.sum_k + b.sum_k, a.count + b.count, docs)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LayerStats":
+        self.symmetrize()
         return LayerStats(self.sum_kkT.to(device=device, dtype=dtype), self.sum_k.to(device=device, dtype=dtype),
                           self.count, self.docs)
