@@ -75,7 +75,7 @@ def save_model(path: str | os.PathLike, handle: ModelHandle, *, storage: str = "
 
     mlflow_model = mlflow_model or Model()
     mlflow_model.signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string", "completion")]),
+        inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 8)]))
     mlflow_model.add_flavor(FLAVOR_NAME, storage=storage, model_type=handle.adapter.model_type)
     add_to_model(mlflow_model, loader_module="editflow.registry.flavor", env={"conda": "conda.yaml",

@@ -77,9 +77,10 @@ def _register_base(base: VersionRef, name: str, description: str) -> int:
 
 
 def resolve_base(ref: str, device: str | None = None, dtype: str | None = None) -> VersionRef:
-    """Load the model an edit starts from. ``""`` means the default model's production version."""
+    """Load the model an edit starts from. ``""`` (or ``"default"``) means the default model's
+    production version; ``models:/`` URIs are registered versions; anything else a path or hub id."""
     configure()
-    if not ref:
+    if not ref or ref == "default":
         ensure_default_model()
         return load_version(DEFAULT_MODEL_NAME, "@" + PRODUCTION, device=device, dtype=dtype)
     if ref.startswith("models:/"):

@@ -1,0 +1,57 @@
+"""MLflow project entry point: a thin shell that turns MLproject parameters into an ``editflow`` command.
+
+MLflow passes every parameter as a string (floats for numbers, "" for unset); this maps them onto the
+same CLI (and so the same library pipeline) as ``editflow edit`` / ``stats compute`` / ``eval``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+INT_OPTIONS = {"--chunk-size", "--stats-tokens", "--seed", "--tokens"}
+
+
+def normalise(args: list[str]) -> list[str]:
+    """Drop options whose value is empty, turn "100.0" into "100" for integer options and
+    ``--fluency false`` into ``--no-fluency``."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+            i += 2
+            if arg == "--fluency":
+                if value.strip().lower() in ("false", "0", "no"):
+                    out.append("--no-fluency")
+                continue
+            if value == "" or (arg in INT_OPTIONS and value in ("0", "0.0") and arg != "--seed"):
+                continue
+            if arg in INT_OPTIONS:
+                try:
+                    number = float(value)
+                except ValueError:
+                    sys.exit(f"error: {arg} must be an integer, got {value!r}")
+                if number != int(number):
+                    sys.exit(f"error: {arg} must be an integer, got {value!r}")
+                value = str(int(number))
+            out += [arg, value]
+        elif arg.startswith("--") and (i + 1 == len(args) or args[i + 1].startswith("--")):
+            i += 1  # an option whose empty value MLflow dropped
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
+def main(argv: list[str]) -> None:
+    from editflow.cli import main as cli
+
+    command = argv[:1]
+    if command == ["stats"]:
+        command = ["stats", "compute"]
+    cli.main(args=command + normalise(argv[1:]), prog_name="editflow")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,248 @@
+"""The MLflow workflow end to end on a real sqlite store: edit runs, versions, promotion, rollback,
+failure semantics, export and the pyfunc flavor."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from editflow.pipeline import EditJob, InjectedFailure, run_edit
+from editflow.registry import ledger, promotion
+from editflow.registry.report import compare_versions, version_rows
+from editflow.registry.versions import aliases_of, export_version, load_version, tags_of, versions_of
+from editflow.requests import RequestError
+
+HPARAMS = {"layers": [1, 2], "mom2_update_weight": 0.5, "v_num_grad_steps": 40, "clamp_norm_factor": 50.0,
+           "v_weight_decay": 0.0, "kl_factor": 0.0, "context_templates": 0}
+FACTS = [{"prompt": "alpha {}", "subject": "gamma delta", "target_new": "Paris"},
+         {"prompt": "sigma {}", "subject": "rho", "target_new": "chess"}]
+MORE_FACTS = [{"prompt": "the {}", "subject": "kappa lambda mu", "target_new": "violin"}]
+LOOSE = promotion.GateThresholds(min_efficacy=50.0, max_specificity_drop=100.0, max_ppl_increase=100.0)
+
+
+def make_workspace(root: Path) -> dict[str, Path]:
+    """A tiny model directory (with its editflow.json), a statistics corpus and request files."""
+    model, tok = tiny_model("gpt2")
+    model_dir = root / "tinymodel"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    (model_dir / "editflow.json").write_text(json.dumps({"hparams": HPARAMS, "stats_tokens": 1000}))
+    words = "alpha beta gamma delta the of in red green blue Paris London chess kappa rho sigma".split()
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(words[i % 7:] + words[: i % 7]) for i in range(80)))
+    facts, more = root / "facts.json", root / "more.jsonl"
+    facts.write_text(json.dumps(FACTS))
+    more.write_text("\n".join(json.dumps(r) for r in MORE_FACTS))
+    return {"model": model_dir, "corpus": corpus, "facts": facts, "more": more}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("EDITFLOW_CACHE", str(root / "cache"))
+    mp.setenv("EDITFLOW_ACTOR", "tester")
+    paths = make_workspace(root)
+    paths["root"] = root
+    yield paths
+    mp.undo()
+
+
+def job(ws, **kw) -> EditJob:
+    base = dict(requests=str(ws["facts"]), model=str(ws["model"]), corpus=str(ws["corpus"]), fluency=False,
+                thresholds=LOOSE, registered_model="tiny")
+    return EditJob(**{**base, **kw})
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def top1(handle, text: str) -> str:
+    from editflow.generation import complete
+
+    return complete(handle.model, handle.tokenizer, [text], max_new_tokens=1)[0].strip()
+
+
+@pytest.fixture(scope="module")
+def first_edit(ws):
+    """Version 1 = the base (registered in full), version 2 = the first edit, promoted by the gate."""
+    return run_edit(job(ws))
+
+
+def test_edit_run_registers_a_version_with_lineage(ws, first_edit):
+    from mlflow import MlflowClient
+
+    out = first_edit
+    assert (out.name, out.version, out.parent_version, out.promoted) == ("tiny", 2, 1, True)
+    assert out.metrics["post/efficacy"] == 100.0 and out.metrics["pre/efficacy"] == 0.0
+    run = MlflowClient().get_run(out.run_id)
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["hp.layers"] == "1,2" and p["algorithm"] == "memit" and p["mode"] == "batch"
+    assert p["n_requests"] == "2" and len(p["requests_digest"]) == 64 and p["base_model"] == "models:/tiny/1"
+    assert "base_fingerprint" in p and p["stats_tokens"] == "1000"
+    m = run.data.metrics
+    assert {"pre/efficacy", "post/efficacy", "time/stats", "time/edit_targets", "time/edit_solve",
+            "time/eval_post", "memory/peak_rss_mb"} <= set(m)
+    artifacts = {a.path for a in MlflowClient().list_artifacts(out.run_id, "eval")}
+    assert {"eval/facts.csv", "eval/prob_new_pre_vs_post.png", "eval/layer_update_norms.json", "eval/facts.json"} <= artifacts
+    stats = [a.path for a in MlflowClient().list_artifacts(out.run_id, "stats")]
+    assert sum(s.endswith(".npz") for s in stats) == 2 and sum(s.endswith(".manifest.json") for s in stats) == 2
+    tags = tags_of("tiny", 2)
+    assert tags["editflow.parent_version"] == "1" and tags["editflow.base_version"] == "1"
+    assert tags["editflow.n_facts"] == "2" and tags["editflow.run_id"] == out.run_id
+    assert tags["editflow.metric.efficacy"] == "100.00" and tags["editflow.algorithm"] == "memit"
+    assert aliases_of("tiny") == {"candidate": 2, "production": 2}
+    assert [f.subject for f in ledger.own_facts("tiny", 2)] == ["gamma delta", "rho"]
+
+
+def test_delta_version_stores_only_edited_tensors_and_reconstructs(ws, first_edit):
+    from editflow.registry.store import client
+
+    v2 = load_version("tiny", 2, device="cpu")
+    assert v2.fingerprint == tags_of("tiny", 2)["editflow.fingerprint"]
+    assert v2.edited_tensors == ["transformer.h.1.mlp.c_proj.weight", "transformer.h.2.mlp.c_proj.weight"]
+    assert top1(v2.handle, "alpha gamma delta") == "Paris" and top1(v2.handle, "sigma rho") == "chess"
+    from editflow.registry.flavor import download
+
+    src = Path(download(client().get_model_version_download_uri("tiny", "2"), str(ws["root"] / "dl")))
+    assert (src / "edited.safetensors").is_file() and not (src / "weights").exists()
+    v1 = load_version("tiny", 1, device="cpu")
+    changed = {n for n, t in v2.handle.model.state_dict().items() if not torch.equal(t, v1.handle.model.state_dict()[n])}
+    assert changed == set(v2.edited_tensors)
+
+
+def test_next_edit_builds_on_production_and_rollback_is_bit_identical(ws, first_edit):
+    v1_hash = state_hash(load_version("tiny", 1, device="cpu").handle.model)
+    v2_hash = state_hash(load_version("tiny", 2, device="cpu").handle.model)
+    out = run_edit(job(ws, requests=str(ws["more"]), model="models:/tiny@production", promote="always"))
+    assert (out.version, out.parent_version) == (3, 2)
+    v3 = load_version("tiny", "@production", device="cpu")
+    assert v3.version == 3 and top1(v3.handle, "the kappa lambda mu") == "violin"
+    assert set(ledger.held_facts("tiny", 3)) == {("gamma delta", "alpha {}"), ("rho", "sigma {}"), ("kappa lambda mu", "the {}")}
+    assert promotion.rollback("tiny")["version"] == 2  # default: the previous production
+    assert state_hash(load_version("tiny", "@production", device="cpu").handle.model) == v2_hash
+    assert promotion.rollback("tiny")["version"] == 1
+    assert state_hash(load_version("tiny", "@production", device="cpu").handle.model) == v1_hash
+    promotion.promote("tiny", 3, reason="back to the newest")
+    assert aliases_of("tiny")["production"] == 3
+    from editflow.registry.store import client
+
+    stages = {int(v.version): v.current_stage for v in client().search_model_versions("name='tiny'")}
+    assert stages[3] == "Production" and stages[1] == "Archived"
+    actions = [(e.action, e.version, e.previous_version, e.actor) for e in ledger.events("tiny") if e.action != "register"]
+    assert actions[-3:] == [("rollback", 2, 3, "tester"), ("rollback", 1, 2, "tester"), ("promote", 3, 1, "tester")]
+    c = compare_versions("tiny", 2, 3)
+    assert [f.subject for f in c["only_b"]] == ["kappa lambda mu"] and c["only_a"] == []
+    assert "post/efficacy" in c["metrics"]
+    rows = version_rows("tiny")
+    assert [r["version"] for r in rows][:3] == [1, 2, 3] and rows[2]["facts"] == 3 and "production" in rows[2]["aliases"]
+
+
+def test_gate_keeps_a_failing_edit_as_candidate(ws, first_edit):
+    before = aliases_of("tiny")["production"]
+    strict = promotion.GateThresholds(min_efficacy=101.0)
+    out = run_edit(job(ws, promote="if-better", thresholds=strict))
+    assert not out.promoted and not out.gate.passed and "efficacy" in out.gate.reasons[0]
+    assert aliases_of("tiny")["production"] == before and aliases_of("tiny")["candidate"] == out.version
+
+
+def test_failures_leave_no_version(ws, first_edit, tmp_path):
+    from mlflow import MlflowClient
+
+    n = len(versions_of("tiny"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "no placeholder", "subject": "x", "target_new": "y"}]))
+    with pytest.raises(RequestError, match="record 0"):
+        run_edit(job(ws, requests=str(bad)))
+    for phase in ("edit", "eval", "log"):
+        with pytest.raises(InjectedFailure):
+            run_edit(job(ws, fail_after=phase))
+    assert len(versions_of("tiny")) == n
+    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()],
+                                      order_by=["attributes.start_time DESC"], max_results=4)
+    assert [r.info.status for r in runs] == ["FAILED"] * 4
+
+
+def test_failure_after_registration_rolls_the_version_back(ws, first_edit, monkeypatch):
+    n = len(versions_of("tiny"))
+    monkeypatch.setenv("EDITFLOW_LEDGER_URI", "sqlite:////nonexistent-dir/ledger.db")
+    with pytest.raises(Exception):
+        run_edit(job(ws))
+    monkeypatch.delenv("EDITFLOW_LEDGER_URI")
+    assert len(versions_of("tiny")) == n
+
+
+def test_failed_promotion_leaves_production(ws, first_edit, monkeypatch):
+    before = aliases_of("tiny")["production"]
+    target = next(int(v.version) for v in versions_of("tiny") if int(v.version) != before)
+    with pytest.raises(Exception):
+        promotion.promote("tiny", 99)
+    monkeypatch.setenv("EDITFLOW_LEDGER_URI", "sqlite:////nonexistent-dir/ledger.db")
+    with pytest.raises(Exception):
+        promotion.promote("tiny", target)
+    monkeypatch.delenv("EDITFLOW_LEDGER_URI")
+    assert aliases_of("tiny")["production"] == before
+    from editflow.registry.store import client
+
+    assert client().get_model_version("tiny", str(before)).current_stage == "Production"
+    assert client().get_model_version("tiny", str(target)).current_stage != "Production"
+
+
+def test_sequential_mode_logs_chunk_curves(ws, first_edit):
+    from mlflow import MlflowClient
+
+    facts = ws["root"] / "three.json"
+    facts.write_text(json.dumps(FACTS + MORE_FACTS))
+    out = run_edit(job(ws, requests=str(facts), hparams={"mode": "sequential", "chunk_size": 2,
+                                                         "algorithm": "alphaedit", "nullspace_threshold": 1e9},
+                       promote="never"))
+    history = MlflowClient().get_metric_history(out.run_id, "chunk/efficacy")
+    assert [h.step for h in history] == [0, 1]
+    assert tags_of("tiny", out.version)["editflow.mode"] == "sequential"
+    assert "eval/chunk_curve.png" in {a.path for a in MlflowClient().list_artifacts(out.run_id, "eval")}
+
+
+def test_export_is_plain_transformers(ws, first_edit, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = export_version("tiny", 2, tmp_path / "export")
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert state_hash(plain) == state_hash(load_version("tiny", 2, device="cpu").handle.model)
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_pyfunc_answers_with_the_edited_fact(ws, first_edit):
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model("models:/tiny/2")
+    assert [a.strip() for a in model.predict(["alpha gamma delta", "sigma rho"], params={"max_new_tokens": 1})] == ["Paris", "chess"]
+
+
+@pytest.mark.slow
+def test_concurrent_runs_register_distinct_versions(ws, first_edit):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, "-m", "editflow.cli", "edit", str(ws["facts"]), "--model", str(ws["model"]),
+           "--registered-model", "tiny", "--corpus", str(ws["corpus"]), "--no-fluency", "--promote", "never"]
+    procs = [subprocess.Popen(cmd, cwd=ws["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    versions = sorted(int(line.split("version ")[1].split()[0]) for o, _ in outs for line in o.splitlines()
+                      if line.startswith("run ") and "registered tiny version" in line)
+    assert len(versions) == 2 and versions[0] != versions[1]
