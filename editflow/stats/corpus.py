@@ -62,6 +62,8 @@ class CorpusSpec:
         if self.kind != "auto":
             return self
         if self.source == "bundled":
+            if not bundled_corpus_path().is_file():
+                raise FileNotFoundError(f"the bundled corpus is missing ({bundled_corpus_path()}); name another corpus")
             return replace(self, kind="bundled", source=str(bundled_corpus_path()), txt_mode="lines")
         path = Path(self.source).expanduser()
         if path.is_dir():
