@@ -175,11 +175,13 @@ def _log_inputs(job: EditJob, base: VersionRef, config: MemitConfig, requests: l
     import mlflow
 
     params = {f"hp.{k}": (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in config.to_dict().items()}
-    params.update({"algorithm": config.algorithm, "mode": config.mode, "base_model": base.uri,
-                   "base_fingerprint": base.fingerprint, "corpus": job.corpus,
-                   "stats_tokens": resolve.stats_tokens(base, job.stats_tokens), "requests_file": Path(job.requests).name,
-                   "requests_digest": requests_digest(requests), "n_requests": len(requests),
-                   "storage": job.storage, "promote": job.promote, "device": str(base.handle.device),
+    # Names are namespaced: `mlflow run` logs the raw project parameters under their own names.
+    params.update({"edit.algorithm": config.algorithm, "edit.mode": config.mode, "base.model": base.uri,
+                   "base.fingerprint": base.fingerprint, "stats.corpus": job.corpus,
+                   "stats.tokens": resolve.stats_tokens(base, job.stats_tokens),
+                   "requests.file": Path(job.requests).name, "requests.digest": requests_digest(requests),
+                   "requests.count": len(requests), "registry.storage": job.storage, "gate.promote": job.promote,
+                   "edit.device": str(base.handle.device),
                    "gate.min_efficacy": job.thresholds.min_efficacy,
                    "gate.max_specificity_drop": job.thresholds.max_specificity_drop,
                    "gate.max_ppl_increase": job.thresholds.max_ppl_increase})

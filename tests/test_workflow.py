@@ -93,9 +93,9 @@ def test_edit_run_registers_a_version_with_lineage(ws, first_edit):
     run = MlflowClient().get_run(out.run_id)
     assert run.info.status == "FINISHED"
     p = run.data.params
-    assert p["hp.layers"] == "1,2" and p["algorithm"] == "memit" and p["mode"] == "batch"
-    assert p["n_requests"] == "2" and len(p["requests_digest"]) == 64 and p["base_model"] == "models:/tiny/1"
-    assert "base_fingerprint" in p and p["stats_tokens"] == "1000"
+    assert p["hp.layers"] == "1,2" and p["edit.algorithm"] == "memit" and p["edit.mode"] == "batch"
+    assert p["requests.count"] == "2" and len(p["requests.digest"]) == 64 and p["base.model"] == "models:/tiny/1"
+    assert "base.fingerprint" in p and p["stats.tokens"] == "1000"
     m = run.data.metrics
     assert {"pre/efficacy", "post/efficacy", "time/stats", "time/edit_targets", "time/edit_solve",
             "time/eval_post", "memory/peak_rss_mb"} <= set(m)
@@ -246,3 +246,58 @@ def test_concurrent_runs_register_distinct_versions(ws, first_edit):
     versions = sorted(int(line.split("version ")[1].split()[0]) for o, _ in outs for line in o.splitlines()
                       if line.startswith("run ") and "registered tiny version" in line)
     assert len(versions) == 2 and versions[0] != versions[1]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_mlflow_run_project_with_local_env(ws, first_edit):
+    from mlflow import MlflowClient
+
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO / "projects" / "memit"), "--env-manager", "local",
+           "-P", f"requests={ws['facts']}", "-P", f"model={ws['model']}", "-P", f"corpus={ws['corpus']}",
+           "-P", "registered_model=tiny-project", "-P", "fluency=false", "-P", "promote=always",
+           "-P", "min_efficacy=50", "-P", "max_specificity_drop=100"]
+    proc = subprocess.run(cmd, cwd=ws["root"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "registered tiny-project version 2" in proc.stdout
+    assert aliases_of("tiny-project")["production"] == 2
+    run = MlflowClient().get_run(tags_of("tiny-project", 2)["editflow.run_id"])
+    assert run.data.params["promote"] == "always" and run.data.params["gate.promote"] == "always"
+    assert run.data.tags.get("mlflow.project.entryPoint") == "main"
+    bad = subprocess.run(cmd[:7] + ["-P", "mode=diagonal", "-P", f"requests={ws['facts']}"], cwd=ws["root"],
+                         capture_output=True, text=True, timeout=900)
+    assert bad.returncode != 0 and "mode" in bad.stderr + bad.stdout
+    assert len(versions_of("tiny-project")) == 2
+
+
+@pytest.mark.slow
+def test_served_model_answers_with_the_edited_fact(ws, first_edit):
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny/2",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=ws["root"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(1)
+        body = json.dumps({"inputs": ["alpha gamma delta", "sigma rho"], "params": {"max_new_tokens": 1}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        assert [a.strip() for a in answer["predictions"]] == ["Paris", "chess"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
