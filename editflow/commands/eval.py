@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import click
-
-#: URI scheme → loader returning a :class:`~editflow.models.ModelHandle`; the workflow may register
-#: e.g. ``"models:/"`` (MLflow registry) here. Anything else is a Hugging Face id or a local path.
-RESOLVERS: dict[str, Callable[..., object]] = {}
 
 
 def resolve_model(uri: str, device: str | None = None, dtype: str | None = None) -> object:
-    """Load ``uri`` with the resolver registered for its prefix, else :func:`editflow.models.load_model`."""
-    for prefix, loader in RESOLVERS.items():
-        if uri.startswith(prefix):
-            return loader(uri, device=device, dtype=dtype)
-    from editflow.models import load_model
+    """Load ``uri``: ``default``, ``models:/NAME@ALIAS``, ``models:/NAME/V``, a local path or a hub id."""
+    from editflow.registry.resolve import load_any
 
-    return load_model(uri, device=device, dtype=dtype)
+    return load_any(uri, device=device, dtype=dtype)
 
 
 @click.command("eval")

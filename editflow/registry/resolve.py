@@ -92,6 +92,11 @@ def resolve_base(ref: str, device: str | None = None, dtype: str | None = None) 
     return VersionRef(handle=handle, name=None, version=None, uri=handle.source, fingerprint=fingerprint(handle.model))
 
 
+def load_any(ref: str, device: str | None = None, dtype: str | None = None):
+    """A :class:`~editflow.models.ModelHandle` for any reference :func:`resolve_base` accepts."""
+    return resolve_base(ref, device=device, dtype=dtype).handle
+
+
 def default_registered_name(base: VersionRef) -> str:
     """The registered model an edit goes to: the base's own, else ``editflow-<model folder or id>``."""
     if base.name:
