@@ -424,9 +424,12 @@ def edit(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequen
                                   config.context_template_length, config.seed)
     alpha = None
     if config.algorithm == "alphaedit":
+        device = next(model.parameters()).device
         alpha = _AlphaState(
-            projectors={layer: nullspace_projector(covs[layer], config.nullspace_threshold) for layer in config.layers},
-            preserved={layer: torch.zeros(adapter.d_ff, adapter.d_ff, dtype=torch.float64) for layer in config.layers})
+            projectors={layer: nullspace_projector(covs[layer].to(device), config.nullspace_threshold)
+                        for layer in config.layers},
+            preserved={layer: torch.zeros(adapter.d_ff, adapter.d_ff, dtype=torch.float64, device=device)
+                       for layer in config.layers})
     size = config.chunk_size if config.mode == "sequential" else len(requests)
     diagnostics: list[RequestDiagnostics] = []
     norms: dict[str, float] = {}

@@ -58,12 +58,15 @@ FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2")
 
 
 def tiny_model(family: str = "gpt2", seed: int = 0, **kw):
+    """A tiny random model on editflow's default device (CUDA when selected, e.g. by gpu_check.sh)."""
     from transformers import AutoModelForCausalLM
+
+    from editflow.models import default_device
 
     tok = word_tokenizer()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok), **kw)).eval()
-    return model, tok
+    return model.to(default_device()), tok
 
 
 @pytest.fixture(autouse=True)

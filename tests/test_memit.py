@@ -28,7 +28,7 @@ TEMPLATED = CFG.replace(context_templates=2)
 def direct_cov(model, adapter, tok, layers, n_seq=8, seq_len=12, seed=1) -> dict[int, torch.Tensor]:
     """C = KᵀK / n from rewrite-module inputs on random token sequences (independent of editflow.stats)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, len(tok), (n_seq, seq_len), generator=g)
+    ids = torch.randint(1, len(tok), (n_seq, seq_len), generator=g).to(model.device)
     names = [adapter.rewrite(layer) for layer in layers]
     with torch.no_grad(), nethook.capture(model, inputs_of=names) as got:
         model(input_ids=ids)
@@ -38,7 +38,7 @@ def direct_cov(model, adapter, tok, layers, n_seq=8, seq_len=12, seed=1) -> dict
 
 def top1(model, tok, text: str) -> str:
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([encode(tok, text)])).logits
+        logits = model(input_ids=torch.tensor([encode(tok, text)], device=model.device)).logits
     return tok.decode(logits[0, -1].argmax()).strip()
 
 
@@ -100,7 +100,7 @@ def test_update_equals_closed_form(family):
                 prompt = t.replace("{}", r.prompt)
                 idx = fact_token_index(tok, prompt, r.subject)
                 with torch.no_grad(), nethook.capture(model, [adapter.rewrite(layer)], [adapter.layer(last)]) as got:
-                    model(input_ids=torch.tensor([encode(tok, prompt.format(r.subject))]))
+                    model(input_ids=torch.tensor([encode(tok, prompt.format(r.subject))], device=model.device))
                 k = k + w * got[adapter.rewrite(layer)][0, idx].double()
                 if t == "{}":
                     hs.append(got[adapter.layer(last)][0, idx].double())
@@ -182,6 +182,7 @@ def test_alphaedit_preserves_keys_in_the_covariance_range():
     reqs = parse_requests(REQUESTS)
     d_ff = adapter.d_ff
     q, _ = torch.linalg.qr(torch.randn(d_ff, d_ff, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    q = q.to(model.device)
     evals = torch.cat([torch.full((d_ff // 2,), 5.0), torch.full((d_ff - d_ff // 2,), 1e-4)]).double()
     cov = (q * evals) @ q.T
     covs = {layer: cov.float() for layer in CFG.layers}
@@ -237,4 +238,4 @@ def test_edit_rejects_missing_covariance_and_bad_layers():
     with pytest.raises(ValueError, match="no covariance"):
         memit.edit(model, tok, adapter, reqs, {}, CFG)
     with pytest.raises(ValueError, match="out of range"):
-        memit.edit(model, tok, adapter, reqs, {9: torch.eye(256)}, CFG.replace(layers=[9]))
+        memit.edit(model, tok, adapter, reqs, {9: torch.eye(256, device=model.device)}, CFG.replace(layers=[9]))
