@@ -80,13 +80,17 @@ def resolve_base(ref: str, device: str | None = None, dtype: str | None = None) 
     """Load the model an edit starts from. ``""`` (or ``"default"``) means the default model's
     production version; ``models:/`` URIs are registered versions; anything else a path or hub id."""
     configure()
+    if not ref or ref == "default" or ref.startswith("models:/"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not ref or ref == "default":
         ensure_default_model()
         return load_version(DEFAULT_MODEL_NAME, "@" + PRODUCTION, device=device, dtype=dtype)
     if ref.startswith("models:/"):
         name, version_ref = parse_models_uri(ref)
         return load_version(name, version_ref, device=device, dtype=dtype)
-    if not is_local(ref):
+    if is_local(ref):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model never needs the hub
+    else:
         os.environ.pop("HF_HUB_OFFLINE", None)  # a hub id was asked for explicitly
     handle = load_model(ref, device=device, dtype=dtype)
     return VersionRef(handle=handle, name=None, version=None, uri=handle.source, fingerprint=fingerprint(handle.model))
