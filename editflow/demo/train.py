@@ -1,0 +1,151 @@
+"""Train the bundled default model: a GPT-2-architecture LM trained from scratch on the fact corpus.
+
+Seeded and deterministic for a fixed thread count. The checkpoint kept is the one with the best
+held-out-phrasing accuracy (facts asked in a phrasing never seen in training), ties broken by
+training-prompt accuracy; training stops on a step/time budget or when held-out accuracy stalls.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from editflow.demo.corpus import Corpus, Record
+from editflow.demo.scoring import counterfact_triples, preference_rate
+
+
+@dataclass
+class TrainOptions:
+    """Model size and schedule."""
+
+    n_layer: int = 6
+    n_embd: int = 256
+    n_head: int = 8
+    n_inner: int = 1024
+    n_positions: int = 64
+    vocab_size: int = 2048
+    dropout: float = 0.0
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    batch_size: int = 32
+    epochs: float = 4.0
+    max_minutes: float = 45.0
+    eval_every: int = 150
+    patience: int = 3
+    seed: int = 0
+    threads: int = 1
+
+
+def model_config(opts: TrainOptions, tok: PreTrainedTokenizerFast) -> GPT2Config:
+    """GPT-2 config for the given size; EOS is BOS and pad."""
+    return GPT2Config(
+        vocab_size=len(tok), n_positions=opts.n_positions, n_embd=opts.n_embd, n_layer=opts.n_layer,
+        n_head=opts.n_head, n_inner=opts.n_inner, resid_pdrop=opts.dropout, embd_pdrop=opts.dropout,
+        attn_pdrop=opts.dropout, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )
+
+
+def pack_documents(tok: PreTrainedTokenizerFast, docs: list[str], max_len: int) -> torch.Tensor:
+    """Greedily pack whole documents (each followed by EOS) into rows of ``max_len``, padded with -1."""
+    rows: list[list[int]] = []
+    cur: list[int] = []
+    for d in docs:
+        ids = tok(d, add_special_tokens=False)["input_ids"][: max_len - 1] + [tok.eos_token_id]
+        if len(cur) + len(ids) > max_len:
+            rows.append(cur)
+            cur = []
+        cur = cur + ids
+    if cur:
+        rows.append(cur)
+    out = torch.full((len(rows), max_len), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r)
+    return out
+
+
+def lr_at(step: int, total: int, opts: TrainOptions) -> float:
+    """Linear warm-up then cosine decay to 10 % of the peak."""
+    if step < opts.warmup_steps:
+        return opts.lr * (step + 1) / opts.warmup_steps
+    frac = min(1.0, (step - opts.warmup_steps) / max(1, total - opts.warmup_steps))
+    return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def evaluate(model: GPT2LMHeadModel, tok: PreTrainedTokenizerFast, records: list[Record],
+             corpus: Corpus) -> dict[str, float]:
+    """Rewrite-prompt and held-out-phrasing preference for target_true."""
+    model.eval()
+    triples = counterfact_triples(records)
+    out = {"rewrite": preference_rate(model, tok, triples["rewrite"]),
+           "heldout_phrasing": preference_rate(model, tok, corpus.heldout_phrasings)}
+    model.train()
+    return out
+
+
+def train_model(corpus: Corpus, tok: PreTrainedTokenizerFast, records: list[Record],
+                opts: TrainOptions) -> tuple[GPT2LMHeadModel, dict]:
+    """Train from scratch; return the chosen model and a summary (history, timings, sizes)."""
+    torch.manual_seed(opts.seed)
+    random.seed(opts.seed)
+    torch.set_num_threads(opts.threads)
+    data = pack_documents(tok, corpus.train, opts.n_positions)
+    model = GPT2LMHeadModel(model_config(opts, tok))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.98))
+    steps_per_epoch = math.ceil(len(data) / opts.batch_size)
+    total = int(opts.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(opts.seed)
+    history: list[dict] = []
+    best: tuple[tuple[float, float], dict, int] | None = None
+    stall, step, t0 = 0, 0, time.time()
+    model.train()
+    bar = tqdm(total=total, desc="train", mininterval=10)
+    while step < total:
+        for idx in torch.randperm(len(data), generator=gen).split(opts.batch_size):
+            batch = data[idx]
+            ids = batch.clamp(min=0)
+            labels = batch.masked_fill(batch < 0, -100)
+            for g in optim.param_groups:
+                g["lr"] = lr_at(step, total, opts)
+            loss = model(input_ids=ids, labels=labels).loss  # right padding only: causal mask suffices
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            step += 1
+            bar.update(1)
+            out_of_time = (time.time() - t0) / 60 > opts.max_minutes
+            if step % opts.eval_every == 0 or step == total or out_of_time:
+                ev = evaluate(model, tok, records, corpus)
+                ev.update(step=step, epoch=step / steps_per_epoch, loss=loss.item(), minutes=(time.time() - t0) / 60)
+                history.append(ev)
+                bar.write(str({k: round(v, 4) for k, v in ev.items()}))
+                key = tuple(-1.0 if math.isnan(ev[k]) else ev[k] for k in ("heldout_phrasing", "rewrite"))
+                if best is None or key >= best[0]:
+                    stall = 0 if best is None or key[0] > best[0][0] else stall + 1
+                    best = (key, copy.deepcopy(model.state_dict()), step)
+                else:
+                    stall += 1
+                if out_of_time or (ev["rewrite"] >= 0.99 and stall >= opts.patience):
+                    total = step
+            if step >= total:
+                break
+    bar.close()
+    assert best is not None
+    model.load_state_dict(best[1])
+    model.eval()
+    summary = {"options": asdict(opts), "train_rows": len(data), "steps": step, "chosen_step": best[2],
+               "steps_per_epoch": steps_per_epoch, "train_minutes": (time.time() - t0) / 60,
+               "n_params": sum(p.numel() for p in model.parameters()), "history": history}
+    return model, summary
