@@ -67,6 +67,17 @@ def apply_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> dict[s
     return backup
 
 
+def set_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Overwrite parameters with ``tensors``; return the replaced ones (for :func:`restore`)."""
+    params = dict(model.named_parameters())
+    backup = {}
+    with torch.no_grad():
+        for name, value in tensors.items():
+            backup[name] = params[name].detach().clone()
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    return backup
+
+
 def restore(model: nn.Module, backup: Mapping[str, torch.Tensor]) -> None:
     """Put back weights saved by :func:`apply_deltas` (bit-exact undo)."""
     params = dict(model.named_parameters())

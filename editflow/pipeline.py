@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from editflow import memit
-from editflow.config import MemitConfig, default_config
+from editflow.config import MemitConfig
 from editflow.requests import EditRequest, check_tokenizable, load_requests, requests_digest
-from editflow.registry import ledger, promotion, resolve
+from editflow.registry import flavor, ledger, promotion, resolve
 from editflow.registry.store import configure, ensure_experiment
 from editflow.registry.versions import CANDIDATE, TAG, VersionRef, log_and_register, set_alias
 
@@ -197,8 +197,17 @@ def _covariances(job: EditJob, base: VersionRef, config: MemitConfig, run_id: st
     from editflow.stats import CorpusSpec, layer_covariances
 
     spec = CorpusSpec(source=job.corpus)
-    res = layer_covariances(base.handle, list(config.layers), spec, resolve.stats_tokens(base, job.stats_tokens),
-                            dtype=config.mom2_dtype, seed=config.seed, cache_dir=job.stats_cache)
+    # C is a property of the unedited model (as in the MEMIT/AlphaEdit papers): an edited version's
+    # rewrite weights are swapped back to the root base's for the pass, so the whole lineage shares
+    # one cache entry per layer.
+    original = (flavor.read_tensors(base.base_artifact_uri, base.edited_tensors)
+                if base.edited_tensors and base.base_artifact_uri else {})
+    backup = memit.set_weights(base.handle.model, original)
+    try:
+        res = layer_covariances(base.handle, list(config.layers), spec, resolve.stats_tokens(base, job.stats_tokens),
+                                dtype=config.mom2_dtype, seed=config.seed, cache_dir=job.stats_cache)
+    finally:
+        memit.restore(base.handle.model, backup)
     with tempfile.TemporaryDirectory() as tmp:
         for entry in res.entries:
             key = entry.manifest.get("key_digest") or Path(entry.path).stem

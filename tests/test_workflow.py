@@ -132,6 +132,14 @@ def test_next_edit_builds_on_production_and_rollback_is_bit_identical(ws, first_
     v2_hash = state_hash(load_version("tiny", 2, device="cpu").handle.model)
     out = run_edit(job(ws, requests=str(ws["more"]), model="models:/tiny@production", promote="always"))
     assert (out.version, out.parent_version) == (3, 2)
+    # statistics belong to the root base: reused, with the run that produced them, not logged again
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    logged = [a.path for a in MlflowClient().list_artifacts(out.run_id, "stats")]
+    assert logged and not any(p.endswith(".npz") for p in logged)
+    manifest = json.loads(Path(download_artifacts(run_id=out.run_id, artifact_path=logged[0])).read_text())
+    assert manifest["produced_by_run"] == first_edit.run_id
     v3 = load_version("tiny", "@production", device="cpu")
     assert v3.version == 3 and top1(v3.handle, "the kappa lambda mu") == "violin"
     assert set(ledger.held_facts("tiny", 3)) == {("gamma delta", "alpha {}"), ("rho", "sigma {}"), ("kappa lambda mu", "the {}")}

@@ -89,6 +89,34 @@ def save_model(path: str | os.PathLike, handle: ModelHandle, *, storage: str = "
     mlflow_model.save(str(path / "MLmodel"))
 
 
+def read_tensors(model_uri: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """Selected tensors of a full-storage model, read from its safetensors without loading the model
+    (a local artifact store is read in place; a remote one downloads only ``weights/``)."""
+    from urllib.parse import unquote, urlparse
+
+    from safetensors import safe_open
+
+    parsed = urlparse(model_uri)
+    if parsed.scheme in ("", "file") and Path(unquote(parsed.path)).is_dir():
+        weights = Path(unquote(parsed.path)) / WEIGHTS_DIR
+        tmp = None
+    else:
+        tmp = tempfile.mkdtemp(prefix="editflow-weights-")
+        weights = Path(download(model_uri.rstrip("/") + "/" + WEIGHTS_DIR, tmp))
+    try:
+        index = weights / "model.safetensors.index.json"
+        shard_of = (json.loads(index.read_text())["weight_map"] if index.is_file()
+                    else {n: "model.safetensors" for n in names})
+        out = {}
+        for name in names:
+            with safe_open(str(weights / shard_of[name]), framework="pt") as f:
+                out[name] = f.get_tensor(name)
+        return out
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def read_meta(local_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(local_dir) / META_FILE).read_text())
 
