@@ -37,19 +37,25 @@ def _spec(corpus: str, config_name: str | None, split: str, revision: str | None
                       data_dir=data_dir, text_field=text_field, txt_mode=txt_mode)
 
 
-def _layers(text: str) -> list[int]:
-    """'3,4,5' or '3-5' (or a mix) → [3, 4, 5]."""
-    out: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    return out
-
-
 def _load(model: str, device: str | None, model_dtype: str | None):
-    from editflow.models import load_model
+    """``default``, ``models:/NAME@ALIAS``, ``models:/NAME/V``, a local path or a hub id."""
+    from editflow.registry.resolve import load_any
 
-    return load_model(model, device=device, dtype=model_dtype)
+    return load_any(model, device=device, dtype=model_dtype)
+
+
+def _default_layers_and_tokens(handle, layers: str | None, tokens: int | None) -> tuple[list[int], int]:
+    """Layers and budget as given, else what an edit of this model would use."""
+    from editflow.config import default_config, parse_layers
+    from editflow.registry.resolve import DEFAULT_STATS_TOKENS
+
+    defaults = handle.extra.get("model_defaults", {})
+    if layers:
+        chosen = parse_layers(layers)
+    else:
+        a = handle.adapter
+        chosen = list(default_config(a.model_type, a.n_layers, defaults.get("hparams", {})).layers)
+    return chosen, int(tokens or defaults.get("stats_tokens") or DEFAULT_STATS_TOKENS)
 
 
 cache_dir_option = click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
@@ -63,8 +69,8 @@ def command() -> None:
 
 @command.command("compute")
 @click.argument("model")
-@click.option("--layers", required=True, help="Edited layers, e.g. 3,4,5 or 3-8.")
-@click.option("--tokens", type=int, required=True, help="Token budget.")
+@click.option("--layers", default=None, help="Edited layers, e.g. 3,4,5 or 3-8 (default: the model's edit layers).")
+@click.option("--tokens", type=int, default=None, help="Token budget (default: the model's, else 1,000,000).")
 @_corpus_options
 @click.option("--max-length", type=int, default=None, help="Truncate documents (default min(context, 1024)).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
@@ -75,14 +81,15 @@ def command() -> None:
 @click.option("--model-dtype", default=None, help="Load the model in float16/bfloat16/float32.")
 @click.option("--no-progress", is_flag=True)
 @cache_dir_option
-def compute(model: str, layers: str, tokens: int, max_length: int | None, dtype: str, seed: int,
+def compute(model: str, layers: str | None, tokens: int | None, max_length: int | None, dtype: str, seed: int,
             batch_tokens: int, device: str | None, model_dtype: str | None, no_progress: bool,
             cache_dir: str | None, **corpus: object) -> None:
     """Compute (or reuse) the statistics of MODEL's --layers, all missing layers in one pass."""
     from editflow.stats import layer_covariances
 
     handle = _load(model, device, model_dtype)
-    result = layer_covariances(handle, _layers(layers), _spec(**corpus), tokens, max_length=max_length,  # type: ignore[arg-type]
+    chosen, tokens = _default_layers_and_tokens(handle, layers, tokens)
+    result = layer_covariances(handle, chosen, _spec(**corpus), tokens, max_length=max_length,  # type: ignore[arg-type]
                                dtype=dtype, seed=seed, cache_dir=cache_dir, batch_tokens=batch_tokens,
                                progress=not no_progress)
     for entry in result.entries:
