@@ -309,3 +309,31 @@ def test_served_model_answers_with_the_edited_fact(ws, first_edit):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_registry_commands(ws, first_edit, tmp_path):
+    from click.testing import CliRunner
+
+    from editflow.cli import main
+
+    run = lambda *args: CliRunner().invoke(main, list(args), catch_exceptions=False)  # noqa: E731
+    out = run("versions", "tiny")
+    assert out.exit_code == 0 and "version" in out.output.splitlines()[0] and "production" in out.output
+    prod = aliases_of("tiny")["production"]
+    out = run("promote", "tiny", "2", "--reason", "cli test")
+    assert out.exit_code == 0 and f"production {prod} -> 2" in out.output
+    out = run("show", "tiny", "production")
+    assert out.exit_code == 0 and "tiny version 2" in out.output and "alpha gamma delta -> Paris" in out.output
+    assert "cli test" in out.output
+    out = run("compare", "tiny", "1", "2")
+    assert out.exit_code == 0 and "post/efficacy" in out.output and "only in v2: 2 facts" in out.output
+    out = run("facts", "tiny", "--subject", "GAMMA")
+    assert out.exit_code == 0 and "alpha gamma delta" in out.output and "Paris" in out.output
+    out = run("rollback", "tiny", "--to", "1")
+    assert out.exit_code == 0 and aliases_of("tiny")["production"] == 1
+    out = run("promote", "tiny", "99")
+    assert out.exit_code == 1 and aliases_of("tiny")["production"] == 1
+    out = run("export", "tiny", "2", str(tmp_path / "exported"))
+    assert out.exit_code == 0 and (tmp_path / "exported" / "config.json").is_file()
+    out = run("edit", str(tmp_path / "missing.json"), "--model", str(ws["model"]))
+    assert out.exit_code == 1
