@@ -36,6 +36,13 @@ def direct_cov(model, adapter, tok, layers, n_seq=8, seq_len=12, seed=1) -> dict
             for layer, n in zip(layers, names)}
 
 
+def prepared(family: str = "gpt2"):
+    """A tiny model of ``family`` with its tokenizer, adapter, the test requests and covariances."""
+    model, tok = tiny_model(family)
+    adapter = detect_adapter(model)
+    return model, tok, adapter, parse_requests(REQUESTS), direct_cov(model, adapter, tok, CFG.layers)
+
+
 def top1(model, tok, text: str) -> str:
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([encode(tok, text)], device=model.device)).logits
@@ -44,10 +51,7 @@ def top1(model, tok, text: str) -> str:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_edit_changes_top1_and_touches_only_rewrite_modules(family):
-    model, tok = tiny_model(family)
-    adapter = detect_adapter(model)
-    reqs = parse_requests(REQUESTS)
-    covs = direct_cov(model, adapter, tok, CFG.layers)
+    model, tok, adapter, reqs, covs = prepared(family)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = memit.edit(model, tok, adapter, reqs, covs, CFG)
     # edit() leaves the model untouched; deltas name exactly the configured rewrite weights
@@ -82,10 +86,7 @@ def test_adapter_override_paths():
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_update_equals_closed_form(family):
     """ΔW_ℓ = R_ℓ Kᵀ(λC + KKᵀ)⁻¹ recomputed here from per-prompt forwards, layer after layer."""
-    model, tok = tiny_model(family)
-    adapter = detect_adapter(model)
-    reqs = parse_requests(REQUESTS)
-    covs = direct_cov(model, adapter, tok, TEMPLATED.layers)
+    model, tok, adapter, reqs, covs = prepared(family)
     templates = memit.context_templates(model, tok, TEMPLATED.context_templates, TEMPLATED.context_template_length, TEMPLATED.seed)
     z, _ = memit.compute_targets(model, tok, adapter, reqs, TEMPLATED, templates)
     result = memit.edit(model, tok, adapter, reqs, covs, TEMPLATED)
@@ -143,10 +144,7 @@ def test_early_stop_freezes_finished_requests():
 
 @pytest.mark.parametrize("algorithm", ["memit", "alphaedit"])
 def test_sequential_one_chunk_equals_batch(algorithm):
-    model, tok = tiny_model("gpt2")
-    adapter = detect_adapter(model)
-    reqs = parse_requests(REQUESTS)
-    covs = direct_cov(model, adapter, tok, CFG.layers)
+    model, tok, adapter, reqs, covs = prepared("gpt2")
     cfg = CFG.replace(algorithm=algorithm, nullspace_threshold=1e9)
     batch = memit.edit(model, tok, adapter, reqs, covs, cfg)
     seq = memit.edit(model, tok, adapter, reqs, covs, cfg.replace(mode="sequential", chunk_size=len(reqs)))
@@ -156,10 +154,7 @@ def test_sequential_one_chunk_equals_batch(algorithm):
 
 @pytest.mark.parametrize("algorithm", ["memit", "alphaedit"])
 def test_sequential_chunks_call_back_and_accumulate(algorithm):
-    model, tok = tiny_model("gpt2")
-    adapter = detect_adapter(model)
-    reqs = parse_requests(REQUESTS)
-    covs = direct_cov(model, adapter, tok, CFG.layers)
+    model, tok, adapter, reqs, covs = prepared("gpt2")
     seen = []
 
     def on_chunk(i, chunk, diags):
@@ -203,10 +198,7 @@ def test_projector_is_nullspace_of_cov():
 
 
 def test_deterministic_and_undo_is_exact():
-    model, tok = tiny_model("gpt2")
-    adapter = detect_adapter(model)
-    reqs = parse_requests(REQUESTS)
-    covs = direct_cov(model, adapter, tok, CFG.layers)
+    model, tok, adapter, reqs, covs = prepared("gpt2")
     a = memit.edit(model, tok, adapter, reqs, covs, CFG)
     b = memit.edit(model, tok, adapter, reqs, covs, CFG)
     assert a.context_templates == b.context_templates
@@ -219,10 +211,7 @@ def test_deterministic_and_undo_is_exact():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_edit_without_nans(dtype):
-    model, tok = tiny_model("llama")
-    adapter = detect_adapter(model)
-    reqs = parse_requests(REQUESTS)
-    covs = direct_cov(model, adapter, tok, CFG.layers)
+    model, tok, adapter, reqs, covs = prepared("llama")
     model.to(dtype)
     result = memit.edit(model, tok, adapter, reqs, covs, CFG)
     assert all(torch.isfinite(d.float()).all() and d.dtype == dtype for d in result.deltas.values())
