@@ -3,9 +3,9 @@
 Pre-edit: the model prefers target_true over target_new (mean per-token NLL of " "+target after the
 prompt, lower wins) on rewrite and paraphrase prompts, and keeps neighbourhood prompts' true object.
 Edit: one MEMIT batch of N records; efficacy, paraphrase and neighbourhood on the edited records.
-``--sweep`` tries several layer sets and λ values (to choose the defaults in ``editflow.json``).
+``--sweep-layers``/``--sweep-lams`` try several layer sets and λ values (to choose the defaults in ``editflow.json``).
 
-    python benchmarks/default_model_acceptance.py [--model DIR] [--n-edits 100] [--sweep]
+    python benchmarks/default_model_acceptance.py [--model DIR] [--n-edits 100] [--sweep-layers "1;1,2" --sweep-lams 10,100]
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def post_edit(model, tok, records: list[dict]) -> dict[str, float]:
             "neighborhood": preference_rate(model, tok, t["neighborhood"])}
 
 
-def run_edit(handle, records: list[dict], overrides: dict, stats_tokens: int) -> tuple[dict[str, float], float, dict]:
+def run_edit(handle, records: list[dict], overrides: dict, stats_tokens: int,
+             corpus: str = "bundled") -> tuple[dict[str, float], float, dict]:
     """One MEMIT batch edit of ``records``; returns post-edit figures, seconds, and the config used."""
     from editflow.config import default_config
     from editflow.memit import edit, undo_deltas
@@ -50,7 +51,7 @@ def run_edit(handle, records: list[dict], overrides: dict, stats_tokens: int) ->
     adapter = handle.adapter
     defaults = handle.extra.get("model_defaults", {}).get("hparams", {})
     cfg = default_config(adapter.model_type, adapter.n_layers, defaults, **overrides)
-    covs = layer_covariances(handle, list(cfg.layers), CorpusSpec(), stats_tokens, progress=False).covs
+    covs = layer_covariances(handle, list(cfg.layers), CorpusSpec(corpus), stats_tokens, progress=False).covs
     t0 = time.time()
     res = edit(handle.model, handle.tokenizer, adapter, parse_requests(records), covs, cfg, keep_applied=True)
     seconds = time.time() - t0
@@ -70,10 +71,12 @@ def main() -> None:
     ap.add_argument("--model", default=str(default_model_path()))
     ap.add_argument("--records", default=str(default_records_path()))
     ap.add_argument("--n-edits", type=int, default=100)
+    ap.add_argument("--corpus", default="bundled", help="covariance text (default: assets/corpus/stats.txt)")
     ap.add_argument("--stats-tokens", type=int, default=None, help="default: the model's editflow.json or 20000")
     ap.add_argument("--layers", default=None, help="comma-separated edit layers (default: model's editflow.json)")
     ap.add_argument("--lam", type=float, default=None, help="mom2_update_weight (default: model's editflow.json)")
-    ap.add_argument("--sweep", action="store_true", help="try several layer sets and λ values")
+    ap.add_argument("--sweep-layers", default=None, help='layer sets to try, e.g. "1;1,2;2,3" (with --sweep-lams)')
+    ap.add_argument("--sweep-lams", default="10,100,1000", help="λ values tried with --sweep-layers")
     ap.add_argument("--skip-edit", action="store_true")
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
     args = ap.parse_args()
@@ -105,15 +108,15 @@ def main() -> None:
             if args.lam is not None:
                 overrides["mom2_update_weight"] = args.lam
             grid = [overrides]
-            if args.sweep:
-                n = handle.adapter.n_layers
-                layer_sets = [[0], [1], [0, 1], [1, 2], [0, 1, 2], [2, 3], list(range(1, n // 2 + 1))]
-                grid = [{"layers": ls, "mom2_update_weight": lam} for ls in layer_sets for lam in (10.0, 100.0, 1000.0)]
+            if args.sweep_layers:
+                layer_sets = [[int(x) for x in part.split(",")] for part in args.sweep_layers.split(";")]
+                lams = [float(x) for x in args.sweep_lams.split(",")]
+                grid = [{**overrides, "layers": ls, "mom2_update_weight": lam} for ls in layer_sets for lam in lams]
             print(f"\nMEMIT, one batch of {len(batch)} edits (pre-edit neighbourhood on this batch "
                   f"{pre_b['neighborhood'] * 100:.1f}%; need efficacy ≥ 95, paraphrase ≥ 70, neighbourhood ≥ pre − 10)")
             out["edits"] = []
             for ov in grid:
-                figures, secs, cfg = run_edit(handle, batch, ov, stats_tokens)
+                figures, secs, cfg = run_edit(handle, batch, ov, stats_tokens, args.corpus)
                 ok = (figures["efficacy"] >= 0.95 and figures["paraphrase"] >= 0.70
                       and figures["neighborhood"] >= pre_b["neighborhood"] - 0.10)
                 name = f"layers={cfg['layers']} λ={cfg['mom2_update_weight']:g}"

@@ -17,8 +17,8 @@ def command() -> None:
               help="CounterFact-format JSON file (repeatable; deduplicated by case_id).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
-@click.option("--epochs", default=4.0, show_default=True)
-@click.option("--max-minutes", default=45.0, show_default=True)
+@click.option("--epochs", default=7.0, show_default=True)
+@click.option("--max-minutes", default=40.0, show_default=True)
 @click.option("--n-layer", default=6, show_default=True)
 @click.option("--n-embd", default=256, show_default=True)
 @click.option("--n-inner", default=1024, show_default=True)
@@ -26,7 +26,8 @@ def command() -> None:
 @click.option("--n-positions", default=64, show_default=True)
 @click.option("--vocab-size", default=2048, show_default=True)
 @click.option("--lr", default=2e-3, show_default=True)
-@click.option("--filler-ratio", default=0.25, show_default=True)
+@click.option("--filler-ratio", default=0.15, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
 @click.option("--threads", default=1, show_default=True)
 def build(records: tuple[str, ...], out_dir: str, **options) -> None:
     """Train tokenizer and model on --records and save them (with card.json) to --out."""

@@ -157,8 +157,8 @@ def build_corpus(
     records: list[Record],
     seed: int = 0,
     n_extra_phrasings: int = 3,
-    filler_ratio: float = 0.25,
-    n_stats: int = 3000,
+    filler_ratio: float = 0.15,
+    n_stats: int = 20000,
     n_heldout: int = 400,
 ) -> Corpus:
     """Build the deterministic corpus.

@@ -35,10 +35,10 @@ class TrainOptions:
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
-    batch_size: int = 32
-    epochs: float = 4.0
-    max_minutes: float = 45.0
-    eval_every: int = 150
+    batch_size: int = 16
+    epochs: float = 7.0
+    max_minutes: float = 40.0
+    eval_every: int = 300
     patience: int = 3
     seed: int = 0
     threads: int = 1
