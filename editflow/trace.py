@@ -226,7 +226,7 @@ def plot_summary(summary: TraceSummary, path: str | Path) -> None:
     fig.colorbar(im, ax=a, label="P(true) − P(corrupted)")
     b.bar(range(len(summary.mlp_effect)), summary.mlp_effect, color="tab:green")
     b.set_xlabel("layer")
-    b.set_title(f"MLP restored at last subject token (window {summary.window})")
+    b.set_title(f"MLP at last subject token (window {summary.window})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
