@@ -36,8 +36,8 @@ class TrainOptions:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     batch_size: int = 16
-    epochs: float = 7.0
-    max_minutes: float = 40.0
+    epochs: float = 11.0
+    max_minutes: float = 45.0
     eval_every: int = 300
     patience: int = 3
     seed: int = 0
