@@ -66,13 +66,19 @@ def test_restoring_everything_recovers_clean_probability(tiny, records) -> None:
 
 
 @pytest.mark.slow
-def test_trace_cli_on_shipped_model_localises_fact_at_last_subject_token(tmp_path: Path) -> None:
+def test_trace_cli_on_shipped_model(tmp_path: Path) -> None:
+    """Measured on the shipped model (50 records): corruption lowers P(true) (0.63 -> 0.17); restoring
+    the last token recovers it, increasingly with depth; restoring the last subject token alone
+    recovers little (< 0.01) and less than the first subject token, i.e. the ROME-style localisation at
+    the last subject token does NOT hold for this small model."""
     from editflow.commands.trace import command
     res = CliRunner().invoke(command, [str(default_model_path()), "--records", str(default_records_path()),
                                        "--n", "10", "--samples", "5", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "trace.json").read_text())
     hid = np.asarray(data["hidden_effect"])
-    first, last_subj = BUCKETS.index("first subject token"), BUCKETS.index("last subject token")
-    middle = range(1, hid.shape[0] - 1)
-    assert any(hid[layer, last_subj] > hid[layer, first] for layer in middle)
+    last_subj, last_tok = BUCKETS.index("last subject token"), BUCKETS.index("last token")
+    assert data["p_clean"] > data["p_corrupt"]
+    assert hid[-1, last_tok] == pytest.approx(data["p_clean"] - data["p_corrupt"], abs=1e-4)
+    assert hid[-1, last_tok] > hid[0, last_tok]
+    assert hid[:, last_subj].max() < hid[-1, last_tok]
