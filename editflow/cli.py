@@ -7,6 +7,7 @@ registered under its own name. Modules are imported lazily so ``editflow --help`
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 
 import click
@@ -32,6 +33,12 @@ class _LazyGroup(click.Group):
 @click.version_option(package_name="editflow")
 def main() -> None:
     """editflow: edit facts in causal LMs with MEMIT, tracked and versioned in MLflow."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":
