@@ -69,7 +69,7 @@ def worker(model_dir: str, n: int, path: str, tokens: int) -> dict:
     with torch.no_grad():
         new = score_targets(handle.model, handle.tokenizer, [(r.text, r.target_new) for r in requests])
         true = score_targets(handle.model, handle.tokenizer, [(r.text, r.target_true or "") for r in requests])
-    efficacy = float((new.nll < true.nll).float().mean()) * 100
+    efficacy = float((new.nll < true.nll).mean()) * 100
     return {"path": path, "n": n, "seconds": seconds, "targets_s": result.timings.get("targets", 0.0),
             "solve_s": result.timings.get("solve", 0.0), "efficacy": efficacy,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

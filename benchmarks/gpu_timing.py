@@ -44,7 +44,7 @@ def main(tokens: int = 1_000_000, n: int = 1000) -> None:
     print(f"| statistics pass, {len(config.layers)} layers, {got} tokens | {stats_s:.1f} s ({got / stats_s:,.0f} tok/s) |")
     print(f"| batch edit, {n} facts | {edit_s:.1f} s (targets {result.timings['targets']:.1f} s, "
           f"solve {result.timings['solve']:.1f} s) |")
-    print(f"| efficacy after the edit | {float((new.nll < true.nll).float().mean()) * 100:.1f} % |")
+    print(f"| efficacy after the edit | {float((new.nll < true.nll).mean()) * 100:.1f} % |")
     print(f"| peak CUDA memory | {torch.cuda.max_memory_allocated() / 2**20:.0f} MB |")
 
 

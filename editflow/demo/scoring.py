@@ -9,30 +9,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 @torch.no_grad()
 def target_nll(model: PreTrainedModel, tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
                batch_size: int = 64) -> list[float]:
-    """Mean NLL of the tokens of ``" " + target`` following ``prompt``, for each (prompt, target)."""
-    out: list[float] = []
-    device = next(model.parameters()).device
-    max_len = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1 << 30)
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        seqs, spans = [], []
-        for prompt, target in chunk:
-            p = tok(prompt, add_special_tokens=False)["input_ids"]
-            t = tok(" " + target, add_special_tokens=False)["input_ids"]
-            p = p[max(0, len(p) + len(t) - max_len):]  # keep the end of over-long prompts
-            seqs.append(p + t)
-            spans.append((len(p), len(p) + len(t)))
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):
-            ids[j, :len(s)] = torch.tensor(s)
-            mask[j, :len(s)] = 1
-        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
-        for j, (a, b) in enumerate(spans):
-            tgt = ids[j, a:b].to(device)
-            out.append(-logp[j, a - 1:b - 1].gather(-1, tgt[:, None]).mean().item())
-    return out
+    """Mean NLL of the tokens of ``" " + target`` following ``prompt``, for each (prompt, target)
+    (editflow's batched scorer, :func:`editflow.evaluate.score_targets`)."""
+    from editflow.evaluate import score_targets
+
+    return score_targets(model, tok, pairs, batch_rows=batch_size).nll.tolist()
 
 
 def preference_rate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
