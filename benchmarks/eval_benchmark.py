@@ -29,7 +29,7 @@ from editflow.requests import load_requests  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "editflow" / "assets" / "default_model"
-SAMPLES = [Path("/work/shared/data/counterfact/counterfact_sample.json"),
+SAMPLES = [ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_sample.json",
            ROOT / "editflow" / "assets" / "counterfact" / "records.json"]
 
 
