@@ -1,6 +1,6 @@
 """MEMIT and AlphaEdit: the edit math, as pure functions of a model, requests and covariances.
 
-No I/O and no MLflow here. The steps follow ``shared/design/memit.md`` (Meng et al. 2023; Fang et
+No I/O and no MLflow here. The steps follow the published algorithm (Meng et al. 2023; Fang et
 al. 2025): batched target optimisation (step 2), keys averaged over context templates, and the
 layer-by-layer closed-form update in float64 (step 3). The public entry point is :func:`edit`.
 """

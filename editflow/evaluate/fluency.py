@@ -6,7 +6,7 @@ per text, with H_n the base-2 entropy of the frequency distribution of the text'
     GE(text) = mean(2/3 · H_2, 4/3 · H_3) = (2/3 · H_2 + 4/3 · H_3) / 2,
 
 averaged over a fact's texts, then over facts, and reported ×100 (GPT-J ≈ 622 in the MEMIT tables).
-``shared/design/memit.md`` writes "2/3·H₂ + 4/3·H₃, averaged"; read without the halving that would give
+A common restatement writes "2/3·H₂ + 4/3·H₃, averaged"; read without the halving that would give
 about twice the published numbers, so the published code's mean over the two weighted terms is used.
 Words come from a regex word tokenizer (runs of letters/digits, or single other non-space
 characters), a dependency-free stand-in for ``nltk.word_tokenize``. Texts are prompt + continuation
