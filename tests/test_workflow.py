@@ -157,7 +157,7 @@ def test_next_edit_builds_on_production_and_rollback_is_bit_identical(ws, first_
     assert actions[-3:] == [("rollback", 2, 3, "tester"), ("rollback", 1, 2, "tester"), ("promote", 3, 1, "tester")]
     c = compare_versions("tiny", 2, 3)
     assert [f.subject for f in c["only_b"]] == ["kappa lambda mu"] and c["only_a"] == []
-    assert "post/efficacy" in c["metrics"]
+    assert c["metrics"]["efficacy"][1] is not None
     rows = version_rows("tiny")
     assert [r["version"] for r in rows][:3] == [1, 2, 3] and rows[2]["facts"] == 3 and "production" in rows[2]["aliases"]
 
@@ -326,7 +326,9 @@ def test_registry_commands(ws, first_edit, tmp_path):
     assert out.exit_code == 0 and "tiny version 2" in out.output and "alpha gamma delta -> Paris" in out.output
     assert "cli test" in out.output
     out = run("compare", "tiny", "1", "2")
-    assert out.exit_code == 0 and "post/efficacy" in out.output and "only in v2: 2 facts" in out.output
+    assert out.exit_code == 0 and "efficacy" in out.output and "only in v2: 2 facts" in out.output
+    eff = next(line.split() for line in out.output.splitlines() if line.startswith("efficacy "))
+    assert eff[1:] == ["0.000", "100.000", "100.000"]  # the base is measured by its child run's pre-edit figures
     out = run("facts", "tiny", "--subject", "GAMMA")
     assert out.exit_code == 0 and "alpha gamma delta" in out.output and "Paris" in out.output
     out = run("rollback", "tiny", "--to", "1")

@@ -41,7 +41,9 @@ def show_version(name: str, ref: str | int) -> dict[str, Any]:
     c = client()
     mv = c.get_model_version(name, str(v))
     run_id = mv.tags.get(TAG + "run_id") or mv.run_id
-    run_metrics = dict(c.get_run(run_id).data.metrics) if run_id else {}
+    # a base is logged inside the run of the first edit that used it: that run's figures are not its own
+    is_edit = mv.tags.get(TAG + "role") == "edit"
+    run_metrics = dict(c.get_run(run_id).data.metrics) if run_id and is_edit else {}
     return {"name": name, "version": v, "description": mv.description, "stage": mv.current_stage,
             "aliases": [a for a, x in aliases_of(name).items() if x == v], "tags": dict(mv.tags),
             "run_id": run_id, "metrics": run_metrics, "facts": [f.__dict__ for f in ledger.own_facts(name, v)],
@@ -50,14 +52,22 @@ def show_version(name: str, ref: str | int) -> dict[str, Any]:
                        for e in ledger.events(name) if e.version == v]}
 
 
+def _post_metrics(info: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
+    """A version's own metrics (``post/*`` of the run that made it); a base version has none, so when
+    it is the other version's parent its figures are that run's ``pre/*`` measurements."""
+    own = {k[5:]: v for k, v in info["metrics"].items() if k.startswith("post/")}
+    if own or other["tags"].get(TAG + "parent_version") != str(info["version"]):
+        return own
+    return {k[4:]: v for k, v in other["metrics"].items() if k.startswith("pre/")}
+
+
 def compare_versions(name: str, a: str | int, b: str | int) -> dict[str, Any]:
     """Metric deltas (b − a, from each version's run) and the facts held by one and not the other."""
     va, vb = resolve_version(name, a), resolve_version(name, b)
     sa, sb = show_version(name, va), show_version(name, vb)
-    keys = sorted(k for k in set(sa["metrics"]) | set(sb["metrics"]) if k.startswith("post/"))
-    deltas = {k: (sa["metrics"].get(k), sb["metrics"].get(k),
-                  (sb["metrics"][k] - sa["metrics"][k]) if k in sa["metrics"] and k in sb["metrics"] else None)
-              for k in keys}
+    ma, mb = _post_metrics(sa, sb), _post_metrics(sb, sa)
+    deltas = {k: (ma.get(k), mb.get(k), (mb[k] - ma[k]) if k in ma and k in mb else None)
+              for k in sorted(set(ma) | set(mb))}
     fa, fb = ledger.held_facts(name, va), ledger.held_facts(name, vb)
     only_a = [fa[k] for k in fa if k not in fb or fb[k].target_new != fa[k].target_new]
     only_b = [fb[k] for k in fb if k not in fa or fa[k].target_new != fb[k].target_new]
