@@ -253,32 +253,42 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
     active = torch.ones(n, dtype=torch.bool, device=device)
     steps = torch.zeros(n, dtype=torch.long)
     final_loss = torch.zeros(n)
-    arange_rows = torch.arange(len(all_ids), device=device)
     kl_init: torch.Tensor | None = None
+    owner_rw = torch.tensor(rw.owner, device=device)
+    cur: dict[str, torch.Tensor] = {}
 
     def add_delta(h: torch.Tensor) -> torch.Tensor:
-        upd = torch.zeros(h.shape[0], h.shape[-1], dtype=torch.float32, device=h.device)
-        upd = upd + delta[owner]
+        rows = torch.arange(h.shape[0], device=h.device)
         h = h.clone()
-        h[arange_rows, fact_idx] = (h[arange_rows, fact_idx].float() + upd).to(h.dtype)
+        h[rows, cur["fact"]] = (h[rows, cur["fact"]].float() + delta[cur["owner"]]).to(h.dtype)
         return h
 
     for it in range(config.v_num_grad_steps):
         opt.zero_grad()
+        # Only rows of requests still optimising take part (finished requests cost nothing).
+        row_on = active[owner]
+        sel = row_on.nonzero().squeeze(1)
+        remap = torch.full((len(all_ids),), -1, dtype=torch.long, device=device)
+        remap[sel] = torch.arange(len(sel), device=device)
+        width = int(batch.lengths.to(device)[sel].max())
+        inputs = {"input_ids": batch.input_ids[sel, :width], "attention_mask": batch.attention_mask[sel, :width]}
+        cur.update(fact=fact_idx[sel], owner=owner[sel])
+        t_on, k_on = row_on[t_rows_t], row_on[kl_rows]
         with nethook.patch_output(model, adapter.layer(layer), add_delta):
-            logp_t = _logits_at(model, batch.model_inputs(), torch.cat([t_rows_t, kl_rows]),
-                                torch.cat([t_cols_t, kl_cols]))
-        logp_kl = logp_t[len(t_rows):]
-        tok_lp = logp_t[: len(t_rows)].gather(1, t_ids_t[:, None]).squeeze(1)
-        row_nll = torch.zeros(n_rw, device=device).index_add(0, t_rows_t, -tok_lp * tok_weight)
-        nll = torch.zeros(n, device=device).index_add(0, torch.tensor(rw.owner, device=device), row_nll)
-        nll = nll / rows_per_req
+            logp_t = _logits_at(model, inputs, torch.cat([remap[t_rows_t[t_on]], remap[kl_rows[k_on]]]),
+                                torch.cat([t_cols_t[t_on], kl_cols[k_on]]))
+        n_t = int(t_on.sum())
+        logp_kl = logp_t[n_t:]
+        tok_lp = logp_t[:n_t].gather(1, t_ids_t[t_on][:, None]).squeeze(1)
+        row_nll = torch.zeros(n_rw, device=device).index_add(0, t_rows_t[t_on], -tok_lp * tok_weight[t_on])
+        nll = torch.zeros(n, device=device).index_add(0, owner_rw, row_nll) / rows_per_req
         loss = nll + config.v_weight_decay * delta.norm(dim=1) / init_norm**2
         if config.kl_factor > 0:
             if kl_init is None:
                 kl_init = logp_kl.detach().clone()
             # KL(p_delta || p_0), as in the ROME/MEMIT papers.
-            kl_term = (logp_kl.exp() * (logp_kl - kl_init)).sum(-1)
+            kl_term = torch.zeros(n, device=device).index_add(
+                0, owner[kl_rows[k_on]], (logp_kl.exp() * (logp_kl - kl_init[k_on])).sum(-1))
             loss = loss + config.kl_factor * kl_term
         with torch.no_grad():
             final_loss[active.cpu()] = loss.detach().cpu()[active.cpu()]
@@ -297,6 +307,7 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
             delta[~active] = frozen[~active]
 
     with torch.no_grad():
+        cur.update(fact=fact_idx, owner=owner)
         bare_tok = torch.isin(t_rows_t, bare_rows)
         with nethook.patch_output(model, adapter.layer(layer), add_delta):
             logp_t = _logits_at(model, batch.model_inputs(), t_rows_t[bare_tok], t_cols_t[bare_tok])
