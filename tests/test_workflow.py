@@ -339,3 +339,23 @@ def test_registry_commands(ws, first_edit, tmp_path):
     assert out.exit_code == 0 and (tmp_path / "exported" / "config.json").is_file()
     out = run("edit", str(tmp_path / "missing.json"), "--model", str(ws["model"]))
     assert out.exit_code == 1
+
+
+def test_init_registers_the_bundled_model_once(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from mlflow import MlflowClient
+
+    from editflow.cli import main
+    from editflow.registry.store import DEFAULT_MODEL_NAME
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for _ in range(2):
+        out = CliRunner().invoke(main, ["init"], catch_exceptions=False)
+        assert out.exit_code == 0 and f"{DEFAULT_MODEL_NAME} version 1" in out.output
+    assert [int(v.version) for v in versions_of(DEFAULT_MODEL_NAME)] == [1]
+    assert aliases_of(DEFAULT_MODEL_NAME) == {"production": 1}
+    run_id = next(r for r in MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+                  if r.info.run_name == "register-default-model").info.run_id
+    assert [a.path for a in MlflowClient().list_artifacts(run_id, "default_model")] == ["default_model/card.json"]
+    assert ledger.production_history(DEFAULT_MODEL_NAME) == [1]
