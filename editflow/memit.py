@@ -185,13 +185,19 @@ def compute_targets(model: nn.Module, tokenizer: object, adapter: Adapter,
     loss, and finished requests are frozen, so the result equals a one-request-at-a-time loop
     (``requests_per_batch=1``, the reference structure) up to floating-point rounding.
     """
+    # Requests of similar length share a micro-batch, so little compute goes to padding.
+    order = sorted(range(len(requests)), key=lambda i: len(encode(tokenizer, requests[i].text)))
     zs, diags = [], []
     with frozen_weights(model):
         for part in _chunks(len(requests), requests_per_batch):
-            z, d = _optimise_group(model, tokenizer, adapter, [requests[i] for i in part], config, templates)
+            idx = [order[i] for i in part]
+            z, d = _optimise_group(model, tokenizer, adapter, [requests[i] for i in idx], config, templates)
             zs.append(z)
             diags.extend(d)
-    return torch.cat(zs), diags
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    z_all = torch.cat(zs)
+    return z_all[inverse.to(z_all.device)], [diags[i] for i in inverse.tolist()]
 
 
 @contextlib.contextmanager
