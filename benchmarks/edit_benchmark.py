@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import markdown_table, publish  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "data"
 
 
@@ -103,17 +107,11 @@ def main() -> None:
         b, r = pair["batched"], pair["one-at-a-time"]
         rows.append(f"| {n} | {b['seconds']:.1f} | {r['seconds']:.1f} | **{r['seconds'] / b['seconds']:.1f}×** | "
                     f"{b['efficacy']:.1f} | {r['efficacy']:.1f} | {b['peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
-    table = "\n".join([
-        f"Model: {args.model} · CPU threads: {args.threads} · statistics: {args.stats_tokens} bundled-corpus tokens",
-        "",
-        "| requests | batched (s) | one at a time (s) | speed-up | efficacy batched (%) | efficacy reference (%) "
-        "| peak RSS batched (MB) | peak RSS reference (MB) |",
-        "|---|---|---|---|---|---|---|---|", *rows])
-    print(table)
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "edit.md").write_text(table + "\n")
-
+    caption = (f"Model: {args.model} · CPU threads: {args.threads} · statistics: {args.stats_tokens} "
+               "bundled-corpus tokens")
+    publish("edit.md", markdown_table(caption, [
+        "requests", "batched (s)", "one at a time (s)", "speed-up", "efficacy batched (%)", "efficacy reference (%)",
+        "peak RSS batched (MB)", "peak RSS reference (MB)"], rows))
 
 if __name__ == "__main__":
     main()

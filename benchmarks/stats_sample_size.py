@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import markdown_table, publish  # noqa: E402
 
 
 def main() -> None:
@@ -55,16 +59,11 @@ def main() -> None:
         rows.append(f"| {tokens:,} | {got:,} | {stats_s:.1f} | {post['efficacy']:.1f} | {post['paraphrase']:.1f} | "
                     f"{post['neighborhood']:.1f} | {100 * post.get('drift_ppl_rel', float('nan')):+.1f} |")
         print(rows[-1], flush=True)
-    table = "\n".join([
-        f"Default model, {args.n} CounterFact records in one batch, layers {list(config.layers)}, "
-        f"λ = {config.mom2_update_weight:g}",
-        "", "| budget (tokens) | tokens used | stats time (s) | efficacy | paraphrase | neighbourhood | held-out ppl change (%) |",
-        "|---|---|---|---|---|---|---|", *rows])
-    print(table)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "stats_sample_size.md").write_text(table + "\n")
-
+    caption = (f"Default model, {args.n} CounterFact records in one batch, layers {list(config.layers)}, "
+               f"λ = {config.mom2_update_weight:g}")
+    publish("stats_sample_size.md", markdown_table(caption, [
+        "budget (tokens)", "tokens used", "stats time (s)", "efficacy", "paraphrase", "neighbourhood",
+        "held-out ppl change (%)"], rows))
 
 if __name__ == "__main__":
     main()
