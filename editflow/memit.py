@@ -276,7 +276,7 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
         sel = row_on.nonzero().squeeze(1)
         remap = torch.full((len(all_ids),), -1, dtype=torch.long, device=device)
         remap[sel] = torch.arange(len(sel), device=device)
-        width = int(batch.lengths.to(device)[sel].max())
+        width = int(batch.lengths[sel].max())
         inputs = {"input_ids": batch.input_ids[sel, :width], "attention_mask": batch.attention_mask[sel, :width]}
         cur.update(fact=fact_idx[sel], owner=owner[sel])
         t_on, k_on = row_on[t_rows_t], row_on[kl_rows]
