@@ -176,14 +176,29 @@ def _logits_at(model: nn.Module, batch_inputs: dict, rows: torch.Tensor, cols: t
     return torch.log_softmax(logits, dim=-1)
 
 
+class _Cached(nn.Module):
+    """Stands in for a transformer block whose output is already known: returns it, computes nothing."""
+
+    def __init__(self, output: object) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *_args: object, **_kwargs: object) -> object:
+        return self.output
+
+
 def compute_targets(model: nn.Module, tokenizer: object, adapter: Adapter,
                     requests: Sequence[EditRequest], config: MemitConfig, templates: Sequence[str],
-                    requests_per_batch: int | None = 64) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
+                    requests_per_batch: int | None = 64,
+                    prefix_cache: bool = True) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
     """Optimise one residual vector z per request at the last edited layer (step 2).
 
     Requests are optimised together, ``requests_per_batch`` at a time: each has its own δ and its own
     loss, and finished requests are frozen, so the result equals a one-request-at-a-time loop
     (``requests_per_batch=1``, the reference structure) up to floating-point rounding.
+    With ``prefix_cache`` the output of blocks 0..L (which δ does not change) is computed once and
+    each optimisation step runs only the blocks above L; ``False`` runs the full model every step
+    (the plain path; same result up to rounding).
     """
     # Requests of similar length share a micro-batch, so little compute goes to padding.
     order = sorted(range(len(requests)), key=lambda i: len(encode(tokenizer, requests[i].text)))
@@ -191,7 +206,8 @@ def compute_targets(model: nn.Module, tokenizer: object, adapter: Adapter,
     with frozen_weights(model):
         for part in _chunks(len(requests), requests_per_batch):
             idx = [order[i] for i in part]
-            z, d = _optimise_group(model, tokenizer, adapter, [requests[i] for i in idx], config, templates)
+            z, d = _optimise_group(model, tokenizer, adapter, [requests[i] for i in idx], config, templates,
+                                   prefix_cache)
             zs.append(z)
             diags.extend(d)
     inverse = torch.empty(len(order), dtype=torch.long)
@@ -214,7 +230,7 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
 
 def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
                     requests: Sequence[EditRequest], config: MemitConfig,
-                    templates: Sequence[str]) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
+                    templates: Sequence[str], prefix_cache: bool) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
     device = next(model.parameters()).device
     n, layer = len(requests), config.layers[-1]
     targets = [encode_target(tokenizer, r.target_new) for r in requests]
@@ -248,11 +264,11 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
     kl_cols = fact_idx[n_rw:]
     bare_rows = torch.tensor([rw.owner.index(i) for i in range(n)], device=device)  # template "{}"
 
-    # Clean h_L at the fact token of the bare prompt (and the unedited KL distribution).
-    _, h_all = _rewrite_inputs_and_block_outputs(model, tokenizer, adapter,
-                                                 _Rows(all_ids, fact_idx.tolist(), owner.tolist()),
-                                                 None, layer)
-    target_init = h_all[bare_rows]  # (n, d)
+    # Block L's output without δ, every row and position: h_L, and what blocks 0..L return when cached.
+    with torch.no_grad():
+        prefix_out = nethook.output_of(model, adapter.layer(layer), **batch.model_inputs(), use_cache=False)
+    prefix = nethook.first_tensor(prefix_out)
+    target_init = prefix[bare_rows, fact_idx[bare_rows]].float()  # (n, d), at the bare prompt
     init_norm = target_init.norm(dim=1)
     delta = torch.zeros_like(target_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.v_lr)
@@ -261,13 +277,25 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
     final_loss = torch.zeros(n)
     kl_init: torch.Tensor | None = None
     owner_rw = torch.tensor(rw.owner, device=device)
-    cur: dict[str, torch.Tensor] = {}
 
-    def add_delta(h: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(h.shape[0], device=h.device)
-        h = h.clone()
-        h[rows, cur["fact"]] = (h[rows, cur["fact"]].float() + delta[cur["owner"]]).to(h.dtype)
-        return h
+    def logp_at(sel: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities at (``rows`` indexing ``sel``, ``cols``) for the batch rows ``sel``, with
+        δ added to block L's output at their fact tokens."""
+        width = int(batch.lengths[sel].max())
+        inputs = {"input_ids": batch.input_ids[sel, :width], "attention_mask": batch.attention_mask[sel, :width]}
+        at = (torch.arange(len(sel), device=device), fact_idx[sel])
+
+        def add_delta(h: torch.Tensor) -> torch.Tensor:
+            h = h.clone()
+            h[at] = (h[at].float() + delta[owner[sel]]).to(h.dtype)
+            return h
+
+        stand_ins: dict[str, nn.Module] = {}
+        if prefix_cache:  # blocks 0..L return their cached output instead of running
+            cached = nethook.replace_first_tensor(prefix_out, prefix[sel, :width])
+            stand_ins = {adapter.layer(i): _Cached(cached) for i in range(layer + 1)}
+        with nethook.replace_modules(model, stand_ins), nethook.patch_output(model, adapter.layer(layer), add_delta):
+            return _logits_at(model, inputs, rows, cols)
 
     for it in range(config.v_num_grad_steps):
         opt.zero_grad()
@@ -276,13 +304,9 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
         sel = row_on.nonzero().squeeze(1)
         remap = torch.full((len(all_ids),), -1, dtype=torch.long, device=device)
         remap[sel] = torch.arange(len(sel), device=device)
-        width = int(batch.lengths[sel].max())
-        inputs = {"input_ids": batch.input_ids[sel, :width], "attention_mask": batch.attention_mask[sel, :width]}
-        cur.update(fact=fact_idx[sel], owner=owner[sel])
         t_on, k_on = row_on[t_rows_t], row_on[kl_rows]
-        with nethook.patch_output(model, adapter.layer(layer), add_delta):
-            logp_t = _logits_at(model, inputs, torch.cat([remap[t_rows_t[t_on]], remap[kl_rows[k_on]]]),
-                                torch.cat([t_cols_t[t_on], kl_cols[k_on]]))
+        logp_t = logp_at(sel, torch.cat([remap[t_rows_t[t_on]], remap[kl_rows[k_on]]]),
+                         torch.cat([t_cols_t[t_on], kl_cols[k_on]]))
         n_t = int(t_on.sum())
         logp_kl = logp_t[n_t:]
         tok_lp = logp_t[:n_t].gather(1, t_ids_t[t_on][:, None]).squeeze(1)
@@ -313,10 +337,8 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
             delta[~active] = frozen[~active]
 
     with torch.no_grad():
-        cur.update(fact=fact_idx, owner=owner)
         bare_tok = torch.isin(t_rows_t, bare_rows)
-        with nethook.patch_output(model, adapter.layer(layer), add_delta):
-            logp_t = _logits_at(model, batch.model_inputs(), t_rows_t[bare_tok], t_cols_t[bare_tok])
+        logp_t = logp_at(torch.arange(len(all_ids), device=device), t_rows_t[bare_tok], t_cols_t[bare_tok])
         lp = logp_t.gather(1, t_ids_t[bare_tok][:, None]).squeeze(1)
         owners = torch.tensor(rw.owner, device=device)[t_rows_t[bare_tok]]
         mean_lp = torch.zeros(n, device=device).index_add(0, owners, lp) / torch.tensor(
@@ -391,10 +413,11 @@ def _weight_layout(delta: torch.Tensor, conv1d: bool) -> torch.Tensor:
 def _memit_chunk(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
                  covs: Mapping[int, torch.Tensor], config: MemitConfig, templates: Sequence[str],
                  alpha: _AlphaState | None, timings: dict[str, float], requests_per_batch: int | None,
-                 ) -> tuple[dict[str, torch.Tensor], list[RequestDiagnostics], dict[str, float]]:
+                 prefix_cache: bool) -> tuple[dict[str, torch.Tensor], list[RequestDiagnostics], dict[str, float]]:
     """One MEMIT (or AlphaEdit) call over ``requests``; the model holds the update afterwards."""
     t0 = time.perf_counter()
-    z, diags = compute_targets(model, tokenizer, adapter, requests, config, templates, requests_per_batch)
+    z, diags = compute_targets(model, tokenizer, adapter, requests, config, templates, requests_per_batch,
+                               prefix_cache)
     timings["targets"] = timings.get("targets", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
     params = dict(model.named_parameters())
@@ -426,14 +449,16 @@ def _memit_chunk(model: nn.Module, tokenizer: object, adapter: Adapter, requests
 def edit(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
          covs: Mapping[int, torch.Tensor], config: MemitConfig,
          on_chunk: Callable[[int, Sequence[EditRequest], list[RequestDiagnostics]], None] | None = None,
-         requests_per_batch: int | None = 64, keep_applied: bool = False) -> EditResult:
+         requests_per_batch: int | None = 64, keep_applied: bool = False,
+         prefix_cache: bool = True) -> EditResult:
     """Edit ``requests`` into the model with MEMIT or AlphaEdit, in batch or sequential mode.
 
     ``covs[layer]`` is C = E[k kᵀ] of the rewrite-module input. In sequential mode the requests go in
     chunks of ``config.chunk_size``, each on the result of the previous; ``on_chunk(i, chunk, diags)``
     is called after each chunk while the model holds the weights so far (for per-chunk evaluation).
     The returned deltas are the total change. The model is restored to its original weights unless
-    ``keep_applied``.
+    ``keep_applied``. ``requests_per_batch`` and ``prefix_cache`` choose how targets are computed
+    (see :func:`compute_targets`), not what they are.
     """
     if not requests:
         raise ValueError("no requests to edit")
@@ -465,7 +490,7 @@ def edit(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequen
         for c, part in enumerate(_chunks(len(requests), size)):
             chunk = [requests[i] for i in part]
             _, diags, chunk_norms = _memit_chunk(model, tokenizer, adapter, chunk, covs, config, templates,
-                                                 alpha, timings, requests_per_batch)
+                                                 alpha, timings, requests_per_batch, prefix_cache)
             for d in diags:
                 d.chunk = c
             diagnostics.extend(diags)

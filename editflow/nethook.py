@@ -6,7 +6,7 @@ In the spirit of ROME's ``util/nethook.py``, but only what editflow needs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -107,9 +107,35 @@ def patch_output(
         yield
 
 
+@contextlib.contextmanager
+def replace_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Swap the named submodules for ``replacements`` for the duration; the originals go back on exit."""
+    originals = {name: get_module(model, name) for name in replacements}
+    try:
+        for name, module in replacements.items():
+            model.set_submodule(name, module)
+        yield
+    finally:
+        for name, module in originals.items():
+            model.set_submodule(name, module)
+
+
 def run_until_stopped(model: nn.Module, **inputs: torch.Tensor) -> object | None:
     """Call ``model(**inputs)``; return its output, or ``None`` if a hook stopped it early."""
     try:
         return model(**inputs)
     except StopForward:
         return None
+
+
+def output_of(model: nn.Module, name: str, **inputs: torch.Tensor) -> object:
+    """The output of module ``name`` as it returns it (tensor or tuple), in a forward stopped there."""
+    got: list[object] = []
+
+    def keep(_module: nn.Module, _args: tuple, output: object) -> None:
+        got.append(output)
+        raise StopForward
+
+    with hooks([get_module(model, name).register_forward_hook(keep)]):
+        run_until_stopped(model, **inputs)
+    return got[0]

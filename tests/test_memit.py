@@ -129,6 +129,27 @@ def test_batched_targets_match_one_at_a_time():
     assert [d.steps for d in d_batch] == [d.steps for d in d_loop]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("early_stop", [0.05, 2.5])  # 2.5: requests finish at different steps
+def test_prefix_cache_matches_full_forward(family, early_stop):
+    """Caching the output of blocks 0..L changes only the cost of target optimisation, not z."""
+    model, tok = tiny_model(family)
+    adapter = detect_adapter(model)
+    reqs = parse_requests(REQUESTS)
+    cfg = TEMPLATED.replace(kl_factor=0.0625, v_weight_decay=0.5, v_num_grad_steps=15, layers=(0, 1),
+                            v_early_stop_loss=early_stop)
+    templates = memit.context_templates(model, tok, 2, 3, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    z_fast, d_fast = memit.compute_targets(model, tok, adapter, reqs, cfg, templates, prefix_cache=True)
+    z_full, d_full = memit.compute_targets(model, tok, adapter, reqs, cfg, templates, prefix_cache=False)
+    assert torch.allclose(z_fast, z_full, atol=1e-4, rtol=1e-4)
+    assert [d.steps for d in d_fast] == [d.steps for d in d_full]
+    assert [d.prob_new for d in d_fast] == pytest.approx([d.prob_new for d in d_full], rel=1e-4)
+    # the blocks are back in place and the weights untouched
+    assert dict(model.named_parameters()).keys() == before.keys()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_early_stop_freezes_finished_requests():
     model, tok = tiny_model("gpt2")
     adapter = detect_adapter(model)
