@@ -1,5 +1,8 @@
 """Edit speed: batched target optimisation vs one request at a time (the reference structure).
 
+The batched path is editflow's default (prefix caching on); the reference optimises each request on
+its own with full forward passes (``prefix_cache=False``), as the original MEMIT code does.
+
     python benchmarks/edit_benchmark.py [--sizes 10,100,1000] [--model DIR] [--threads 2]
 
 Each (path, size) runs in its own process so its peak RSS is its own. Both paths use the same model,
@@ -67,7 +70,7 @@ def worker(model_dir: str, n: int, path: str, tokens: int) -> dict:
     covs = layer_covariances(handle, list(config.layers), CorpusSpec("bundled"), tokens, progress=False).covs
     t0 = time.perf_counter()
     result = memit.edit(handle.model, handle.tokenizer, handle.adapter, requests, covs, config,
-                        requests_per_batch=64 if path == "batched" else 1)
+                        requests_per_batch=64 if path == "batched" else 1, prefix_cache=path == "batched")
     seconds = time.perf_counter() - t0
     memit.apply_deltas(handle.model, result.deltas)
     with torch.no_grad():
