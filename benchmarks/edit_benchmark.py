@@ -3,7 +3,7 @@
 The batched path is editflow's default (prefix caching on); the reference optimises each request on
 its own with full forward passes (``prefix_cache=False``), as the original MEMIT code does.
 
-    python benchmarks/edit_benchmark.py [--sizes 10,100,1000] [--model DIR] [--threads 2]
+    python benchmarks/edit_benchmark.py [--sizes 10,100,1000] [--model DIR] [--threads 2] [--parallel]
 
 Each (path, size) runs in its own process so its peak RSS is its own. Both paths use the same model,
 covariances, hyperparameters and requests; efficacy (P(new) > P(true) on the edited prompt after
@@ -88,6 +88,8 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / "editflow/assets/default_model"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stats-tokens", type=int, default=100_000)
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the two paths of a size at the same time (use with --threads 1 on 2 cores)")
     ap.add_argument("--worker", nargs=2, metavar=("PATH", "N"))
     args = ap.parse_args()
     import torch
@@ -98,19 +100,26 @@ def main() -> None:
         return
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        pair = {}
-        for path in ("batched", "one-at-a-time"):
+        procs, outputs = {}, {}
+        for path in ("batched", "one-at-a-time"):  # concurrently with --parallel, else one after the other
             cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads),
                    "--stats-tokens", str(args.stats_tokens), "--worker", path, str(n)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            if out.returncode:
-                raise SystemExit(out.stderr[-2000:])
-            pair[path] = json.loads(out.stdout.strip().splitlines()[-1])
+            procs[path] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if not args.parallel:
+                outputs[path] = procs[path].communicate()
+        pair = {}
+        for path, proc in procs.items():
+            out, err = outputs.get(path) or proc.communicate()
+            if proc.returncode:
+                raise SystemExit(err[-2000:])
+            pair[path] = json.loads(out.strip().splitlines()[-1])
             print(pair[path], flush=True)
         b, r = pair["batched"], pair["one-at-a-time"]
         rows.append(f"| {n} | {b['seconds']:.1f} | {r['seconds']:.1f} | **{r['seconds'] / b['seconds']:.1f}×** | "
                     f"{b['efficacy']:.1f} | {r['efficacy']:.1f} | {b['peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
-    caption = (f"Model: {args.model} · CPU threads: {args.threads} · statistics: {args.stats_tokens} "
+    caption = (f"Model: {Path(args.model).name} · CPU threads per path: {args.threads}"
+               f"{' (both paths at once)' if args.parallel else ''} · statistics: {args.stats_tokens} "
                "bundled-corpus tokens")
     publish("edit.md", markdown_table(caption, [
         "requests", "batched (s)", "one at a time (s)", "speed-up", "efficacy batched (%)", "efficacy reference (%)",
