@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from editflow.demo import build_default_model, default_model_path, default_records_path  # noqa: E402
-from editflow.demo.corpus import build_corpus, load_records  # noqa: E402
+from editflow.demo.corpus import build_corpus, load_records, template_subject  # noqa: E402
 from editflow.demo.scoring import counterfact_triples, preference_rate  # noqa: E402
 
 TINY = dict(n_layer=2, n_embd=128, n_head=4, n_inner=512, n_positions=64, vocab_size=1024,
@@ -32,6 +32,48 @@ def test_corpus_is_deterministic_and_contains_the_facts() -> None:
     rw = records[0]["requested_rewrite"]
     assert f"{rw['prompt'].format(rw['subject'])} {rw['target_true']['str']}." in a.train
     assert not set(a.heldout) & set(a.train)
+
+
+def test_neighbour_subjects_are_found_from_relation_templates() -> None:
+    templates = ["The mother tongue of {} is", "{} speaks"]
+    assert template_subject("The mother tongue of Léon Blum is", templates) == (templates[0], "Léon Blum")
+    assert template_subject("Jean Gabin speaks", templates) == (templates[1], "Jean Gabin")
+    assert template_subject("Jean Gabin writes in", templates) is None
+    records = load_records([default_records_path()])[:5]
+    corpus = build_corpus(records, n_neighbour_phrasings=1)
+    subjects = set(corpus.subject_of.values())
+    assert {r["requested_rewrite"]["subject"] for r in records} <= subjects
+    assert len(subjects) > len(records)  # neighbourhood subjects too
+    assert all(s in d for d, s in corpus.subject_of.items())
+
+
+def test_packed_subject_spans_and_bottleneck_mask() -> None:
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from editflow.demo.train import pack_documents, subject_bottleneck_bias
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    docs = ["Danielle Darrieux's mother tongue is French.", "The river crosses the valley.",
+            "The mother tongue of Danielle Darrieux is French."]
+    data, spans = pack_documents(tok, docs, 64, {docs[0]: "Danielle Darrieux", docs[2]: "Danielle Darrieux"})
+    assert len(data) == 1 and len(spans[0]) == 2
+    for s0, s1, end in spans[0]:
+        assert tok.decode(data[0, s0:s1]).strip() == "Danielle Darrieux"
+        assert data[0, end - 1] == tok.eos_token_id
+    (s0, s1, end), _ = spans[0]
+    bias = subject_bottleneck_bias(spans, 64, torch.float32)[0, 0]
+    blocked = bias < 0
+    assert blocked[s1:end, s0:s1 - 1].all() and not blocked[s1:end, s1 - 1].any()
+    future = torch.ones_like(blocked).triu(1)
+    assert blocked[future].all() and not blocked[s0:s1][~future[s0:s1]].any()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2)).eval()
+    ids = data.clamp(min=0)
+    plain = subject_bottleneck_bias([[]], 64, torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, model(ids, attention_mask=plain).logits, atol=1e-5)
+        changed = (model(ids).logits - model(ids, attention_mask=bias[None, None]).logits).abs().amax(-1)[0]
+    assert changed[:s1].max() < 1e-5 and changed[s1:end].min() > 0
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ def build_default_model(records_path: str | Path | list[str | Path], out_dir: st
     """
     paths = records_path if isinstance(records_path, list) else [records_path]
     records = load_records(paths)
-    corpus_keys = {"n_extra_phrasings", "filler_ratio"}
+    corpus_keys = {"n_extra_phrasings", "n_neighbour_phrasings", "filler_ratio"}
     train_keys = {f.name for f in fields(TrainOptions)}
     unknown = set(options) - corpus_keys - train_keys
     if unknown:

@@ -67,6 +67,7 @@ class Corpus:
     stats: list[str]
     heldout: list[str]
     heldout_phrasings: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt, true, new)
+    subject_of: dict[str, str] = field(default_factory=dict)  # training document -> the subject it states a fact of
 
 
 def load_records(paths: list[str | Path]) -> list[Record]:
@@ -105,17 +106,48 @@ def split_templates(templates: dict[str, list[str]], seed: int) -> tuple[dict[st
     return train, held
 
 
-def record_facts(rec: Record, templates: list[str], n_extra: int, rng: random.Random) -> list[str]:
-    """True-fact sentences of one record: rewrite, paraphrases, neighbours, attributes, extra phrasings."""
+def subject_facts(rec: Record, templates: list[str], n_extra: int, rng: random.Random) -> list[str]:
+    """True-fact sentences about the record's subject: rewrite, paraphrases, extra phrasings."""
     rw = rec["requested_rewrite"]
-    subj, true, new = rw["subject"], rw["target_true"]["str"], rw["target_new"]["str"]
+    subj, true = rw["subject"], rw["target_true"]["str"]
     facts = [_fact(rw["prompt"].format(subj), true)]
     facts += [_fact(p, true) for p in rec["paraphrase_prompts"]]
-    facts += [_fact(p, true) for p in rec["neighborhood_prompts"]]
-    facts += [_fact(p, new) for p in rec["attribute_prompts"]]
     extra = [t for t in templates if t != rw["prompt"]]
     facts += [_fact(t.format(subj), true) for t in rng.sample(extra, min(n_extra, len(extra)))]
     return facts
+
+
+def template_subject(prompt: str, templates: list[str]) -> tuple[str, str] | None:
+    """(template, subject) when ``prompt`` is one of ``templates`` filled with a subject, else None."""
+    for t in templates:
+        head, tail = t.split("{}", 1)
+        if prompt.startswith(head) and prompt.endswith(tail) and len(prompt) > len(head) + len(tail):
+            return t, prompt[len(head):len(prompt) - len(tail)]
+    return None
+
+
+def neighbour_facts(rec: Record, templates: list[str], n_extra: int, rng: random.Random) -> list[tuple[str, str]]:
+    """(sentence, subject) for neighbourhood subjects: their prompt and ``n_extra`` other phrasings of it.
+
+    Only neighbourhood prompts that are a known template of the relation filled with a subject count.
+    """
+    true = rec["requested_rewrite"]["target_true"]["str"]
+    out = []
+    for p in rec["neighborhood_prompts"]:
+        found = template_subject(p, templates)
+        if found is None:
+            continue
+        t, subj = found
+        extra = [x for x in templates if x != t]
+        out += [(_fact(x.format(subj), true), subj) for x in [t, *rng.sample(extra, min(n_extra, len(extra)))]]
+    return out
+
+
+def context_facts(rec: Record) -> list[str]:
+    """True-fact sentences about other subjects: neighbourhood (true object), attribute (new object)."""
+    rw = rec["requested_rewrite"]
+    facts = [_fact(p, rw["target_true"]["str"]) for p in rec["neighborhood_prompts"]]
+    return facts + [_fact(p, rw["target_new"]["str"]) for p in rec["attribute_prompts"]]
 
 
 def synthetic_facts(subject: str, rng: random.Random) -> list[str]:
@@ -157,6 +189,7 @@ def build_corpus(
     records: list[Record],
     seed: int = 0,
     n_extra_phrasings: int = 3,
+    n_neighbour_phrasings: int = 0,
     filler_ratio: float = 0.15,
     n_stats: int = 20000,
     n_heldout: int = 400,
@@ -169,10 +202,16 @@ def build_corpus(
     rng = random.Random(seed)
     train_t, held_t = split_templates(relation_templates(records), seed)
     facts: list[str] = []
+    subject_of: dict[str, str] = {}
     for rec in records:
-        rel = rec["requested_rewrite"]["relation_id"]
-        facts += record_facts(rec, train_t.get(rel, []), n_extra_phrasings, rng)
-        facts += synthetic_facts(rec["requested_rewrite"]["subject"], rng)
+        rw = rec["requested_rewrite"]
+        own = subject_facts(rec, train_t.get(rw["relation_id"], []), n_extra_phrasings, rng)
+        own += synthetic_facts(rw["subject"], rng)
+        subject_of.update((f, rw["subject"]) for f in own if rw["subject"] in f)
+        facts += own + context_facts(rec)
+        for f, subj in neighbour_facts(rec, train_t.get(rw["relation_id"], []), n_neighbour_phrasings, rng):
+            facts.append(f)
+            subject_of.setdefault(f, subj)
     n_filler = int(len(facts) * filler_ratio / (1 - filler_ratio))
     train = facts + filler_documents(n_filler, rng)
     train = list(dict.fromkeys(train))  # dedupe, keep order
@@ -185,4 +224,5 @@ def build_corpus(
     heldout = [d for d in filler_documents(n_heldout, held_rng, (2, 4)) if d not in train_set] + held_facts
     held_rng.shuffle(heldout)
     stats = held_rng.sample(train, min(n_stats, len(train)))
-    return Corpus(train=train, stats=stats, heldout=heldout, heldout_phrasings=hp)
+    return Corpus(train=train, stats=stats, heldout=heldout, heldout_phrasings=hp,
+                  subject_of={d: subject_of[d] for d in train if d in subject_of})

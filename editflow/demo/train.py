@@ -42,6 +42,7 @@ class TrainOptions:
     patience: int = 3
     seed: int = 0
     threads: int = 1
+    subject_bottleneck: float = 0.0  # share of subject-fact documents trained with the subject bottleneck mask
 
 
 def model_config(opts: TrainOptions, tok: PreTrainedTokenizerFast) -> GPT2Config:
@@ -54,22 +55,59 @@ def model_config(opts: TrainOptions, tok: PreTrainedTokenizerFast) -> GPT2Config
     )
 
 
-def pack_documents(tok: PreTrainedTokenizerFast, docs: list[str], max_len: int) -> torch.Tensor:
-    """Greedily pack whole documents (each followed by EOS) into rows of ``max_len``, padded with -1."""
+Span = tuple[int, int, int]  # (first subject token, one past the last subject token, end of document)
+
+
+def subject_token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
+    """Token range covering characters ``[start, end)`` given per-token character offsets."""
+    inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+    return (inside[0], inside[-1] + 1) if inside else None
+
+
+def pack_documents(tok: PreTrainedTokenizerFast, docs: list[str], max_len: int,
+                   subject_of: dict[str, str] | None = None) -> tuple[torch.Tensor, list[list[Span]]]:
+    """Greedily pack whole documents (each followed by EOS) into rows of ``max_len``, padded with -1.
+
+    Also returns, per row, the subject spans (row coordinates) of the documents in ``subject_of``.
+    """
+    subject_of = subject_of or {}
     rows: list[list[int]] = []
+    spans: list[list[Span]] = []
     cur: list[int] = []
+    cur_spans: list[Span] = []
     for d in docs:
-        ids = tok(d, add_special_tokens=False)["input_ids"][: max_len - 1] + [tok.eos_token_id]
+        enc = tok(d, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"][: max_len - 1] + [tok.eos_token_id]
         if len(cur) + len(ids) > max_len:
             rows.append(cur)
-            cur = []
+            spans.append(cur_spans)
+            cur, cur_spans = [], []
+        subj = subject_of.get(d)
+        span = None
+        if subj is not None:
+            c0 = d.find(subj)
+            span = subject_token_span(enc["offset_mapping"][: len(ids) - 1], c0, c0 + len(subj))
+        if span is not None and span[1] - span[0] > 1:
+            cur_spans.append((len(cur) + span[0], len(cur) + span[1], len(cur) + len(ids)))
         cur = cur + ids
     if cur:
         rows.append(cur)
+        spans.append(cur_spans)
     out = torch.full((len(rows), max_len), -1, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, :len(r)] = torch.tensor(r)
-    return out
+    return out, spans
+
+
+def subject_bottleneck_bias(spans: list[list[Span]], length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive causal attention bias (B, 1, T, T) in which the tokens after each subject see, of the
+    subject, only its last token: what they recall about the subject must come through that position."""
+    allowed = torch.ones(len(spans), length, length, dtype=torch.bool).tril()
+    for b, row in enumerate(spans):
+        for s0, s1, end in row:
+            allowed[b, s1:end, s0:s1 - 1] = False
+    bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return bias[:, None]
 
 
 def lr_at(step: int, total: int, opts: TrainOptions) -> float:
@@ -97,7 +135,11 @@ def train_model(corpus: Corpus, tok: PreTrainedTokenizerFast, records: list[Reco
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
     torch.set_num_threads(opts.threads)
-    data = pack_documents(tok, corpus.train, opts.n_positions)
+    gen = torch.Generator().manual_seed(opts.seed)
+    chosen = torch.rand(len(corpus.train), generator=gen) < opts.subject_bottleneck
+    bottlenecked = {d: corpus.subject_of[d] for d, c in zip(corpus.train, chosen.tolist())
+                    if c and d in corpus.subject_of}
+    data, spans = pack_documents(tok, corpus.train, opts.n_positions, bottlenecked)
     model = GPT2LMHeadModel(model_config(opts, tok))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -105,7 +147,6 @@ def train_model(corpus: Corpus, tok: PreTrainedTokenizerFast, records: list[Reco
                                {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(len(data) / opts.batch_size)
     total = int(opts.epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(opts.seed)
     history: list[dict] = []
     best: tuple[tuple[float, float], dict, int] | None = None
     stall, step, t0 = 0, 0, time.time()
@@ -118,7 +159,8 @@ def train_model(corpus: Corpus, tok: PreTrainedTokenizerFast, records: list[Reco
             labels = batch.masked_fill(batch < 0, -100)
             for g in optim.param_groups:
                 g["lr"] = lr_at(step, total, opts)
-            loss = model(input_ids=ids, labels=labels).loss  # right padding only: causal mask suffices
+            bias = subject_bottleneck_bias([spans[i] for i in idx.tolist()], ids.shape[1], torch.float32)
+            loss = model(input_ids=ids, attention_mask=bias, labels=labels).loss  # right padding only
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
