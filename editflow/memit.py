@@ -8,6 +8,7 @@ layer-by-layer closed-form update in float64 (step 3). The public entry point is
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,14 @@ from editflow import nethook
 from editflow.config import MemitConfig
 from editflow.models import Adapter
 from editflow.requests import EditRequest
-from editflow.tokens import encode, encode_target, fact_token_index, pad_id, pad_right
+from editflow.tokens import (
+    Batch,
+    encode,
+    encode_target,
+    fact_token_index,
+    pad_id,
+    pad_right,
+)
 
 TEMPLATE_SEEDS = ("The", "Therefore", "Because", "I", "You")
 KL_PROMPT = "{} is a"
@@ -137,6 +145,20 @@ def _prompt_rows(tokenizer: object, requests: Sequence[EditRequest], templates: 
     return rows
 
 
+def _pad_shifted(sequences: Sequence[Sequence[int]], shifts: Sequence[int], pad: int) -> Batch:
+    """A right-padded batch whose row i starts at column ``shifts[i]`` (masked left padding before it);
+    ``lengths`` are the rows' end columns."""
+    batch = pad_right([[pad] * s + list(seq) for s, seq in zip(shifts, sequences)], pad)
+    cols = torch.arange(batch.input_ids.shape[1])
+    batch.attention_mask[cols[None] < torch.tensor(shifts, dtype=torch.long)[:, None]] = 0
+    return batch
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """Name of the KV-cache argument: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _chunks(n: int, size: int | None) -> list[range]:
     size = size or n
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
@@ -170,7 +192,7 @@ def _rewrite_inputs_and_block_outputs(model: nn.Module, tokenizer: object, adapt
 
 def _logits_at(model: nn.Module, batch_inputs: dict, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Float32 log-probabilities at the given (row, position) pairs: LM head only where needed."""
-    hidden = model.base_model(**batch_inputs, use_cache=False).last_hidden_state
+    hidden = model.base_model(**batch_inputs).last_hidden_state
     head = model.get_output_embeddings()
     logits = head(hidden[rows, cols]).float()
     return torch.log_softmax(logits, dim=-1)
@@ -196,9 +218,11 @@ def compute_targets(model: nn.Module, tokenizer: object, adapter: Adapter,
     Requests are optimised together, ``requests_per_batch`` at a time: each has its own δ and its own
     loss, and finished requests are frozen, so the result equals a one-request-at-a-time loop
     (``requests_per_batch=1``, the reference structure) up to floating-point rounding.
-    With ``prefix_cache`` the output of blocks 0..L (which δ does not change) is computed once and
-    each optimisation step runs only the blocks above L; ``False`` runs the full model every step
-    (the plain path; same result up to rounding).
+    With ``prefix_cache`` the rows are left-padded so that every fact token sits at one column P, and
+    what δ cannot change is computed once: the output of blocks 0..L, and the keys/values of columns
+    before P (causal attention: δ, added at column P, never reaches them). Each optimisation step then
+    runs only the blocks above L, on columns P.. only. ``False`` runs the full model every step (the
+    plain path, the reference; same result up to rounding).
     """
     # Requests of similar length share a micro-batch, so little compute goes to padding.
     order = sorted(range(len(requests)), key=lambda i: len(encode(tokenizer, requests[i].text)))
@@ -231,6 +255,8 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
 def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
                     requests: Sequence[EditRequest], config: MemitConfig,
                     templates: Sequence[str], prefix_cache: bool) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
     n, layer = len(requests), config.layers[-1]
     targets = [encode_target(tokenizer, r.target_new) for r in requests]
@@ -241,9 +267,12 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
             kl.ids.append(encode(tokenizer, KL_PROMPT.format(r.subject)))
             kl.fact_idx.append(fact_token_index(tokenizer, KL_PROMPT, r.subject))
             kl.owner.append(i)
-    all_ids = rw.ids + kl.ids
-    batch = pad_right(all_ids, pad_id(tokenizer)).to(device)
-    fact_idx = torch.tensor(rw.fact_idx + kl.fact_idx, device=device)
+    all_ids, facts = rw.ids + kl.ids, rw.fact_idx + kl.fact_idx
+    # Prefix cache: row i shifted right so that its fact token sits at column p (0: plain right padding).
+    p = max(facts) if prefix_cache else 0
+    shift = [p - f for f in facts] if prefix_cache else [0] * len(facts)
+    batch = _pad_shifted(all_ids, shift, pad_id(tokenizer)).to(device)
+    fact_col = torch.tensor([f + s for f, s in zip(facts, shift)], device=device)
     owner = torch.tensor(rw.owner + kl.owner, device=device)
     n_rw = len(rw.ids)
 
@@ -251,7 +280,7 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
     t_rows, t_cols, t_ids = [], [], []
     for row, ids in enumerate(rw.ids):
         tgt = targets[rw.owner[row]]
-        start = len(ids) - len(tgt)  # the position before each target token predicts it
+        start = shift[row] + len(ids) - len(tgt)  # the position before each target token predicts it
         t_rows.extend([row] * len(tgt))
         t_cols.extend(range(start, start + len(tgt)))
         t_ids.extend(tgt)
@@ -261,14 +290,22 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
     tok_weight = torch.tensor([1.0 / len(targets[rw.owner[r]]) for r in t_rows], device=device)
     rows_per_req = torch.bincount(torch.tensor(rw.owner, device=device), minlength=n).float()
     kl_rows = torch.arange(n_rw, n_rw + len(kl.ids), device=device)
-    kl_cols = fact_idx[n_rw:]
+    kl_cols = fact_col[n_rw:]
     bare_rows = torch.tensor([rw.owner.index(i) for i in range(n)], device=device)  # template "{}"
 
-    # Block L's output without δ, every row and position: h_L, and what blocks 0..L return when cached.
+    # Block L's output without δ from column p on (h_L, and what blocks 0..L return when cached); with
+    # the prefix cache also every layer's keys/values of columns < p (positions ignore the left padding).
+    positions = (batch.attention_mask.cumsum(1) - 1).clamp_min(0)
+    cache_kw, cache = _cache_kwarg(model.base_model), DynamicCache()
+    inputs = {**batch.model_inputs(), "use_cache": prefix_cache}
+    if prefix_cache:
+        inputs |= {"position_ids": positions, cache_kw: cache}
+    last = adapter.layer(adapter.n_layers - 1) if prefix_cache else None  # fill every layer's cache
     with torch.no_grad():
-        prefix_out = nethook.output_of(model, adapter.layer(layer), **batch.model_inputs(), use_cache=False)
-    prefix = nethook.first_tensor(prefix_out)
-    target_init = prefix[bare_rows, fact_idx[bare_rows]].float()  # (n, d), at the bare prompt
+        block_out = nethook.output_of(model, adapter.layer(layer), stop_after=last, **inputs)
+    hidden = nethook.first_tensor(block_out)[:, p:]
+    prefix_kv = [(c.keys[:, :, :p], c.values[:, :, :p]) for c in cache.layers]  # empty without prefix_cache
+    target_init = hidden[bare_rows, fact_col[bare_rows] - p].float()  # (n, d), at the bare prompt
     init_norm = target_init.norm(dim=1)
     delta = torch.zeros_like(target_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.v_lr)
@@ -282,8 +319,9 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
         """Log-probabilities at (``rows`` indexing ``sel``, ``cols``) for the batch rows ``sel``, with
         δ added to block L's output at their fact tokens."""
         width = int(batch.lengths[sel].max())
-        inputs = {"input_ids": batch.input_ids[sel, :width], "attention_mask": batch.attention_mask[sel, :width]}
-        at = (torch.arange(len(sel), device=device), fact_idx[sel])
+        inputs = {"input_ids": batch.input_ids[sel, p:width], "attention_mask": batch.attention_mask[sel, :width],
+                  "use_cache": prefix_cache}
+        at = (torch.arange(len(sel), device=device), fact_col[sel] - p)
 
         def add_delta(h: torch.Tensor) -> torch.Tensor:
             h = h.clone()
@@ -291,11 +329,13 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
             return h
 
         stand_ins: dict[str, nn.Module] = {}
-        if prefix_cache:  # blocks 0..L return their cached output instead of running
-            cached = nethook.replace_first_tensor(prefix_out, prefix[sel, :width])
+        if prefix_cache:  # columns < p come from the KV cache; blocks 0..L return their cached output
+            inputs |= {"position_ids": positions[sel, p:width],
+                       cache_kw: DynamicCache([(k[sel], v[sel]) for k, v in prefix_kv])}
+            cached = nethook.replace_first_tensor(block_out, hidden[sel, :width - p])
             stand_ins = {adapter.layer(i): _Cached(cached) for i in range(layer + 1)}
         with nethook.replace_modules(model, stand_ins), nethook.patch_output(model, adapter.layer(layer), add_delta):
-            return _logits_at(model, inputs, rows, cols)
+            return _logits_at(model, inputs, rows, cols - p)
 
     for it in range(config.v_num_grad_steps):
         opt.zero_grad()

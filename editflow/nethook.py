@@ -128,14 +128,18 @@ def run_until_stopped(model: nn.Module, **inputs: torch.Tensor) -> object | None
         return None
 
 
-def output_of(model: nn.Module, name: str, **inputs: torch.Tensor) -> object:
-    """The output of module ``name`` as it returns it (tensor or tuple), in a forward stopped there."""
+def output_of(model: nn.Module, name: str, stop_after: str | None = None, **inputs: object) -> object:
+    """The output of module ``name`` as it returns it (tensor or tuple), in a forward stopped after
+    module ``stop_after`` (default: ``name`` itself)."""
     got: list[object] = []
 
     def keep(_module: nn.Module, _args: tuple, output: object) -> None:
         got.append(output)
+
+    def stop(_module: nn.Module, _args: tuple, _output: object) -> None:
         raise StopForward
 
-    with hooks([get_module(model, name).register_forward_hook(keep)]):
+    with hooks([get_module(model, name).register_forward_hook(keep),
+                get_module(model, stop_after or name).register_forward_hook(stop)]):
         run_until_stopped(model, **inputs)
     return got[0]

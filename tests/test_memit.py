@@ -132,7 +132,8 @@ def test_batched_targets_match_one_at_a_time():
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("early_stop", [0.05, 2.5])  # 2.5: requests finish at different steps
 def test_prefix_cache_matches_full_forward(family, early_stop):
-    """Caching the output of blocks 0..L changes only the cost of target optimisation, not z."""
+    """Caching what δ cannot change (the output of blocks 0..L, the keys/values of the columns before
+    the fact token) changes only the cost of target optimisation, not z."""
     model, tok = tiny_model(family)
     adapter = detect_adapter(model)
     reqs = parse_requests(REQUESTS)
@@ -140,11 +141,22 @@ def test_prefix_cache_matches_full_forward(family, early_stop):
                             v_early_stop_loss=early_stop)
     templates = memit.context_templates(model, tok, 2, 3, 0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    z_fast, d_fast = memit.compute_targets(model, tok, adapter, reqs, cfg, templates, prefix_cache=True)
-    z_full, d_full = memit.compute_targets(model, tok, adapter, reqs, cfg, templates, prefix_cache=False)
+    top = nethook.get_module(model, adapter.layer(adapter.n_layers - 1))
+    widths: dict[bool, list[int]] = {True: [], False: []}  # columns the top block runs on, per forward
+    results = {}
+    for cached in (True, False):
+        def width(_m, _a, out, seen=widths[cached]):
+            seen.append(nethook.first_tensor(out).shape[1])
+
+        with nethook.hooks([top.register_forward_hook(width)]):
+            results[cached] = memit.compute_targets(model, tok, adapter, reqs, cfg, templates, prefix_cache=cached)
+    (z_fast, d_fast), (z_full, d_full) = results[True], results[False]
     assert torch.allclose(z_fast, z_full, atol=1e-4, rtol=1e-4)
     assert [d.steps for d in d_fast] == [d.steps for d in d_full]
     assert [d.prob_new for d in d_fast] == pytest.approx([d.prob_new for d in d_full], rel=1e-4)
+    # one forward fills the cache; after it, each step runs the top block on fewer columns
+    assert len(widths[True]) == len(widths[False]) + 1
+    assert all(f < p for f, p in zip(widths[True][1:], widths[False]))
     # the blocks are back in place and the weights untouched
     assert dict(model.named_parameters()).keys() == before.keys()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
