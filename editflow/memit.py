@@ -8,7 +8,6 @@ layer-by-layer closed-form update in float64 (step 3). The public entry point is
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -154,11 +153,6 @@ def _pad_shifted(sequences: Sequence[Sequence[int]], shifts: Sequence[int], pad:
     return batch
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """Name of the KV-cache argument: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _chunks(n: int, size: int | None) -> list[range]:
     size = size or n
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
@@ -296,7 +290,7 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
     # Block L's output without δ from column p on (h_L, and what blocks 0..L return when cached); with
     # the prefix cache also every layer's keys/values of columns < p (positions ignore the left padding).
     positions = (batch.attention_mask.cumsum(1) - 1).clamp_min(0)
-    cache_kw, cache = _cache_kwarg(model.base_model), DynamicCache()
+    cache_kw, cache = nethook.cache_kwarg(model.base_model), DynamicCache()
     inputs = {**batch.model_inputs(), "use_cache": prefix_cache}
     if prefix_cache:
         inputs |= {"position_ids": positions, cache_kw: cache}

@@ -6,6 +6,7 @@ In the spirit of ROME's ``util/nethook.py``, but only what editflow needs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -143,3 +144,8 @@ def output_of(model: nn.Module, name: str, stop_after: str | None = None, **inpu
                 get_module(model, stop_after or name).register_forward_hook(stop)]):
         run_until_stopped(model, **inputs)
     return got[0]
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """Name of ``model.forward``'s KV-cache argument: ``cache`` (newer transformers) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

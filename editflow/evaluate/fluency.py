@@ -16,7 +16,6 @@ and a fixed seed.
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from collections import Counter
@@ -25,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from editflow import nethook
 from editflow.evaluate.scoring import model_max_length
 from editflow.tokens import encode, pad_id
 
@@ -56,11 +56,6 @@ def text_entropy(texts: Sequence[str]) -> float:
     return sum(weighted_ngram_entropy(words(t)) for t in texts) / len(texts) if texts else float("nan")
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """Name of the KV-cache argument: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def sample_texts(model: nn.Module, tokenizer: object, prompts: Sequence[str], *, new_tokens: int = 90,
                  top_k: int = 5, seed: int = 0, batch_rows: int = 32) -> list[str]:
@@ -72,7 +67,7 @@ def sample_texts(model: nn.Module, tokenizer: object, prompts: Sequence[str], *,
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     limit = model_max_length(model)
-    cache_arg = _cache_kwarg(model)
+    cache_arg = nethook.cache_kwarg(model)
     out: list[str] = []
     for start in range(0, len(prompts), batch_rows):
         ids_list = [encode(tokenizer, p)[-(limit - 1):] for p in prompts[start:start + batch_rows]]
