@@ -314,6 +314,8 @@ def test_txt_and_jsonl_files(handle: ModelHandle, tmp_path: Path) -> None:
     assert list(iter_documents(CorpusSpec(str(txt)))) == ["first doc line one\nline two", "second doc", "third"]
     assert len(list(iter_documents(CorpusSpec(str(txt), txt_mode="lines")))) == 4
     assert list(split_txt("a\n\nb", "blocks")) == ["a", "b"]
+    assert list(split_txt("a\nb\n\nc\n", "blocks")) == ["a\nb", "c"]
+    assert list(split_txt("a\nb\nc\n", "blocks")) == ["a", "b", "c"]  # no blank line: one per line
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("\n".join(json.dumps({"body": d}) for d in make_docs(20)))
     spec = CorpusSpec(str(jsonl), text_field="body")

@@ -4,7 +4,7 @@ A :class:`CorpusSpec` names one source:
 
 * ``bundled`` — ``editflow/assets/corpus/stats.txt``, one document per line;
 * a local file — ``.txt`` (one document per blank-line-separated block, or per line with
-  ``txt_mode="lines"``), ``.jsonl`` (one JSON object per line, text in ``text_field``), ``.parquet``;
+  ``txt_mode="lines"`` or when the file has no blank line), ``.jsonl`` (one JSON object per line, text in ``text_field``), ``.parquet``;
 * a local directory — its parquet / arrow / json(l) files (e.g. a local Wikipedia copy), streamed
   with Hugging Face ``datasets``; a directory of ``.txt`` files is read file by file;
 * anything else — a Hugging Face dataset name, streamed with ``load_dataset(..., streaming=True)``;
@@ -137,12 +137,17 @@ def describe(identity: dict) -> str:
 # ----------------------------------------------------------------------------- documents
 
 def split_txt(text: str, mode: str) -> Iterator[str]:
-    """Documents of a text file: blank-line-separated blocks, or non-empty lines."""
-    if mode == "lines":
-        yield from (line.strip() for line in text.splitlines() if line.strip())
+    """Documents of a text file: blank-line-separated blocks, or non-empty lines.
+
+    A file without any blank line between text lines is read line by line in either mode (one block
+    would be the whole file, truncated to one context window).
+    """
+    lines = text.strip().splitlines()
+    if mode == "lines" or all(line.strip() for line in lines):
+        yield from (line.strip() for line in lines if line.strip())
         return
     block: list[str] = []
-    for line in text.splitlines():
+    for line in lines:
         if line.strip():
             block.append(line.rstrip())
         elif block:
