@@ -114,6 +114,7 @@ def corpus_identity(spec: CorpusSpec) -> dict:
     ident: dict = {"kind": spec.kind, "text_field": spec.text_field}
     if spec.kind in ("bundled", "txt", "dir"):
         ident["txt_mode"] = spec.txt_mode
+        ident["txt_reader"] = TXT_READER  # how split_txt cuts documents
     if spec.kind == "hf":
         ident.update(name=spec.source, config=spec.config, split=spec.split, revision=spec.revision,
                      data_dir=spec.data_dir, data_files=list(spec.data_files))
@@ -135,6 +136,10 @@ def describe(identity: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- documents
+
+#: Bumped whenever :func:`split_txt` cuts documents differently (part of the cache key).
+TXT_READER = 2
+
 
 def split_txt(text: str, mode: str) -> Iterator[str]:
     """Documents of a text file: blank-line-separated blocks, or non-empty lines.
