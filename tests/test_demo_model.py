@@ -100,7 +100,25 @@ def test_shipped_model_knows_its_records() -> None:
     assert tok.tokenize(" physiology")[0].startswith("Ġ")
     records = load_records([default_records_path()])[:20]
     triples = counterfact_triples(records)
-    # measured on all 312 records: rewrite 95.5 %, paraphrase 97.1 %, neighbourhood 86.2 %
+    # measured on all 312 records: rewrite 95.5 %, paraphrase 97.0 %, neighbourhood 87.1 %
     assert preference_rate(model, tok, triples["rewrite"]) >= 0.85
     assert preference_rate(model, tok, triples["neighborhood"]) >= 0.75
     assert (path / "model.safetensors").stat().st_size < 50e6
+
+
+@pytest.mark.slow
+def test_shipped_model_recalls_through_the_subjects_last_token() -> None:
+    """Causal trace: restoring the subject's last token (early layers) recovers the fact; its first token
+    does not (the model does not read the subject from the answer position)."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editflow.trace import BUCKETS, trace_records
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    _, summary = trace_records(model, tok, load_records([default_records_path()])[:12], samples=5)
+    hidden = np.asarray(summary.hidden_effect)
+    last, first = BUCKETS.index("last subject token"), BUCKETS.index("first subject token")
+    assert hidden[0, last] > 0.05 and hidden[0, last] > 3 * hidden[0, first]
+    assert summary.best_mlp_layers(1) == [0]

@@ -69,11 +69,14 @@ def build_default_model(records_path: str | Path | list[str | Path], out_dir: st
     card = {
         "model": "GPT-2 architecture, trained from scratch by editflow.demo",
         "training_data": {
-            "records": [str(p) for p in paths], "n_records": len(records),
+            "records": [Path(p).name for p in paths], "n_records": len(records),
             "n_train_documents": len(corpus.train), "n_stats_documents": len(corpus.stats),
             "n_heldout_documents": len(corpus.heldout), "n_heldout_phrasing_prompts": len(corpus.heldout_phrasings),
             "description": "CounterFact true facts (rewrite, paraphrase, neighbourhood, attribute prompts), "
-                           "extra phrasings of each relation, made-up subject attributes, synthetic filler",
+                           "extra phrasings of each relation for record and neighbourhood subjects, made-up "
+                           "subject attributes, synthetic filler; subject-bottleneck attention mask on a share "
+                           "of subject-fact documents (options.subject_bottleneck)",
+            "n_subject_documents": len(corpus.subject_of),
         },
         "n_params": summary["n_params"], "vocab_size": len(tok), "seed": opts.seed,
         "train_minutes": round(summary["train_minutes"], 2), "steps": summary["steps"],

@@ -189,7 +189,7 @@ def build_corpus(
     records: list[Record],
     seed: int = 0,
     n_extra_phrasings: int = 3,
-    n_neighbour_phrasings: int = 0,
+    n_neighbour_phrasings: int = 1,
     filler_ratio: float = 0.15,
     n_stats: int = 20000,
     n_heldout: int = 400,

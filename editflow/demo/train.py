@@ -36,13 +36,13 @@ class TrainOptions:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     batch_size: int = 16
-    epochs: float = 11.0
-    max_minutes: float = 45.0
-    eval_every: int = 300
-    patience: int = 3
+    epochs: float = 15.0
+    max_minutes: float = 60.0
+    eval_every: int = 400
+    patience: int = 4
     seed: int = 0
     threads: int = 1
-    subject_bottleneck: float = 0.0  # share of subject-fact documents trained with the subject bottleneck mask
+    subject_bottleneck: float = 0.6  # share of subject-fact documents trained with the subject bottleneck mask
 
 
 def model_config(opts: TrainOptions, tok: PreTrainedTokenizerFast) -> GPT2Config:
