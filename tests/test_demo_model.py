@@ -15,7 +15,7 @@ from editflow.demo import build_default_model, default_model_path, default_recor
 from editflow.demo.corpus import build_corpus, load_records, template_subject  # noqa: E402
 from editflow.demo.scoring import counterfact_triples, preference_rate  # noqa: E402
 
-TINY = dict(n_layer=2, n_embd=128, n_head=4, n_inner=512, n_positions=64, vocab_size=1024,
+TINY = dict(n_layer=3, n_embd=128, n_head=4, n_inner=512, n_positions=64, vocab_size=1024,
             lr=3e-3, epochs=40, warmup_steps=10, batch_size=16, eval_every=50, patience=100, threads=1)
 
 
@@ -82,12 +82,15 @@ def test_reduced_rebuild_learns_its_records(tmp_path: Path) -> None:
     t0 = time.time()
     card = build_default_model(records_path, tmp_path / "model", **TINY)
     assert time.time() - t0 < 60
-    assert card["pre_edit"]["rewrite"] == 1.0
+    assert card["history"][-1]["loss"] < 0.2  # it learned its corpus
+    # measured (3 layers): rewrite 0.8, paraphrase 0.9; without the subject bottleneck 1.0 / 1.0.
+    # Chance is 0.5.
+    assert card["pre_edit"]["rewrite"] >= 0.8 and card["pre_edit"]["paraphrase"] >= 0.8
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     tok = AutoTokenizer.from_pretrained(tmp_path / "model")
     triples = counterfact_triples(json.loads(records_path.read_text()))["rewrite"]
-    assert preference_rate(model, tok, triples) == 1.0
+    assert preference_rate(model, tok, triples) == card["pre_edit"]["rewrite"]  # saved == trained
     assert (tmp_path / "model" / "corpus" / "stats.txt").stat().st_size > 0
 
 
