@@ -31,7 +31,10 @@ from _results import markdown_table, publish  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def benchmark_requests(n: int):
+def benchmark_requests(n: int, handle=None, config=None):
+    """The first ``n`` distinct requests; with ``handle`` and ``config``, only those that fit the model's
+    positions with every context template (see ``memit.check_lengths``)."""
+    from editflow import memit
     from editflow.requests import EditRequest, parse_requests
 
     cf = json.loads((ROOT / "editflow/assets/counterfact/records.json").read_text())
@@ -44,9 +47,19 @@ def benchmark_requests(n: int):
             if r.subject in p:
                 out.append(EditRequest(prompt=p.replace("{", "{{").replace("}", "}}").replace(r.subject, "{}", 1),
                                        subject=r.subject, target_new=r.target_new, target_true=r.target_true))
+    templates = [] if handle is None else memit.context_templates(
+        handle.model, handle.tokenizer, config.context_templates, config.context_template_length, config.seed)
+
+    def fits(r: EditRequest) -> bool:
+        try:
+            memit.check_lengths(handle.model, handle.tokenizer, [r], templates)
+        except ValueError:
+            return False
+        return True
+
     seen, unique = set(), []
     for r in out:
-        if (r.subject, r.prompt) not in seen:
+        if (r.subject, r.prompt) not in seen and (handle is None or fits(r)):
             seen.add((r.subject, r.prompt))
             unique.append(r)
     if len(unique) < n:
@@ -66,7 +79,7 @@ def worker(model_dir: str, n: int, path: str, tokens: int) -> dict:
     handle = load_model(model_dir, device="cpu")
     config = default_config(handle.adapter.model_type, handle.adapter.n_layers,
                             handle.extra["model_defaults"].get("hparams", {}))
-    requests = benchmark_requests(n)
+    requests = benchmark_requests(n, handle, config)
     covs = layer_covariances(handle, list(config.layers), CorpusSpec("bundled"), tokens, progress=False).covs
     t0 = time.perf_counter()
     result = memit.edit(handle.model, handle.tokenizer, handle.adapter, requests, covs, config,

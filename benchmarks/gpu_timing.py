@@ -32,7 +32,7 @@ def main(tokens: int = 1_000_000, n: int = 1000) -> None:
     torch.cuda.synchronize()
     stats_s = time.perf_counter() - t0
     got = int(res.entries[0].manifest.get("tokens", tokens))
-    requests = benchmark_requests(n)
+    requests = benchmark_requests(n, handle, config)
     t0 = time.perf_counter()
     result = memit.edit(handle.model, handle.tokenizer, handle.adapter, requests, res.covs, config)
     torch.cuda.synchronize()

@@ -153,6 +153,21 @@ def _pad_shifted(sequences: Sequence[Sequence[int]], shifts: Sequence[int], pad:
     return batch
 
 
+def check_lengths(model: nn.Module, tokenizer: object, requests: Sequence[EditRequest],
+                  templates: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the first request whose longest row (context template, prompt and
+    target) exceeds the model's ``max_position_embeddings``, before any work is done."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    rows = _prompt_rows(tokenizer, requests, templates, lambda i: encode_target(tokenizer, requests[i].target_new))
+    for ids, owner in zip(rows.ids, rows.owner):
+        if len(ids) > limit:
+            r = requests[owner]
+            raise ValueError(f"request {owner} (subject {r.subject!r}, prompt {r.prompt!r}): {len(ids)} tokens "
+                             f"with a context template and the target, more than the model's {limit} positions")
+
+
 def _chunks(n: int, size: int | None) -> list[range]:
     size = size or n
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
@@ -509,6 +524,7 @@ def edit(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequen
     timings: dict[str, float] = {}
     templates = context_templates(model, tokenizer, config.context_templates,
                                   config.context_template_length, config.seed)
+    check_lengths(model, tokenizer, requests, templates)
     alpha = None
     if config.algorithm == "alphaedit":
         device = next(model.parameters()).device

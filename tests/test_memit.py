@@ -7,9 +7,9 @@ import torch
 
 from conftest import FAMILIES, tiny_model
 from editflow import memit, nethook
-from editflow.config import MemitConfig
+from editflow.config import MemitConfig, default_config
 from editflow.models import detect_adapter
-from editflow.requests import parse_requests
+from editflow.requests import EditRequest, parse_requests
 from editflow.tokens import encode, fact_token_index
 
 REQUESTS = [
@@ -261,3 +261,17 @@ def test_edit_rejects_missing_covariance_and_bad_layers():
         memit.edit(model, tok, adapter, reqs, {}, CFG)
     with pytest.raises(ValueError, match="out of range"):
         memit.edit(model, tok, adapter, reqs, {9: torch.eye(256, device=model.device)}, CFG.replace(layers=[9]))
+
+
+def test_request_longer_than_the_model_is_refused_up_front() -> None:
+    from editflow.demo import default_model_path
+    from editflow.models import load_model
+
+    handle = load_model(str(default_model_path()), device="cpu")
+    long_prompt = "In the " + "very " * 70 + "long story, {} speaks"
+    requests = [EditRequest(prompt="{} speaks", subject="Danielle Darrieux", target_new="English"),
+                EditRequest(prompt=long_prompt, subject="Jean Gabin", target_new="English")]
+    config = default_config(handle.adapter.model_type, handle.adapter.n_layers, {"layers": [0]})
+    covs = {0: torch.eye(handle.model.config.n_inner)}
+    with pytest.raises(ValueError, match=r"request 1 \(subject 'Jean Gabin'.*64 positions"):
+        memit.edit(handle.model, handle.tokenizer, handle.adapter, requests, covs, config)
