@@ -4,7 +4,8 @@ A :class:`CorpusSpec` names one source:
 
 * ``bundled`` — ``editflow/assets/corpus/stats.txt``, one document per line;
 * a local file — ``.txt`` (one document per blank-line-separated block, or per line with
-  ``txt_mode="lines"`` or when the file has no blank line), ``.jsonl`` (one JSON object per line, text in ``text_field``), ``.parquet``;
+  ``txt_mode="lines"`` or when the file has no blank line), ``.jsonl`` (one JSON object per line,
+  text in ``text_field``), ``.parquet``;
 * a local directory — its parquet / arrow / json(l) files (e.g. a local Wikipedia copy), streamed
   with Hugging Face ``datasets``; a directory of ``.txt`` files is read file by file;
 * anything else — a Hugging Face dataset name, streamed with ``load_dataset(..., streaming=True)``;
