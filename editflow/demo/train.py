@@ -1,8 +1,9 @@
 """Train the bundled default model: a GPT-2-architecture LM trained from scratch on the fact corpus.
 
-Seeded and deterministic for a fixed thread count. The checkpoint kept is the one with the best
-held-out-phrasing accuracy (facts asked in a phrasing never seen in training), ties broken by
-training-prompt accuracy; training stops on a step/time budget or when held-out accuracy stalls.
+Seeded and deterministic for a fixed thread count. The checkpoint kept is the one with the best mean
+of three accuracies: rewrite prompts, neighbourhood prompts (both trained) and held-out phrasings
+(facts asked in a phrasing never seen in training, the guard against memorising prompts); training
+stops on a step/time budget or when that mean stalls.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ class TrainOptions:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     batch_size: int = 16
-    epochs: float = 15.0
-    max_minutes: float = 60.0
+    epochs: float = 25.0
+    max_minutes: float = 58.0
     eval_every: int = 400
     patience: int = 4
     seed: int = 0
-    threads: int = 1
+    threads: int = 2
     subject_bottleneck: float = 0.6  # share of subject-fact documents trained with the subject bottleneck mask
 
 
@@ -120,13 +121,20 @@ def lr_at(step: int, total: int, opts: TrainOptions) -> float:
 
 def evaluate(model: GPT2LMHeadModel, tok: PreTrainedTokenizerFast, records: list[Record],
              corpus: Corpus) -> dict[str, float]:
-    """Rewrite-prompt and held-out-phrasing preference for target_true."""
+    """Rewrite, neighbourhood and held-out-phrasing preference for target_true."""
     model.eval()
     triples = counterfact_triples(records)
     out = {"rewrite": preference_rate(model, tok, triples["rewrite"]),
+           "neighborhood": preference_rate(model, tok, triples["neighborhood"]),
            "heldout_phrasing": preference_rate(model, tok, corpus.heldout_phrasings)}
     model.train()
     return out
+
+
+def selection_score(ev: dict[str, float]) -> float:
+    """Checkpoint score: mean of rewrite, neighbourhood and held-out-phrasing accuracy (NaN counts as 0)."""
+    vals = [ev[k] for k in ("rewrite", "neighborhood", "heldout_phrasing")]
+    return sum(0.0 if math.isnan(v) else v for v in vals) / len(vals)
 
 
 def train_model(corpus: Corpus, tok: PreTrainedTokenizerFast, records: list[Record],
@@ -148,7 +156,7 @@ def train_model(corpus: Corpus, tok: PreTrainedTokenizerFast, records: list[Reco
     steps_per_epoch = math.ceil(len(data) / opts.batch_size)
     total = int(opts.epochs * steps_per_epoch)
     history: list[dict] = []
-    best: tuple[tuple[float, float], dict, int] | None = None
+    best: tuple[float, dict, int] | None = None
     stall, step, t0 = 0, 0, time.time()
     model.train()
     bar = tqdm(total=total, desc="train", mininterval=10)
@@ -173,9 +181,9 @@ def train_model(corpus: Corpus, tok: PreTrainedTokenizerFast, records: list[Reco
                 ev.update(step=step, epoch=step / steps_per_epoch, loss=loss.item(), minutes=(time.time() - t0) / 60)
                 history.append(ev)
                 bar.write(str({k: round(v, 4) for k, v in ev.items()}))
-                key = tuple(-1.0 if math.isnan(ev[k]) else ev[k] for k in ("heldout_phrasing", "rewrite"))
-                if best is None or key >= best[0]:
-                    stall = 0 if best is None or key[0] > best[0][0] else stall + 1
+                key = selection_score(ev)
+                if best is None or key > best[0]:
+                    stall = 0
                     best = (key, copy.deepcopy(model.state_dict()), step)
                 else:
                     stall += 1
