@@ -103,7 +103,7 @@ def test_shipped_model_knows_its_records() -> None:
     assert tok.tokenize(" physiology")[0].startswith("Ġ")
     records = load_records([default_records_path()])[:20]
     triples = counterfact_triples(records)
-    # measured on all 312 records: rewrite 95.5 %, paraphrase 97.0 %, neighbourhood 87.1 %
+    # measured on all 312 records: rewrite 96.2 %, paraphrase 97.9 %, neighbourhood 89.4 %
     assert preference_rate(model, tok, triples["rewrite"]) >= 0.85
     assert preference_rate(model, tok, triples["neighborhood"]) >= 0.75
     assert (path / "model.safetensors").stat().st_size < 50e6
