@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from editflow.demo import build_default_model, default_model_path, default_records_path  # noqa: E402
 from editflow.demo.corpus import build_corpus, load_records, template_subject  # noqa: E402
 from editflow.demo.scoring import counterfact_triples, preference_rate  # noqa: E402
+from editflow.demo.train import selection_score  # noqa: E402
 
 TINY = dict(n_layer=3, n_embd=128, n_head=4, n_inner=512, n_positions=64, vocab_size=1024,
             lr=3e-3, epochs=40, warmup_steps=10, batch_size=16, eval_every=50, patience=100, threads=1)
@@ -83,6 +84,8 @@ def test_reduced_rebuild_learns_its_records(tmp_path: Path) -> None:
     card = build_default_model(records_path, tmp_path / "model", **TINY)
     assert time.time() - t0 < 60
     assert card["history"][-1]["loss"] < 0.2  # it learned its corpus
+    # the kept checkpoint is the first with the best mean of rewrite, neighbourhood, held-out phrasing
+    assert card["chosen_step"] == max(card["history"], key=selection_score)["step"]
     # measured (3 layers): rewrite 0.8, paraphrase 0.9; without the subject bottleneck 1.0 / 1.0.
     # Chance is 0.5.
     assert card["pre_edit"]["rewrite"] >= 0.8 and card["pre_edit"]["paraphrase"] >= 0.8
