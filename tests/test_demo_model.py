@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from editflow.demo import build_default_model, default_model_path, default_records_path  # noqa: E402
+from editflow.demo import default_model_path, default_records_path  # noqa: E402
 from editflow.demo.corpus import build_corpus, load_records, template_subject  # noqa: E402
+from editflow.demo.options import CorpusOptions, TrainOptions  # noqa: E402
 from editflow.demo.scoring import counterfact_triples, preference_rate  # noqa: E402
 from editflow.demo.train import selection_score  # noqa: E402
 
@@ -79,10 +81,20 @@ def test_packed_subject_spans_and_bottleneck_mask() -> None:
 
 @pytest.mark.slow
 def test_reduced_rebuild_learns_its_records(tmp_path: Path) -> None:
+    """``editflow demo build`` with a reduced size and schedule (the same recipe, through the CLI)."""
+    from click.testing import CliRunner
+
+    from editflow.cli import main
     records_path = _few_records(tmp_path)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     t0 = time.time()
-    card = build_default_model(records_path, tmp_path / "model", **TINY)
+    result = CliRunner().invoke(main, ["demo", "build", "--records", str(records_path),
+                                       "--out", str(tmp_path / "model"), *args])
     assert time.time() - t0 < 60
+    assert result.exit_code == 0, result.output
+    card = json.loads((tmp_path / "model" / "card.json").read_text())
+    assert card["options"] == asdict(TrainOptions(**TINY))
+    assert card["corpus_options"] == asdict(CorpusOptions())
     assert card["history"][-1]["loss"] < 0.2  # it learned its corpus
     # the kept checkpoint is the first with the best mean of rewrite, neighbourhood, held-out phrasing
     assert card["chosen_step"] == max(card["history"], key=selection_score)["step"]

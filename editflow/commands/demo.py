@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import MISSING, fields
 
 import click
+
+from editflow.demo.options import CorpusOptions, TrainOptions
 
 
 @click.group("demo")
@@ -12,25 +16,24 @@ def command() -> None:
     """The bundled default fact model."""
 
 
+def recipe_options(func: Callable) -> Callable:
+    """One ``--option`` per recipe field (TrainOptions, CorpusOptions), defaulting to the recipe's value."""
+    for f in reversed([*fields(TrainOptions), *fields(CorpusOptions)]):
+        assert f.default is not MISSING
+        func = click.option(f"--{f.name.replace('_', '-')}", f.name, type=type(f.default), default=f.default,
+                            show_default=True, help=f.metadata.get("help"))(func)
+    return func
+
+
 @click.command("build")
 @click.option("--records", "records", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="CounterFact-format JSON file (repeatable; deduplicated by case_id).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True)
-@click.option("--epochs", default=11.0, show_default=True)
-@click.option("--max-minutes", default=45.0, show_default=True)
-@click.option("--n-layer", default=6, show_default=True)
-@click.option("--n-embd", default=256, show_default=True)
-@click.option("--n-inner", default=1024, show_default=True)
-@click.option("--n-head", default=8, show_default=True)
-@click.option("--n-positions", default=64, show_default=True)
-@click.option("--vocab-size", default=2048, show_default=True)
-@click.option("--lr", default=2e-3, show_default=True)
-@click.option("--filler-ratio", default=0.15, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--threads", default=1, show_default=True)
+@recipe_options
 def build(records: tuple[str, ...], out_dir: str, **options) -> None:
-    """Train tokenizer and model on --records and save them (with card.json) to --out."""
+    """Train tokenizer and model on --records and save them (with card.json) to --out.
+
+    The defaults are the recipe of the shipped model: with the shipped records they rebuild it."""
     from editflow.demo import build_default_model
 
     card = build_default_model(list(records), out_dir, **options)

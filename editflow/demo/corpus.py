@@ -15,6 +15,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from editflow.demo.options import CorpusOptions
+
 Record = dict
 
 # Made-up attributes: (value pool, phrasings with the relation stated after the subject).
@@ -188,9 +190,9 @@ def heldout_phrasing_prompts(records: list[Record], held: dict[str, str]) -> lis
 def build_corpus(
     records: list[Record],
     seed: int = 0,
-    n_extra_phrasings: int = 3,
-    n_neighbour_phrasings: int = 1,
-    filler_ratio: float = 0.15,
+    n_extra_phrasings: int = CorpusOptions.n_extra_phrasings,
+    n_neighbour_phrasings: int = CorpusOptions.n_neighbour_phrasings,
+    filler_ratio: float = CorpusOptions.filler_ratio,
     n_stats: int = 20000,
     n_heldout: int = 400,
 ) -> Corpus:

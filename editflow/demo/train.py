@@ -12,38 +12,15 @@ import copy
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from editflow.demo.corpus import Corpus, Record
+from editflow.demo.options import TrainOptions
 from editflow.demo.scoring import counterfact_triples, preference_rate
-
-
-@dataclass
-class TrainOptions:
-    """Model size and schedule."""
-
-    n_layer: int = 6
-    n_embd: int = 256
-    n_head: int = 8
-    n_inner: int = 1024
-    n_positions: int = 64
-    vocab_size: int = 2048
-    dropout: float = 0.0
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    batch_size: int = 16
-    epochs: float = 25.0
-    max_minutes: float = 58.0
-    eval_every: int = 400
-    patience: int = 4
-    seed: int = 0
-    threads: int = 2
-    subject_bottleneck: float = 0.6  # share of subject-fact documents trained with the subject bottleneck mask
 
 
 def model_config(opts: TrainOptions, tok: PreTrainedTokenizerFast) -> GPT2Config:
