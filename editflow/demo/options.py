@@ -18,7 +18,7 @@ class CorpusOptions:
     """What the fact corpus holds besides each record's own prompts."""
 
     n_extra_phrasings: int = _opt(3, "more phrasings of the relation per record subject")
-    n_neighbour_phrasings: int = _opt(1, "more phrasings per neighbourhood subject read off a relation template")
+    n_neighbour_phrasings: int = _opt(3, "more phrasings per neighbourhood subject read off a relation template")
     filler_ratio: float = _opt(0.15, "share of synthetic filler documents")
 
 
@@ -37,7 +37,7 @@ class TrainOptions:
     weight_decay: float = _opt(0.01, "AdamW weight decay of matrices")
     warmup_steps: int = _opt(100, "linear warm-up steps")
     batch_size: int = _opt(16, "rows of n_positions tokens per step")
-    epochs: float = _opt(25.0, "passes over the corpus (the cosine schedule's length)")
+    epochs: float = _opt(22.0, "passes over the corpus (the cosine schedule's length)")
     max_minutes: float = _opt(58.0, "stop training after this many minutes")
     eval_every: int = _opt(400, "steps between checkpoint evaluations")
     patience: int = _opt(4, "stop after this many evaluations without a better checkpoint (once rewrite ≥ 99 %)")
