@@ -14,9 +14,15 @@ Mode = Literal["batch", "sequential"]
 class MemitConfig:
     """Hyperparameters, named as in the public MEMIT code (defaults: GPT-J, the paper's main model).
 
-    ``layers`` are the edited MLP layers, ascending. ``mom2_update_weight`` is λ; the target loss is read from the model's output. AlphaEdit uses ``nullspace_threshold`` and
-    ``alphaedit_l2`` (α) instead of λ. ``context_templates`` is the number of prefixed templates (the
+    ``layers`` are the edited MLP layers, ascending. ``mom2_update_weight`` is λ, the weight of the
+    key covariance C in MEMIT's solve. AlphaEdit uses ``nullspace_threshold`` and ``alphaedit_l2`` (α)
+    instead of λ. ``preserve_edits`` makes MEMIT preserve the keys of earlier edits too (chunks and
+    lineage versions: λC + K_p K_pᵀ + K Kᵀ; AlphaEdit always does); ``state_dtype`` is how the
+    lineage's K_p K_pᵀ is stored. ``context_templates`` is the number of prefixed templates (the
     original samples 5 ten-token continuations of "The", "Therefore", "Because", "I", "You").
+    ``layer_tmp``/``rewrite_tmp`` override where the blocks and the rewrite modules are (module-name
+    templates with one ``{}``, e.g. ``"model.layers.{}.mlp.down_proj"``); the adapter that edits with
+    them comes from ``editflow.models.with_module_overrides``.
     """
 
     layers: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
@@ -33,6 +39,8 @@ class MemitConfig:
     mom2_dtype: str = "float32"
     nullspace_threshold: float = 2e-2
     alphaedit_l2: float = 10.0
+    preserve_edits: bool = False
+    state_dtype: str = "float32"
     context_templates: int = 5
     context_template_length: int = 10
     seed: int = 0
@@ -53,6 +61,12 @@ class MemitConfig:
             raise ValueError("v_num_grad_steps must be >= 1")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError("mom2_dtype must be float32 or float64")
+        if self.state_dtype not in ("float32", "float64"):
+            raise ValueError("state_dtype must be float32 or float64")
+        for name in ("layer_tmp", "rewrite_tmp"):
+            template = getattr(self, name)
+            if template is not None and template.count("{}") != 1:
+                raise ValueError(f"{name} must contain exactly one '{{}}' for the layer index, got {template!r}")
 
     def replace(self, **overrides: Any) -> "MemitConfig":
         """A copy with ``overrides`` applied (unknown keys are an error; strings are coerced)."""
@@ -84,6 +98,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             return None if value.lower() in ("", "none") else int(value)
         if hint is float:
             return float(value)
+        if hint is bool:
+            lowered = value.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return lowered in ("true", "1", "yes")
         if hint == (str | None) and value.lower() in ("", "none"):
             return None
     except ValueError:
@@ -112,8 +131,11 @@ PUBLISHED: dict[str, tuple[int, tuple[int, ...], dict[str, Any]]] = {
     "llama": (32, (4, 5, 6, 7, 8), dict(mom2_update_weight=15000.0, v_num_grad_steps=25,
                                         v_weight_decay=1e-3, clamp_norm_factor=4.0)),
 }
+#: Gemma 2/3, Qwen 3, Phi-3 and OLMo 2 are Llama-style decoders (RMSNorm, gated MLP, rotary) with no
+#: published MEMIT settings of their own: they take Llama's.
 FAMILY_OF_MODEL_TYPE = {"gpt2": "gpt2-xl", "gptj": "gpt-j", "gpt_neox": "gpt-j", "llama": "llama",
-                        "mistral": "llama", "qwen2": "llama", "qwen3": "llama"}
+                        "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma2": "llama",
+                        "gemma3_text": "llama", "gemma3": "llama", "phi3": "llama", "olmo2": "llama"}
 
 
 def scaled_layers(ref_depth: int, ref_layers: tuple[int, ...], depth: int) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""Shared fixtures: offline environment, a word-level tokenizer and tiny random models of six families."""
+"""Shared fixtures: offline environment, a word-level tokenizer and tiny random models of eleven families."""
 
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def word_tokenizer():
 
 def tiny_config(family: str, vocab_size: int, n_layers: int = 4, d: int = 64, d_ff: int = 256):
     """A small randomly initialised config of one architecture family."""
-    from transformers import (GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig,
-                              Qwen2Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, GPT2Config, GPTJConfig, GPTNeoXConfig,
+                              LlamaConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
 
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, initializer_range=0.1)
     if family == "gpt2":
@@ -49,12 +49,31 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 4, d: int = 64, d_
     if family == "gpt_neox":
         return GPTNeoXConfig(num_hidden_layers=n_layers, hidden_size=d, num_attention_heads=4,
                              intermediate_size=d_ff, max_position_embeddings=128, **common)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
-    return cls(num_hidden_layers=n_layers, hidden_size=d, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=d_ff, max_position_embeddings=128, **common)
+    decoder = dict(num_hidden_layers=n_layers, hidden_size=d, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=d_ff, max_position_embeddings=128, **common)
+    if family in ("llama", "mistral", "qwen2"):
+        return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family](**decoder)
+    decoder["pad_token_id"] = 0  # the defaults point past a tiny vocabulary
+    # Gemma: a sliding window shorter than the test prompts, so hybrid attention really masks;
+    # Gemma 2 keeps its default logit soft-capping (final 30, attention 50), Gemma 3 gets a final one.
+    if family == "gemma2":
+        return Gemma2Config(head_dim=d // 4, sliding_window=4, **decoder)
+    if family == "gemma3":
+        return Gemma3TextConfig(head_dim=d // 4, sliding_window=4, sliding_window_pattern=2,
+                                final_logit_softcapping=30.0, **decoder)
+    if family == "qwen3":
+        return Qwen3Config(head_dim=d // 4, **decoder)
+    return {"phi3": Phi3Config, "olmo2": Olmo2Config}[family](**decoder)
 
 
-FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2")
+#: The six original families, whose edits are pinned to references.
+BASE_FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2")
+#: Families added later: Gemma 2/3 (hybrid sliding-window attention, soft-capping, post-norm MLP),
+#: Qwen 3, Phi-3 (fused gate_up_proj) and OLMo 2 (post-norm attention and MLP).
+NEW_FAMILIES = ("gemma2", "gemma3", "qwen3", "phi3", "olmo2")
+FAMILIES = BASE_FAMILIES + NEW_FAMILIES
+#: Families whose MLP output is normalised before it joins the residual stream.
+POST_NORM_FAMILIES = ("gemma2", "gemma3", "olmo2")
 
 
 def tiny_model(family: str = "gpt2", seed: int = 0, **kw):
