@@ -1,8 +1,10 @@
 """MEMIT and AlphaEdit: the edit math, as pure functions of a model, requests and covariances.
 
-No I/O and no MLflow here. The steps follow the published algorithm (Meng et al. 2023; Fang et
-al. 2025): batched target optimisation (step 2), keys averaged over context templates, and the
-layer-by-layer closed-form update in float64 (step 3). The public entry point is :func:`edit`.
+No I/O and no MLflow here, beyond progress bars (:mod:`editflow.progress`, on stderr). The steps
+follow the published algorithm (Meng et al. 2023; Fang et al. 2025): batched target optimisation
+(step 2), keys averaged over context templates, and the layer-by-layer closed-form update in float64
+(step 3); on blocks that normalise the MLP output (Gemma 2/3, OLMo 2) each layer's residual share is
+mapped to the module-output change that produces it. The public entry point is :func:`edit`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from editflow import nethook
+from editflow import nethook, progress
 from editflow.config import MemitConfig
 from editflow.models import Adapter
 from editflow.requests import EditRequest
@@ -57,6 +59,7 @@ class EditResult:
     layer_update_norms: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     context_templates: list[str] = field(default_factory=list)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, d_ff), after the edit
 
 
 # --------------------------------------------------------------------------- weights
@@ -199,11 +202,24 @@ def _rewrite_inputs_and_block_outputs(model: nn.Module, tokenizer: object, adapt
 # --------------------------------------------------------------------------- step 2: targets z
 
 
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap · tanh(logits / cap)`` (Gemma's final-logit soft-capping); ``logits`` when ``cap`` is None."""
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def final_logit_softcap(model: nn.Module) -> float | None:
+    """The soft-cap the model's causal-LM forward applies to its logits (``final_logit_softcapping``)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "final_logit_softcapping", None)
+
+
 def _logits_at(model: nn.Module, batch_inputs: dict, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Float32 log-probabilities at the given (row, position) pairs: LM head only where needed."""
+    """Float32 log-probabilities at the given (row, position) pairs: LM head only where needed, with
+    the model's own final-logit soft-capping, so they equal the model's output there."""
     hidden = model.base_model(**batch_inputs).last_hidden_state
     head = model.get_output_embeddings()
-    logits = head(hidden[rows, cols]).float()
+    logits = soft_cap(head(hidden[rows, cols]).float(), final_logit_softcap(model))  # (len(rows), vocab)
     return torch.log_softmax(logits, dim=-1)
 
 
@@ -236,11 +252,13 @@ def compute_targets(model: nn.Module, tokenizer: object, adapter: Adapter,
     # Requests of similar length share a micro-batch, so little compute goes to padding.
     order = sorted(range(len(requests)), key=lambda i: len(encode(tokenizer, requests[i].text)))
     zs, diags = [], []
-    with frozen_weights(model):
-        for part in _chunks(len(requests), requests_per_batch):
+    groups = _chunks(len(requests), requests_per_batch)
+    with frozen_weights(model), progress.bar(total=len(groups) * config.v_num_grad_steps, desc="targets",
+                                             unit="step") as bar:
+        for part in groups:
             idx = [order[i] for i in part]
             z, d = _optimise_group(model, tokenizer, adapter, [requests[i] for i in idx], config, templates,
-                                   prefix_cache)
+                                   prefix_cache, bar)
             zs.append(z)
             diags.extend(d)
     inverse = torch.empty(len(order), dtype=torch.long)
@@ -263,7 +281,10 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
 
 def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
                     requests: Sequence[EditRequest], config: MemitConfig,
-                    templates: Sequence[str], prefix_cache: bool) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
+                    templates: Sequence[str], prefix_cache: bool,
+                    bar: object | None = None) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
+    """Optimise δ for one group of requests together; ``bar`` advances one step per optimiser step
+    (and by the steps left when every request stops early)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -372,8 +393,12 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
         with torch.no_grad():
             final_loss[active.cpu()] = loss.detach().cpu()[active.cpu()]
             steps[active.cpu()] += 1
+            step_loss = loss.detach()[active]
             active &= loss.detach() >= config.v_early_stop_loss
+            _show_step(bar, step_loss, int(active.sum()), n)
         if not bool(active.any()) or it == config.v_num_grad_steps - 1:
+            if bar is not None:
+                bar.update(config.v_num_grad_steps - it - 1)  # type: ignore[attr-defined]
             break
         frozen = delta.detach().clone()
         (loss * active.float()).sum().backward()
@@ -399,13 +424,31 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
     return z, diags
 
 
+def _show_step(bar: object | None, losses: torch.Tensor, still: int, n: int) -> None:
+    """One optimiser step on the progress bar: the mean loss of the requests that took part, and how
+    many of the ``n`` are still optimising after it."""
+    if bar is None:
+        return
+    bar.set_postfix(optimising=f"{still}/{n}", loss=f"{float(losses.mean()):.3f}",  # type: ignore[attr-defined]
+                    refresh=False)
+    bar.update(1)  # type: ignore[attr-defined]
+
+
 # --------------------------------------------------------------------------- step 3: the solve
 
 
-def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float) -> torch.Tensor:
-    """ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ in float64, with K (d_ff × n), R (d × n), C (d_ff × d_ff); -> (d × d_ff)."""
+def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float,
+                 preserved: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ in float64, with K (d_ff × n), R (d × n), C (d_ff × d_ff); -> (d × d_ff).
+
+    With ``preserved`` = K_p K_pᵀ of earlier edits (MEMIT's sequential setting, Meng et al. 2023 §3:
+    the keys already written join the keys to preserve): ΔW = R Kᵀ (λC + K_p K_pᵀ + K Kᵀ)⁻¹.
+    """
     k, r, c = keys.double(), resid.double(), cov.to(keys.device).double()
-    adj_k = torch.linalg.solve(lam * c + k @ k.T, k)  # (λC + KKᵀ)⁻¹ K
+    a = lam * c + k @ k.T  # (d_ff × d_ff)
+    if preserved is not None:
+        a = a + preserved.to(keys.device).double()
+    adj_k = torch.linalg.solve(a, k)  # (λC [+ K_p K_pᵀ] + KKᵀ)⁻¹ K
     return r @ adj_k.T
 
 
@@ -426,13 +469,44 @@ def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.T
     return sol.T
 
 
+def post_norm_output_delta(m: torch.Tensor, normed: torch.Tensor, resid: torch.Tensor,
+                           gain: torch.Tensor) -> torch.Tensor:
+    """Δm such that norm(m + Δm) = norm(m) + r, for a post-MLP RMS norm norm(x) = g ⊙ x / rms(x).
+
+    ``m`` (n, d): the rewrite-module output at the fact token; ``normed`` (n, d): norm(m) as the
+    model computes it; ``resid`` (n, d): r, the wanted change of the residual stream; ``gain`` (d,):
+    the norm's effective gain g, needed only up to a positive factor (e.g. norm(1) = g / √(1 + ε)).
+
+    RMSNorm sees only the direction of its input, so norm(x) = y holds for every x = s · y / g, s > 0:
+    the inverse is exact up to scale. With y = norm(m) + r and u = y / g (so u ∝ m when r = 0), take
+    x = ‖m‖ · u / ‖u‖ (the module output keeps m's scale) and Δm = x − m:
+
+        Δm = ‖m‖ · u / ‖u‖ − m,   u = (norm(m) + r) / g.
+
+    Exact (up to ε / mean(x²)) when y is an output the norm can produce; otherwise norm(m + Δm) =
+    y / rms(y / g), y rescaled onto the norm's image (its nearest point when g is uniform). Coordinates
+    whose gain is (near) zero cannot be steered; they keep m's value. Float64 in and out.
+    """
+    m, normed, resid, gain = m.double(), normed.double(), resid.double(), gain.double()
+    good = gain.abs() > 1e-6 * gain.abs().max()  # (d,)
+    g = torch.where(good, gain, torch.ones_like(gain))  # (d,)
+    # m in u's units: normed / g = c · m on the coordinates with a gain, c = 1 / (its scale · rms(m))
+    c = (normed / g * good).norm(dim=1) / (m * good).norm(dim=1).clamp_min(1e-30)  # (n,)
+    u = torch.where(good, (normed + resid) / g, c[:, None] * m)  # (n, d)
+    x = u * (m.norm(dim=1) / u.norm(dim=1).clamp_min(1e-30))[:, None]  # (n, d)
+    return x - m
+
+
 # --------------------------------------------------------------------------- one MEMIT call
 
 
 @dataclass
-class _AlphaState:
-    projectors: dict[int, torch.Tensor]
-    preserved: dict[int, torch.Tensor]
+class _SolveState:
+    """What the solve carries from chunk to chunk: AlphaEdit's null-space projectors (None for MEMIT)
+    and K_p K_pᵀ of the edits to preserve (None: plain MEMIT, which preserves only C)."""
+
+    projectors: dict[int, torch.Tensor] | None
+    preserved: dict[int, torch.Tensor] | None
 
 
 def key_weights(n_templates: int) -> torch.Tensor:
@@ -454,32 +528,74 @@ def compute_keys(model: nn.Module, tokenizer: object, adapter: Adapter, requests
     return keys, hs.view(n, t, -1)[:, 0]
 
 
+def rewrite_outputs(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
+                    layer: int, batch_rows: int = 256) -> torch.Tensor:
+    """m (n × d): the rewrite module's output at the fact token of each bare prompt (float32)."""
+    device = next(model.parameters()).device
+    rows = _prompt_rows(tokenizer, requests, ["{}"])
+    name = adapter.rewrite(layer)
+    out = []
+    for part in _chunks(len(rows.ids), batch_rows):
+        batch = pad_right([rows.ids[j] for j in part], pad_id(tokenizer)).to(device)
+        idx = torch.tensor([rows.fact_idx[j] for j in part], device=device)
+        at = (torch.arange(len(part), device=device), idx)
+        with torch.no_grad(), nethook.capture(model, outputs_of=[name], stop_after=name,
+                                              transform=lambda _n, t: t[at]) as got:
+            nethook.run_until_stopped(model, **batch.model_inputs())
+        out.append(got[name].float())  # (len(part), d)
+    return torch.cat(out)
+
+
+def post_norm_gain(norm: nn.Module, d: int, like: torch.Tensor) -> torch.Tensor:
+    """The effective gain g (d,) of an RMS norm, up to a positive factor: norm(1) = g / √(1 + ε)."""
+    with torch.no_grad():
+        return norm(torch.ones(1, d, dtype=like.dtype, device=like.device)).float()[0]  # (d,)
+
+
+def _module_output_change(model: nn.Module, tokenizer: object, adapter: Adapter,
+                          requests: Sequence[EditRequest], layer: int, resid: torch.Tensor) -> torch.Tensor:
+    """What the rewrite module's output must change by (d × n) for the residual stream to change by
+    ``resid`` (d × n): ``resid`` itself on pre-norm blocks, :func:`post_norm_output_delta` behind a
+    post-MLP norm."""
+    if adapter.post_mlp_norm_tmp is None:
+        return resid
+    norm = nethook.get_module(model, adapter.post_mlp_norm(layer))  # type: ignore[arg-type]
+    like = nethook.get_module(model, adapter.rewrite(layer)).weight  # the dtype the norm receives
+    m = rewrite_outputs(model, tokenizer, adapter, requests, layer)  # (n, d)
+    with torch.no_grad():
+        normed = norm(m.to(like.dtype)).float()  # (n, d)
+    gain = post_norm_gain(norm, adapter.d_model, like)
+    return post_norm_output_delta(m, normed, resid.T, gain).T  # float64
+
+
 def _weight_layout(delta: torch.Tensor, conv1d: bool) -> torch.Tensor:
     """A (d × d_ff) update in the stored layout of the rewrite weight (Conv1D stores it transposed)."""
     return delta.T if conv1d else delta
 
 
-def _memit_chunk(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
-                 covs: Mapping[int, torch.Tensor], config: MemitConfig, templates: Sequence[str],
-                 alpha: _AlphaState | None, timings: dict[str, float], requests_per_batch: int | None,
-                 prefix_cache: bool) -> tuple[dict[str, torch.Tensor], list[RequestDiagnostics], dict[str, float]]:
-    """One MEMIT (or AlphaEdit) call over ``requests``; the model holds the update afterwards."""
-    t0 = time.perf_counter()
-    z, diags = compute_targets(model, tokenizer, adapter, requests, config, templates, requests_per_batch,
-                               prefix_cache)
-    timings["targets"] = timings.get("targets", 0.0) + time.perf_counter() - t0
-    t0 = time.perf_counter()
+def solve_layers(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
+                 z: torch.Tensor, covs: Mapping[int, torch.Tensor], config: MemitConfig,
+                 templates: Sequence[str], state: _SolveState | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Step 3: spread z − h_L (``z``: n × d) over ``config.layers``, each layer's update added to the
+    model before the next layer's keys; returns the deltas (stored layout) and their norms.
+
+    On blocks with a post-MLP norm each layer's residual share is first mapped to the change of the
+    rewrite module's output that produces it (:func:`post_norm_output_delta`).
+    """
     params = dict(model.named_parameters())
     last = config.layers[-1]
     deltas, norms = {}, {}
-    for i, layer in enumerate(config.layers):
+    for i, layer in enumerate(progress.track(config.layers, desc="solve", unit="layer")):
         keys, h_now = compute_keys(model, tokenizer, adapter, requests, layer, templates, last)
-        resid = (z - h_now).T / (len(config.layers) - i)  # (d × n) share for this layer
+        share = (z - h_now).T / (len(config.layers) - i)  # (d × n) share for this layer
+        resid = _module_output_change(model, tokenizer, adapter, requests, layer, share)  # (d × n)
         k = keys.T  # (d_ff × n)
-        if alpha is None:
-            upd = memit_update(k, resid, covs[layer], config.mom2_update_weight)
+        preserved = state.preserved[layer] if state is not None and state.preserved is not None else None
+        if state is not None and state.projectors is not None:
+            upd = alphaedit_update(k, resid, state.projectors[layer], preserved, config.alphaedit_l2)
         else:
-            upd = alphaedit_update(k, resid, alpha.projectors[layer], alpha.preserved[layer], config.alphaedit_l2)
+            upd = memit_update(k, resid, covs[layer], config.mom2_update_weight, preserved)
         name = adapter.rewrite_weight(layer)
         w = params[name]
         delta = _weight_layout(upd, adapter.conv1d).to(w.dtype)
@@ -487,19 +603,49 @@ def _memit_chunk(model: nn.Module, tokenizer: object, adapter: Adapter, requests
             w.add_(delta.to(w.device))
         deltas[name] = delta.to(w.device)
         norms[name] = float(upd.norm())
-    if alpha is not None:  # remember this chunk's keys so later chunks preserve them
-        for layer in config.layers:
-            keys, _ = compute_keys(model, tokenizer, adapter, requests, layer, templates, layer)
-            alpha.preserved[layer] = alpha.preserved[layer] + (keys.T.double() @ keys.double())
+    return deltas, norms
+
+
+def _memit_chunk(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
+                 covs: Mapping[int, torch.Tensor], config: MemitConfig, templates: Sequence[str],
+                 state: _SolveState, timings: dict[str, float], requests_per_batch: int | None,
+                 prefix_cache: bool) -> tuple[dict[int, torch.Tensor], list[RequestDiagnostics], dict[str, float]]:
+    """One MEMIT (or AlphaEdit) call over ``requests``; the model holds the update afterwards.
+
+    Returns each layer's keys of ``requests`` on the updated model (n × d_ff: what later edits must
+    preserve), the diagnostics and the update norms."""
+    t0 = time.perf_counter()
+    z, diags = compute_targets(model, tokenizer, adapter, requests, config, templates, requests_per_batch,
+                               prefix_cache)
+    timings["targets"] = timings.get("targets", 0.0) + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, norms = solve_layers(model, tokenizer, adapter, requests, z, covs, config, templates, state)
+    written: dict[int, torch.Tensor] = {}
+    for layer in config.layers:  # this chunk's keys, so later chunks (and versions) preserve them
+        keys, _ = compute_keys(model, tokenizer, adapter, requests, layer, templates, layer)  # (n, d_ff)
+        written[layer] = keys.detach()
+        if state.preserved is not None:
+            state.preserved[layer] = state.preserved[layer] + (keys.T.double() @ keys.double())
     timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t0
-    return deltas, diags, norms
+    return written, diags, norms
+
+
+def check_module_overrides(adapter: Adapter, config: MemitConfig) -> None:
+    """``ValueError`` when ``config.layer_tmp``/``rewrite_tmp`` name other modules than ``adapter``
+    edits (the adapter must come from ``models.with_module_overrides``)."""
+    for key, used in (("layer_tmp", adapter.layer_tmp), ("rewrite_tmp", adapter.rewrite_tmp)):
+        wanted = getattr(config, key)
+        if wanted is not None and wanted != used:
+            raise ValueError(f"config.{key} is {wanted!r} but the adapter edits {used!r}; build the adapter "
+                             "with editflow.models.with_module_overrides(handle, config.layer_tmp, "
+                             "config.rewrite_tmp)")
 
 
 def edit(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
          covs: Mapping[int, torch.Tensor], config: MemitConfig,
          on_chunk: Callable[[int, Sequence[EditRequest], list[RequestDiagnostics]], None] | None = None,
          requests_per_batch: int | None = 64, keep_applied: bool = False,
-         prefix_cache: bool = True) -> EditResult:
+         prefix_cache: bool = True, preserved: Mapping[int, torch.Tensor] | None = None) -> EditResult:
     """Edit ``requests`` into the model with MEMIT or AlphaEdit, in batch or sequential mode.
 
     ``covs[layer]`` is C = E[k kᵀ] of the rewrite-module input. In sequential mode the requests go in
@@ -508,9 +654,14 @@ def edit(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequen
     The returned deltas are the total change. The model is restored to its original weights unless
     ``keep_applied``. ``requests_per_batch`` and ``prefix_cache`` choose how targets are computed
     (see :func:`compute_targets`), not what they are.
+
+    ``preserved[layer]`` = K_p K_pᵀ (d_ff × d_ff) of edits made before this call (a lineage's earlier
+    versions): AlphaEdit always preserves them, MEMIT when ``config.preserve_edits``; both then also
+    preserve each chunk's keys in the chunks after it. ``EditResult.keys`` holds this call's keys.
     """
     if not requests:
         raise ValueError("no requests to edit")
+    check_module_overrides(adapter, config)
     missing = [layer for layer in config.layers if layer not in covs]
     if missing:
         raise ValueError(f"no covariance for layer(s) {missing}")
@@ -525,22 +676,18 @@ def edit(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequen
     templates = context_templates(model, tokenizer, config.context_templates,
                                   config.context_template_length, config.seed)
     check_lengths(model, tokenizer, requests, templates)
-    alpha = None
-    if config.algorithm == "alphaedit":
-        device = next(model.parameters()).device
-        alpha = _AlphaState(
-            projectors={layer: nullspace_projector(covs[layer].to(device), config.nullspace_threshold)
-                        for layer in config.layers},
-            preserved={layer: torch.zeros(adapter.d_ff, adapter.d_ff, dtype=torch.float64, device=device)
-                       for layer in config.layers})
+    state = _solve_state(model, adapter, covs, config, preserved)
     size = config.chunk_size if config.mode == "sequential" else len(requests)
     diagnostics: list[RequestDiagnostics] = []
     norms: dict[str, float] = {}
+    written: dict[int, list[torch.Tensor]] = {layer: [] for layer in config.layers}
     try:
         for c, part in enumerate(_chunks(len(requests), size)):
             chunk = [requests[i] for i in part]
-            _, diags, chunk_norms = _memit_chunk(model, tokenizer, adapter, chunk, covs, config, templates,
-                                                 alpha, timings, requests_per_batch, prefix_cache)
+            keys, diags, chunk_norms = _memit_chunk(model, tokenizer, adapter, chunk, covs, config, templates,
+                                                    state, timings, requests_per_batch, prefix_cache)
+            for layer, k in keys.items():
+                written[layer].append(k.cpu())
             for d in diags:
                 d.chunk = c
             diagnostics.extend(diags)
@@ -554,4 +701,23 @@ def edit(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequen
             restore(model, original)
         model.train(was_training)
     return EditResult(deltas=deltas, diagnostics=diagnostics, layer_update_norms=norms,
-                      timings=timings, context_templates=list(templates))
+                      timings=timings, context_templates=list(templates),
+                      keys={layer: torch.cat(ks) for layer, ks in written.items()})
+
+
+def _solve_state(model: nn.Module, adapter: Adapter, covs: Mapping[int, torch.Tensor], config: MemitConfig,
+                 preserved: Mapping[int, torch.Tensor] | None) -> _SolveState:
+    """Projectors for AlphaEdit; the preserved K_p K_pᵀ (given, else zeros) when the method keeps it."""
+    device = next(model.parameters()).device
+    projectors = None
+    if config.algorithm == "alphaedit":
+        projectors = {layer: nullspace_projector(covs[layer].to(device), config.nullspace_threshold)
+                      for layer in config.layers}
+    keep = config.algorithm == "alphaedit" or config.preserve_edits
+    if not keep:
+        return _SolveState(projectors, None)
+    given = preserved or {}
+    return _SolveState(projectors, {
+        layer: (given[layer].to(device, torch.float64) if layer in given
+                else torch.zeros(adapter.d_ff, adapter.d_ff, dtype=torch.float64, device=device))
+        for layer in config.layers})
