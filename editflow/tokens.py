@@ -59,3 +59,14 @@ def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> Batch:
 def pad_id(tokenizer: object) -> int:
     pid = getattr(tokenizer, "pad_token_id", None)
     return int(pid if pid is not None else tokenizer.eos_token_id)  # type: ignore[attr-defined]
+
+
+def model_positions(model: object) -> int | None:
+    """The number of positions the model can attend to (``n_positions`` / ``max_position_embeddings`` /
+    ``n_ctx`` of its config), or ``None`` when the config names none."""
+    config = getattr(model, "config", model)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

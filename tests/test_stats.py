@@ -395,3 +395,145 @@ def test_cli_compute_list_verify_export_import(model_dir: Path, txt_corpus: Corp
     victim.write_bytes(victim.read_bytes()[:-10])
     out = run("verify", "--cache-dir", cache, code=1)
     assert "1 bad" in out and "checksum mismatch" in out
+
+
+# ----------------------------------------------------------------------------- sanity of covariances
+
+def _psd(dim: int = 16, n: int = 8, seed: int = 0) -> torch.Tensor:
+    k = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    return k.T @ k / n  # rank-deficient when n < dim: still PSD
+
+
+@pytest.mark.parametrize("name, matrix, problem", [
+    ("nan", lambda: _psd().index_put_((torch.tensor([0]), torch.tensor([1])), torch.tensor(float("nan"))), "not finite"),
+    ("inf", lambda: _psd() + torch.diag(torch.full((16,), float("inf"))), "not finite"),
+    ("asymmetric", lambda: _psd() + torch.triu(torch.ones(16, 16), 1), "not symmetric"),
+    ("negative", lambda: -_psd(n=64), "not positive semi-definite"),
+    ("indefinite", lambda: _psd(n=64) - 2 * torch.diag(torch.eye(16)[0] * _psd(n=64).diagonal().max() * 10),
+     "not positive semi-definite"),
+    ("not-square", lambda: torch.ones(3, 4), "not a square matrix"),
+])
+def test_bad_covariances_are_named(name: str, matrix, problem: str) -> None:
+    from editflow.stats.sanity import CovarianceError, check_covariance, covariance_problems
+
+    problems = covariance_problems(matrix())
+    assert len(problems) == 1 and problem in problems[0]
+    with pytest.raises(CovarianceError, match=f"layer 7 statistics.*{problem}"):
+        check_covariance(matrix(), 7)
+
+
+def test_good_covariances_pass() -> None:
+    from editflow.stats.sanity import covariance_problems
+
+    assert covariance_problems(_psd()) == []  # rank 8 of 16, float32 rounding
+    assert covariance_problems(_psd(dim=300, n=40, seed=2)) == []
+    assert covariance_problems(torch.zeros(4, 4)) == []
+    assert covariance_problems(_psd(n=64).double()) == []
+
+
+def _tamper(npz: Path, stats: LayerStats) -> None:
+    """Replace an entry's statistics and re-vouch for them in its manifest (valid checksum, bad content)."""
+    from editflow.stats import write_npz
+    from editflow.stats.corpus import sha256_file
+
+    write_npz(npz, stats)
+    manifest = json.loads(npz.with_suffix(".json").read_text())
+    manifest.update(npz_sha256=sha256_file(npz), npz_bytes=npz.stat().st_size, tokens=stats.count)
+    npz.with_suffix(".json").write_text(json.dumps(manifest))
+
+
+def test_compute_refuses_a_non_finite_covariance_before_writing(txt_corpus: CorpusSpec, tmp_path: Path) -> None:
+    from editflow.stats.sanity import CovarianceError
+
+    h = make_handle(seed=1)
+    with torch.no_grad():
+        h.model.transformer.h[1].ln_2.weight[0] = float("nan")
+    with pytest.raises(CovarianceError, match="layer 1 statistics.*not finite"):
+        layer_covariances(h, [0, 1], txt_corpus, 200, cache_dir=tmp_path, progress=False)
+    assert list(iter_entries(tmp_path)) == []
+
+
+def test_verify_and_use_refuse_an_intact_but_unusable_entry(handle: ModelHandle, txt_corpus: CorpusSpec,
+                                                           tmp_path: Path) -> None:
+    from editflow.cli import main
+    from editflow.stats.sanity import CovarianceError
+
+    first = layer_covariances(handle, [2], txt_corpus, 300, cache_dir=tmp_path, progress=False)
+    npz = first.entries[0].path
+    good = first.stats[2]
+    _tamper(npz, LayerStats(-good.sum_kkT, good.sum_k, good.count, good.docs))
+    assert check_entry(npz, sanity=False)[0] == []
+    problems, _ = check_entry(npz)
+    assert len(problems) == 1 and "layer 2 covariance is not positive semi-definite" in problems[0]
+    result = CliRunner().invoke(main, ["stats", "verify", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "0 ok, 1 bad" in result.output and "positive semi-definite" in result.output
+    with pytest.raises(CovarianceError, match="layer 2 statistics .*cache entry.*not positive semi-definite"):
+        layer_covariances(handle, [2], txt_corpus, 300, cache_dir=tmp_path, progress=False)
+
+
+def _cli(*args: str):
+    from editflow.cli import main
+
+    result = CliRunner().invoke(main, ["stats", *args])
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    return result, lines
+
+
+@pytest.mark.parametrize("name, arrays, message", [
+    ("nan", lambda k: {"mom2.mom2": np.full((128, 128), np.nan, np.float32), "mom2.count": np.asarray(5)}, "not finite"),
+    ("asym", lambda k: {"mom2.mom2": (k.T @ k + np.triu(np.ones((128, 128)), 1)).astype(np.float32),
+                        "mom2.count": np.asarray(500)}, "not symmetric"),
+    ("not-psd", lambda k: {"mom2.mom2": -(k.T @ k), "mom2.count": np.asarray(500)}, "not positive semi-definite"),
+    ("pickled", lambda k: {"mom2.mom2": np.array([{"a": 1}], dtype=object), "mom2.count": np.asarray(5)},
+     "pickled Python objects"),
+    ("strings", lambda k: {"sum": np.array(["a"]), "count": np.asarray(5)}, "not a number"),
+    ("no-arrays", lambda k: {"other": np.zeros(3)}, "not a statistics file"),
+])
+def test_import_refuses_bad_files(model_dir: Path, tmp_path: Path, name: str, arrays, message: str) -> None:
+    k = np.random.default_rng(0).standard_normal((500, 128)).astype(np.float32)
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **arrays(k))
+    cache = tmp_path / "cache"
+    result, lines = _cli("import", str(path), "--model", str(model_dir), "--layer", "3", "--cache-dir", str(cache))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    if name in ("nan", "asym", "not-psd"):
+        assert "layer 3" in lines[0]
+    assert list(iter_entries(cache)) == []
+
+
+def test_import_refuses_a_pickle_file(model_dir: Path, tmp_path: Path) -> None:
+    import pickle
+
+    path = tmp_path / "stats.npz"
+    path.write_bytes(pickle.dumps({"mom2.mom2": [[1.0]]}))
+    result, lines = _cli("import", str(path), "--model", str(model_dir), "--layer", "3",
+                         "--cache-dir", str(tmp_path / "cache"))
+    assert result.exit_code == 1 and len(lines) == 1 and "never does" in lines[0]
+
+
+def test_unwritable_cache_is_a_clear_error(handle: ModelHandle, model_dir: Path, txt_corpus: CorpusSpec,
+                                           tmp_path: Path) -> None:
+    from editflow.stats.cache import CacheError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(CacheError, match="is not writable"):
+        layer_covariances(handle, [1], txt_corpus, 100, cache_dir=blocker / "cache", progress=False)
+    result, lines = _cli("compute", str(model_dir), "--layers", "1", "--corpus", txt_corpus.source, "--txt-mode",
+                         "lines", "--tokens", "100", "--cache-dir", str(blocker / "cache"), "--no-progress")
+    assert result.exit_code == 1 and len(lines) == 1 and "not writable" in lines[0]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_cache_directory(handle: ModelHandle, txt_corpus: CorpusSpec, tmp_path: Path) -> None:
+    from editflow.stats.cache import CacheError
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(CacheError, match="is not writable"):
+            layer_covariances(handle, [1], txt_corpus, 100, cache_dir=ro, progress=False)
+    finally:
+        ro.chmod(0o755)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from editflow.commands._options import fail
+
 
 def _corpus_options(f: Callable) -> Callable:
     """Options that describe the corpus (shared by ``compute`` and ``import``)."""
@@ -89,9 +91,12 @@ def compute(model: str, layers: str | None, tokens: int | None, max_length: int 
 
     handle = _load(model, device, model_dtype)
     chosen, tokens = _default_layers_and_tokens(handle, layers, tokens)
-    result = layer_covariances(handle, chosen, _spec(**corpus), tokens, max_length=max_length,  # type: ignore[arg-type]
-                               dtype=dtype, seed=seed, cache_dir=cache_dir, batch_tokens=batch_tokens,
-                               progress=not no_progress)
+    try:
+        result = layer_covariances(handle, chosen, _spec(**corpus), tokens,  # type: ignore[arg-type]
+                                   max_length=max_length, dtype=dtype, seed=seed, cache_dir=cache_dir,
+                                   batch_tokens=batch_tokens, progress=not no_progress)
+    except ValueError as exc:  # CovarianceError, CacheError, bad layers/budget
+        fail(str(exc))
     for entry in result.entries:
         state = "cached" if entry.hit else entry.manifest.get("source", "computed")
         click.echo(f"layer {entry.manifest['fields']['layer']:>3}  {state:<8}  {entry.manifest['tokens']:>10} tokens  "
@@ -162,19 +167,28 @@ def import_(npz: str, model: str, layer: int, tokens: int | None, max_length: in
     from editflow.stats.cache import write_entry
     from editflow.stats.corpus import sha256_file
     from editflow.stats.moments import stats_dtype
+    from editflow.stats.sanity import check_covariance
 
-    stats, fmt = read_npz(npz)
+    try:
+        stats, fmt = read_npz(npz)
+        check_covariance(stats.mom2(), layer, f"{npz}, not imported")
+    except ValueError as exc:  # StatsFileError, CovarianceError
+        fail(str(exc))
     handle = _load(model, "cpu", model_dtype)
+    if not 0 <= layer < handle.adapter.n_layers:
+        fail(f"--layer {layer} is not a layer of this model (0..{handle.adapter.n_layers - 1})")
     if stats.dim != handle.adapter.d_ff:
-        raise click.BadParameter(f"width {stats.dim} != the rewrite-module input width {handle.adapter.d_ff}",
-                                 param_hint="NPZ")
+        fail(f"{npz}: width {stats.dim} != the rewrite-module input width {handle.adapter.d_ff} of layer {layer}")
     dtype = dtype or str(stats.sum_kkT.dtype).removeprefix("torch.")
     key = cache_keys(handle, [layer], _spec(**corpus), tokens or stats.count,  # type: ignore[arg-type]
                      max_length or default_max_length(handle.model, handle.tokenizer), dtype,
                      Sampling(seed=seed))[layer]
     info = {"source": "imported", "model": {"source": handle.source},
             "imported_from": {"file": Path(npz).name, "sha256": sha256_file(Path(npz)), "format": fmt}}
-    entry = write_entry(cache_root(cache_dir), key, stats.to(dtype=stats_dtype(dtype)), info)
+    try:
+        entry = write_entry(cache_root(cache_dir), key, stats.to(dtype=stats_dtype(dtype)), info)
+    except ValueError as exc:  # CacheError (read-only cache), CovarianceError after the dtype cast
+        fail(str(exc))
     click.echo(f"imported {npz} ({fmt} layout, {stats.count} tokens) as {entry.path}")
 
 

@@ -20,6 +20,7 @@ from editflow.stats.collect import Start, collect
 from editflow.stats.corpus import CorpusSpec, Sampling, corpus_identity, sample_documents
 from editflow.stats.fingerprint import combine, layer_dependencies, tensor_digests, tokenizer_fingerprint
 from editflow.stats.moments import LayerStats, stats_dtype
+from editflow.stats.sanity import check_covariance
 
 #: Documents longer than this are truncated unless ``max_length`` says otherwise.
 MAX_LENGTH_CAP = 1024
@@ -116,12 +117,16 @@ def _compute(handle: ModelHandle, root: Path, keys: dict[int, CacheKey], corpus:
 
         warnings.warn(f"corpus exhausted after {budget.taken} tokens (< {tokens} requested)", RuntimeWarning,
                       stacklevel=3)
+    merged = {layer: prefixes[layer][0].merge(fresh[layer]) if prefixes[layer] is not None else fresh[layer]
+              for layer in keys}
+    for layer, stats in merged.items():  # every layer is checked before any is written
+        check_covariance(stats.mom2(), layer, "computed, not written to the cache")
     out = {}
     for layer, key in keys.items():
         prefix = prefixes[layer]
-        stats = prefix[0].merge(fresh[layer]) if prefix is not None else fresh[layer]
         info = {"model": {"source": handle.source}, "exhausted": budget.exhausted}
         if prefix is not None:
             info.update(source="extended", extended_from=prefix[1].key)
-        out[layer] = (stats, cache_mod.write_entry(root, key, stats.to(dtype=dtype), info))
+        entry = cache_mod.write_entry(root, key, merged[layer].to(dtype=dtype), info, checked=True)
+        out[layer] = (merged[layer], entry)
     return out

@@ -23,11 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from editflow.stats.corpus import sha256_file
 from editflow.stats.formats import read_npz, write_npz
 from editflow.stats.moments import LayerStats
+from editflow.stats.sanity import CovarianceError, check_covariance, covariance_problems
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,35 @@ def manifest_path(npz: Path) -> Path:
     return npz.with_suffix(".json")
 
 
+class CacheError(ValueError):
+    """The statistics cache cannot be written (read-only, or a path component is not a directory)."""
+
+
+@contextlib.contextmanager
+def _writable(root: Path) -> Iterator[None]:
+    """Turn an OS error while writing under ``root`` into a :class:`CacheError` that says what to do."""
+    try:
+        yield
+    except Timeout:
+        raise
+    except OSError as exc:
+        raise CacheError(f"statistics cache {root} is not writable ({exc.strerror or exc}: "
+                         f"{exc.filename or root}); pass a writable --stats-cache / --cache-dir or set "
+                         "EDITFLOW_CACHE") from None
+
+
+def _writable_dir(folder: Path) -> None:
+    """Create ``folder`` and check that this process may write there (else :class:`PermissionError`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+
 # ----------------------------------------------------------------------------- writing
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> str:
     """Write via a temp file in the same directory, fsync, ``os.replace``; return the file's SHA-256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _writable_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -126,8 +151,10 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> str:
     return sha
 
 
-def write_entry(root: Path, key: CacheKey, stats: LayerStats, info: dict | None = None) -> CacheEntry:
-    """Store ``stats`` under ``key`` (npz first, then the manifest that vouches for it)."""
+def write_entry(root: Path, key: CacheKey, stats: LayerStats, info: dict | None = None,
+                checked: bool = False) -> CacheEntry:
+    """Store ``stats`` under ``key`` (npz first, then the manifest that vouches for it). The covariance
+    is refused unless finite, symmetric and PSD (``checked``: the caller has just verified it)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -135,20 +162,25 @@ def write_entry(root: Path, key: CacheKey, stats: LayerStats, info: dict | None 
     except PackageNotFoundError:
         ef_version = "unknown"
     path = entry_path(root, key)
-    sha = _atomic_write(path, lambda f: write_npz(f, stats))
+    if not checked:
+        check_covariance(stats.mom2(), key.layer, "not written to the cache")
+    with _writable(root):
+        sha = _atomic_write(path, lambda f: write_npz(f, stats))
     manifest = {"key": key.digest(), "base_key": key.base_digest(), "fields": key.fields(),
                 "npz_sha256": sha, "npz_bytes": path.stat().st_size,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "tokens": stats.count, "docs": stats.docs, "editflow_version": ef_version,
                 "source": "computed", **(info or {})}
-    _atomic_write(manifest_path(path), lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    with _writable(root):
+        _atomic_write(manifest_path(path), lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     return CacheEntry(path, manifest, hit=False)
 
 
 # ----------------------------------------------------------------------------- reading and checking
 
-def check_entry(npz: Path, expected: str | None = None) -> tuple[list[str], dict | None]:
-    """Problems with the entry at ``npz`` (empty when valid) and its manifest."""
+def check_entry(npz: Path, expected: str | None = None, sanity: bool = True) -> tuple[list[str], dict | None]:
+    """Problems with the entry at ``npz`` (empty when valid) and its manifest; with ``sanity``, also a
+    covariance that is not finite, symmetric and positive semi-definite."""
     mpath = manifest_path(npz)
     if not npz.exists():
         return [f"{npz}: missing"], None
@@ -172,17 +204,25 @@ def check_entry(npz: Path, expected: str | None = None) -> tuple[list[str], dict
         stats, _ = read_npz(npz)
         if stats.count != manifest.get("tokens"):
             problems.append(f"{npz}: count {stats.count} != manifest tokens {manifest.get('tokens')}")
+        if sanity:
+            layer = manifest.get("fields", {}).get("layer", "?")
+            problems += [f"{npz}: layer {layer} covariance is {p}" for p in covariance_problems(stats.mom2())]
     except (ValueError, OSError, KeyError) as exc:
         problems.append(f"{npz}: unreadable ({exc})")
     return problems, manifest
 
 
 def read_entry(root: Path, key: CacheKey, report: bool = True) -> tuple[LayerStats, CacheEntry] | None:
-    """The valid entry for ``key``, or ``None``; with ``report``, an invalid file is warned about."""
+    """The valid entry for ``key``, or ``None``; with ``report``, a damaged file is warned about.
+
+    An intact entry whose covariance is unusable (not finite, symmetric, PSD) raises
+    :class:`~editflow.stats.sanity.CovarianceError`: it was put there on purpose (imported), so it is
+    never silently replaced.
+    """
     path = entry_path(root, key)
     if not path.exists() and not manifest_path(path).exists():
         return None
-    problems, manifest = check_entry(path, key.digest())
+    problems, manifest = check_entry(path, key.digest(), sanity=False)
     if problems:
         if report:
             msg = "ignoring invalid statistics cache entry, recomputing: " + "; ".join(problems)
@@ -190,6 +230,7 @@ def read_entry(root: Path, key: CacheKey, report: bool = True) -> tuple[LayerSta
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return None
     stats, _ = read_npz(path)
+    check_covariance(stats.mom2(), key.layer, f"cache entry {path}; remove it or import valid statistics")
     return stats, CacheEntry(path, manifest, hit=True)  # type: ignore[arg-type]
 
 
@@ -206,7 +247,11 @@ def find_prefix(root: Path, key: CacheKey) -> tuple[LayerStats, CacheEntry] | No
                 and 0 < manifest.get("tokens", 0) < key.tokens):
             candidates.append((manifest["tokens"], manifest["fields"]))
     for _, fields in sorted(candidates, key=lambda c: -c[0]):
-        found = read_entry(root, CacheKey.from_fields(fields))
+        try:
+            found = read_entry(root, CacheKey.from_fields(fields))
+        except CovarianceError as exc:  # an unusable prefix is not extended; the layer is computed afresh
+            warnings.warn(f"not extending cached statistics: {exc}", RuntimeWarning, stacklevel=2)
+            continue
         if found is not None:
             return found
     return None
@@ -217,9 +262,10 @@ def locked(root: Path, keys: list[CacheKey], timeout: float = -1) -> Iterator[No
     """Hold the per-key locks of ``keys`` (taken in a fixed order, so two callers never deadlock)."""
     paths = sorted({entry_path(root, k) for k in keys})
     with contextlib.ExitStack() as stack:
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(FileLock(str(path) + ".lock", timeout=timeout))
+        with _writable(root):
+            for path in paths:
+                _writable_dir(path.parent)
+                stack.enter_context(FileLock(str(path) + ".lock", timeout=timeout))
         yield
 
 
