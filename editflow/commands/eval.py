@@ -4,28 +4,40 @@ from __future__ import annotations
 
 import click
 
+from editflow.commands._options import check_tracking_server, user_errors
+
 
 def resolve_model(uri: str, device: str | None = None, dtype: str | None = None) -> object:
-    """Load ``uri``: ``default``, ``models:/NAME@ALIAS``, ``models:/NAME/V``, a local path or a hub id."""
+    """Load ``uri``: ``default``, ``models:/NAME@ALIAS``, ``models:/NAME/V``, a local path or a hub id
+    (a path that starts with ``.``, ``/`` or ``~`` must exist)."""
+    import errno
+    from pathlib import Path
+
     from editflow.registry.resolve import load_any
 
+    if uri.startswith((".", "/", "~")) and not Path(uri).expanduser().exists():
+        raise FileNotFoundError(errno.ENOENT, "no such model directory", uri)
+    if uri in ("", "default") or uri.startswith("models:/"):
+        check_tracking_server()
     return load_any(uri, device=device, dtype=dtype)
 
 
 @click.command("eval")
 @click.argument("model")
-@click.argument("requests_path", metavar="REQUESTS", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "out_dir", default="eval_out", show_default=True, type=click.Path(file_okay=False))
+@click.argument("requests_path", metavar="REQUESTS", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", default="eval_out", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for the fact table and summary.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
 @click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: as saved).")
 @click.option("--batch-size", default=64, show_default=True, help="Rows per forward (micro-batch).")
 @click.option("--no-fluency", is_flag=True, help="Skip the generation-entropy metric.")
-@click.option("--heldout", "heldout_path", default=None, type=click.Path(exists=True, dir_okay=False),
+@click.option("--heldout", "heldout_path", default=None, type=click.Path(dir_okay=False),
               help="Held-out text, one document per line, for drift (default: bundled corpus/heldout.txt).")
 @click.option("--heldout-facts", "heldout_facts_n", default=100, show_default=True,
               help="Bundled CounterFact facts not being edited used for held-out specificity (0: none).")
 @click.option("--limit", default=None, type=int, help="Evaluate only the first N requests.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the fluency sampling.")
+@user_errors(probe=False)
 def command(model: str, requests_path: str, out_dir: str, device: str | None, dtype: str | None,
             batch_size: int, no_fluency: bool, heldout_path: str | None, heldout_facts_n: int,
             limit: int | None, seed: int) -> None:

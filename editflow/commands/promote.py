@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import click
 
-from editflow.commands._options import fail, version_ref
+from editflow.commands._options import echo_json, json_option, require_model, user_errors, version_ref
 
 
 @click.command("promote")
 @click.argument("name")
 @click.argument("version")
 @click.option("--reason", default="", help="Recorded in the audit ledger.")
-def command(name: str, version: str, reason: str) -> None:
-    """Point the production alias (and stage) of NAME at VERSION."""
+@json_option
+@user_errors(note="production unchanged")
+def command(name: str, version: str, reason: str, as_json: bool) -> None:
+    """Point the production alias (and stage) of NAME at VERSION (a number or an alias).
+
+    \b
+    --json prints {"name": NAME, "version": int (now production),
+      "previous": int|null (production before), "action": "promote"}.
+    """
     from editflow.registry.promotion import promote
 
-    try:
-        moved = promote(name, version_ref(version), reason=reason or "manual promotion")
-    except Exception as exc:  # noqa: BLE001 - report any registry error; production is unchanged
-        fail(f"{exc} (production unchanged)")
-    click.echo(f"{name}: production {moved['previous']} -> {moved['version']}")
+    require_model(name)
+    moved = promote(name, version_ref(version), reason=reason or "manual promotion")
+    if as_json:
+        echo_json(moved)
+    else:
+        click.echo(f"{name}: production {moved['previous']} -> {moved['version']}")

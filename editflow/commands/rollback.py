@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import click
 
-from editflow.commands._options import fail, version_ref
+from editflow.commands._options import echo_json, json_option, require_model, user_errors, version_ref
 
 
 @click.command("rollback")
 @click.argument("name")
-@click.option("--to", "to", default=None, help="Version to return to (default: the previous production).")
+@click.option("--to", "to", default=None, help="Version number or alias to return to (default: the previous "
+              "production, from the ledger).")
 @click.option("--reason", default="", help="Recorded in the audit ledger.")
-def command(name: str, to: str | None, reason: str) -> None:
-    """Move NAME's production alias back (the weights loaded are bit-identical to that version's)."""
+@json_option
+@user_errors(note="production unchanged")
+def command(name: str, to: str | None, reason: str, as_json: bool) -> None:
+    """Move NAME's production alias back (the weights loaded are bit-identical to that version's).
+
+    \b
+    --json prints {"name": NAME, "version": int (now production),
+      "previous": int|null (production before), "action": "rollback"}.
+    """
     from editflow.registry.promotion import rollback
 
-    try:
-        moved = rollback(name, version_ref(to) if to else None, reason=reason)
-    except Exception as exc:  # noqa: BLE001
-        fail(f"{exc} (production unchanged)")
-    click.echo(f"{name}: production {moved['previous']} -> {moved['version']} (rollback)")
+    require_model(name)
+    moved = rollback(name, version_ref(to) if to else None, reason=reason)
+    if as_json:
+        echo_json(moved)
+    else:
+        click.echo(f"{name}: production {moved['previous']} -> {moved['version']} (rollback)")

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 import click
 
-from editflow.commands._options import fail, version_ref
+from editflow.commands._options import echo_json, json_option, require_model, user_errors, version_ref
 
 
-@click.command("show")
-@click.argument("name")
-@click.argument("version")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def command(name: str, version: str, as_json: bool) -> None:
-    """Tags, lineage, metrics, facts and ledger events of one version."""
-    from editflow.registry.report import show_version
-
-    try:
-        info = show_version(name, version_ref(version))
-    except Exception as exc:  # noqa: BLE001
-        fail(str(exc))
-    if as_json:
-        click.echo(json.dumps(info, indent=2, default=str))
-        return
+def _print(info: dict[str, Any]) -> None:
     click.echo(f"{info['name']} version {info['version']}  aliases: {', '.join(info['aliases']) or '-'}  "
                f"stage: {info['stage']}  run: {info['run_id']}")
     click.echo(info["description"] or "")
@@ -36,3 +22,28 @@ def command(name: str, version: str, as_json: bool) -> None:
         click.echo(f"  {f['prompt'].format(f['subject'])} -> {f['target_new']}")
     for e in info["events"]:
         click.echo(f"  {e['time']} {e['action']} by {e['actor']}: {e['reason']}")
+
+
+@click.command("show")
+@click.argument("name")
+@click.argument("version")
+@json_option
+@user_errors
+def command(name: str, version: str, as_json: bool) -> None:
+    """Tags, lineage, metrics, facts and ledger events of one VERSION (a number or an alias) of NAME.
+
+    \b
+    --json prints {"name": str, "version": int, "description": str, "stage": str,
+      "aliases": [str], "tags": {str: str}, "run_id": str|null, "metrics": {str: float} (the edit
+      run's; empty for a base), "facts": [{"version", "subject", "prompt", "target_new",
+      "target_true"}] (edited in this version), "events": [{"action", "time" (ISO 8601), "actor",
+      "previous", "reason"}]}.
+    """
+    from editflow.registry.report import show_version
+
+    require_model(name)
+    info = show_version(name, version_ref(version))
+    if as_json:
+        echo_json(info)
+    else:
+        _print(info)

@@ -29,16 +29,184 @@ WEIGHTS_DIR = "weights"
 EDITED_FILE = "edited.safetensors"
 
 
-def _pip_requirements() -> list[str]:
+#: Runtime packages named in a model's requirements (editflow's own wheel pins the rest).
+RUNTIME_PACKAGES = ("torch", "transformers", "safetensors", "mlflow")
+#: Model subdirectory holding the bundled editflow wheel (referenced from requirements.txt).
+WHEELS_DIR = "wheels"
+#: Wheels (one per source digest) kept in the cache.
+WHEELS_KEPT = 8
+_BUILD_WHEEL = "import sys, setuptools.build_meta as b; print(b.build_wheel(sys.argv[1]))"
+
+
+def _version_range(pkg: str) -> str:
+    """``torch>=2.13,<3`` from an installed ``2.13.0+cpu``: the installed minor release up to the
+    next major one, no local label (``+cpu``), so pip can find it on any index."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        v = Version(version(pkg))
+    except PackageNotFoundError:
+        return pkg
+    return f"{pkg}>={v.major}.{v.minor},<{v.major + 1}"
+
+
+def _pip_requirements(editflow_requirement: str | None = None) -> list[str]:
+    """The model's pip requirements: editflow (by default the path of its bundled wheel, relative to
+    the model directory) then version ranges of the runtime packages."""
     from importlib.metadata import version
 
-    def pin(pkg: str) -> str:
-        try:
-            return f"{pkg}=={version(pkg)}"
-        except Exception:
-            return pkg
+    return [editflow_requirement or f"editflow=={version('editflow')}", *map(_version_range, RUNTIME_PACKAGES)]
 
-    return [pin(p) for p in ("editflow", "torch", "transformers", "safetensors", "mlflow")]
+
+def _package_files(package: Path) -> list[Path]:
+    """Every file of the package tree, bytecode caches left out, in a stable order."""
+    return sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                  and p.suffix not in (".pyc", ".pyo"))
+
+
+def _source_project() -> Path | None:
+    """The project directory of the running editflow when it runs from a source tree (editable
+    install or checkout), else ``None``."""
+    import editflow
+
+    root = Path(editflow.__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    return root if pyproject.is_file() and 'name = "editflow"' in pyproject.read_text() else None
+
+
+def _installed_pyproject() -> str:
+    """A ``pyproject.toml`` rebuilding the installed (non-source) editflow from its metadata."""
+    from importlib.metadata import distribution
+
+    dist = distribution("editflow")
+    deps = [r for r in dist.requires or [] if "extra ==" not in r]
+    scripts = "".join(f'{ep.name} = "{ep.value}"\n' for ep in dist.entry_points if ep.group == "console_scripts")
+    return "\n".join([
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n',
+        f'[project]\nname = "editflow"\nversion = "{dist.version}"\n'
+        f'requires-python = "{dist.metadata.get("Requires-Python") or ">=3.10"}"\ndependencies = {json.dumps(deps)}\n',
+        f'[project.scripts]\n{scripts}',
+        '[tool.setuptools.packages.find]\ninclude = ["editflow*"]\n',
+        '[tool.setuptools.package-data]\neditflow = ["assets/**/*"]\n'])
+
+
+def _source_files() -> dict[str, Path | bytes]:
+    """What builds the running editflow, by relative path: project files (from the source tree, or
+    a ``pyproject.toml`` made from the installed metadata) and every package file."""
+    import editflow
+
+    package = Path(editflow.__file__).resolve().parent
+    project = _source_project()
+    if project is None:
+        files: dict[str, Path | bytes] = {"pyproject.toml": _installed_pyproject().encode()}
+    else:
+        files = {n: project / n for n in ("pyproject.toml", "README.md", "LICENSE") if (project / n).is_file()}
+    files.update({f"editflow/{f.relative_to(package).as_posix()}": f for f in _package_files(package)})
+    return files
+
+
+def source_digest(files: dict[str, Path | bytes]) -> str:
+    """sha256 over the relative paths and contents of :func:`_source_files`."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(rel.encode() + b"\0")
+        content = files[rel]
+        h.update(content if isinstance(content, bytes) else content.read_bytes())
+    return h.hexdigest()
+
+
+def _stage(files: dict[str, Path | bytes], dst: Path) -> Path:
+    """Write :func:`_source_files` under ``dst`` (a buildable project)."""
+    for rel, content in files.items():
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            shutil.copy2(content, target)
+    return dst
+
+
+def wheel_cache() -> Path:
+    """Built wheels: ``$EDITFLOW_CACHE/wheels``, else the user cache directory's ``wheels``."""
+    if os.environ.get("EDITFLOW_CACHE"):
+        return Path(os.environ["EDITFLOW_CACHE"]).expanduser() / "wheels"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("editflow")) / "wheels"
+
+
+def _build_wheel(source: Path, out: Path) -> Path:
+    """Build ``source`` into a wheel in ``out`` with the setuptools build backend (no network, no pip)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _BUILD_WHEEL, str(out)], cwd=source, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the editflow wheel failed: {proc.stderr.strip()[-2000:]}")
+    return out / proc.stdout.strip().splitlines()[-1]
+
+
+def editflow_wheel(files: dict[str, Path | bytes] | None = None) -> Path:
+    """The wheel of the running editflow (or of ``files``, as :func:`_source_files` gives them), built
+    once per source digest and cached (see :func:`wheel_cache`); concurrent builders each build
+    privately and the last rename wins (same content)."""
+    files = files or _source_files()
+    slot = wheel_cache() / source_digest(files)[:24]
+    found = sorted(slot.glob("editflow-*.whl"))
+    if found:
+        os.utime(slot)  # recently used: kept by _prune_wheels
+        return found[0]
+    with tempfile.TemporaryDirectory(prefix="editflow-wheel-") as tmp:
+        built = _build_wheel(_stage(files, Path(tmp) / "src"), Path(tmp) / "out")
+        slot.mkdir(parents=True, exist_ok=True)
+        partial = slot / f".{built.name}.{os.getpid()}.part"
+        shutil.copy2(built, partial)
+        os.replace(partial, slot / built.name)
+    _prune_wheels(slot.parent)
+    return slot / built.name
+
+
+def _prune_wheels(cache: Path, keep: int = WHEELS_KEPT) -> None:
+    """Delete all but the ``keep`` newest digest folders (each source change makes a new ~20 MB wheel)."""
+    slots = sorted((p for p in cache.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in slots[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _bundle_editflow(model_dir: Path) -> str | None:
+    """Copy editflow's wheel into ``model_dir/wheels``; the requirement line that installs it
+    (relative to the model directory, as MLflow's environment managers resolve it), or ``None``
+    (with a warning) when no wheel can be built."""
+    import logging
+
+    try:
+        wheel = editflow_wheel()
+    except (OSError, RuntimeError) as exc:
+        logging.getLogger(__name__).warning("editflow is not bundled with the model (%s); its "
+                                            "requirements name editflow==<version> instead", exc)
+        return None
+    (model_dir / WHEELS_DIR).mkdir(exist_ok=True)
+    shutil.copy2(wheel, model_dir / WHEELS_DIR / wheel.name)
+    return f"{WHEELS_DIR}/{wheel.name}"
+
+
+def write_environment(model_dir: Path) -> list[str]:
+    """Write ``requirements.txt``, ``conda.yaml`` and ``python_env.yaml`` (with the bundled wheel);
+    returns the requirements."""
+    import yaml
+    from mlflow.utils.environment import _mlflow_conda_env, _PythonEnv
+
+    reqs = _pip_requirements(_bundle_editflow(model_dir))
+    (model_dir / "requirements.txt").write_text("\n".join(reqs) + "\n")
+    (model_dir / "conda.yaml").write_text(yaml.safe_dump(_mlflow_conda_env(additional_pip_deps=reqs)))
+    _PythonEnv.current().to_yaml(model_dir / "python_env.yaml")
+    return reqs
 
 
 def save_model(path: str | os.PathLike, handle: ModelHandle, *, storage: str = "full",
@@ -53,7 +221,6 @@ def save_model(path: str | os.PathLike, handle: ModelHandle, *, storage: str = "
     from mlflow.models import Model, ModelSignature
     from mlflow.pyfunc import add_to_model
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-    from mlflow.utils.environment import _mlflow_conda_env, _PythonEnv
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -80,12 +247,7 @@ def save_model(path: str | os.PathLike, handle: ModelHandle, *, storage: str = "
     mlflow_model.add_flavor(FLAVOR_NAME, storage=storage, model_type=handle.adapter.model_type)
     add_to_model(mlflow_model, loader_module="editflow.registry.flavor", env={"conda": "conda.yaml",
                                                                             "virtualenv": "python_env.yaml"})
-    reqs = _pip_requirements()
-    (path / "requirements.txt").write_text("\n".join(reqs) + "\n")
-    import yaml
-
-    (path / "conda.yaml").write_text(yaml.safe_dump(_mlflow_conda_env(additional_pip_deps=reqs)))
-    _PythonEnv.current().to_yaml(path / "python_env.yaml")
+    write_environment(path)
     mlflow_model.save(str(path / "MLmodel"))
 
 
