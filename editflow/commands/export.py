@@ -1,22 +1,34 @@
-"""``editflow export NAME VERSION DIR``: a standalone save_pretrained directory of any version."""
+"""``editflow export NAME VERSION OUT``: a standalone copy of any version, as a Hugging Face
+save_pretrained directory or as a GGUF file (for llama.cpp and Ollama)."""
 
 from __future__ import annotations
 
 import click
 
-from editflow.commands._options import fail, version_ref
+from editflow.commands._options import require_model, user_errors, version_ref
 
 
 @click.command("export")
 @click.argument("name")
 @click.argument("version")
-@click.argument("out_dir", type=click.Path(file_okay=False))
-def command(name: str, version: str, out_dir: str) -> None:
-    """Write VERSION of NAME (full weights + tokenizer) to OUT_DIR, loadable with plain transformers."""
-    from editflow.registry.versions import export_version
+@click.argument("out", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
+              help="hf: a save_pretrained directory (weights + tokenizer), loadable with plain transformers. "
+                   "gguf: one GGUF file (llama, mistral, qwen2; byte-level BPE tokenizers), loadable by "
+                   "llama.cpp, Ollama and transformers.")
+@click.option("--dtype", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+              help="GGUF only: the storage type of the weight matrices (norms stay f32). Quantised types "
+                   "are not written; quantise the file with llama.cpp's tools if you need them.")
+@user_errors
+def command(name: str, version: str, out: str, fmt: str, dtype: str) -> None:
+    """Write VERSION (a number or an alias) of NAME to OUT: a new or empty directory (hf) or a
+    .gguf file (gguf). A version whose root base came from a GGUF file keeps that file's tokenizer
+    and general metadata."""
+    from editflow.registry.versions import export_gguf_version, export_version
 
-    try:
-        path = export_version(name, version_ref(version), out_dir)
-    except Exception as exc:  # noqa: BLE001
-        fail(str(exc))
+    require_model(name)
+    if fmt == "gguf":
+        path = export_gguf_version(name, version_ref(version), out, dtype=dtype)
+    else:
+        path = export_version(name, version_ref(version), out)
     click.echo(f"exported {name} version {version} to {path}")

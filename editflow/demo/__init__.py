@@ -5,22 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+from editflow import assets
 
 
 def default_model_path() -> Path:
     """Directory of the shipped default model (config, safetensors, tokenizer, card.json)."""
-    return _ASSETS / "default_model"
+    return assets.default_model_dir()
 
 
 def default_records_path() -> Path:
     """The shipped CounterFact records the default model knows."""
-    return _ASSETS / "counterfact" / "records.json"
+    return assets.counterfact_records_path()
 
 
 def default_corpus_dir() -> Path:
     """Shipped covariance-statistics text (stats.txt) and held-out text (heldout.txt)."""
-    return _ASSETS / "corpus"
+    return assets.stats_corpus_path().parent
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from editflow import gguf_source
 from editflow.config import MemitConfig, default_config
 from editflow.models import fingerprint, is_local, load_model
 from editflow.registry import ledger
@@ -29,9 +30,9 @@ def _lock():
 
 
 def bundled_model_dir() -> Path:
-    from editflow.demo import default_model_path
+    from editflow import assets
 
-    return Path(default_model_path())
+    return assets.default_model_dir()
 
 
 def ensure_default_model(device: str | None = None) -> int:
@@ -72,14 +73,24 @@ def _register_base(base: VersionRef, name: str, description: str) -> int:
                "model_defaults": base.handle.extra.get("model_defaults", {})}
     tags = {TAG + "role": "base", TAG + "fingerprint": base.fingerprint, TAG + "source": base.uri,
             TAG + "storage": "full", TAG + "n_facts": "0"}
+    gguf = base.handle.extra.get("gguf")
+    if gguf:  # the source file's identity travels with the version: tags, editflow.json, description
+        info = gguf_source.GgufInfo(**gguf)
+        lineage["gguf"] = info.to_dict()
+        tags.update({TAG + k: v for k, v in info.tags().items()})
     return log_and_register(name, base.handle, storage="full", lineage=lineage, tags=tags,
                             description=description, on_registered=on_registered)
 
 
-def resolve_base(ref: str, device: str | None = None, dtype: str | None = None) -> VersionRef:
+def resolve_base(ref: str, device: str | None = None, dtype: str | None = None,
+                 registered_model: str | None = None) -> VersionRef:
     """Load the model an edit starts from. ``""`` (or ``"default"``) means the default model's
-    production version; ``models:/`` URIs are registered versions; anything else a path or hub id."""
+    production version; ``models:/`` URIs are registered versions; a ``.gguf`` file is looked up by
+    its SHA-256 among ``registered_model``'s bases (loaded from the registry when found, dequantised
+    otherwise); anything else a path or hub id."""
     configure()
+    if gguf_source.is_gguf(ref):
+        return _resolve_gguf(ref, registered_model, device, dtype)
     if not ref or ref == "default" or ref.startswith("models:/"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not ref or ref == "default":
@@ -96,6 +107,17 @@ def resolve_base(ref: str, device: str | None = None, dtype: str | None = None) 
     return VersionRef(handle=handle, name=None, version=None, uri=handle.source, fingerprint=fingerprint(handle.model))
 
 
+def _resolve_gguf(path: str, registered_model: str | None, device: str | None, dtype: str | None) -> VersionRef:
+    """A GGUF source: its registered base when one has this file's digest, else the dequantised file."""
+    info = gguf_source.inspect_gguf(path)
+    name = registered_model or registered_name_for(info.path)
+    for v in versions_of(name):
+        if v.tags.get(TAG + "role") == "base" and v.tags.get(TAG + "gguf.sha256") == info.sha256:
+            return load_version(name, int(v.version), device=device, dtype=dtype)
+    handle = gguf_source.load_gguf(info.path, device=device, dtype=dtype, info=info)
+    return VersionRef(handle=handle, name=None, version=None, uri=info.path, fingerprint=fingerprint(handle.model))
+
+
 def load_any(ref: str, device: str | None = None, dtype: str | None = None):
     """A :class:`~editflow.models.ModelHandle` for any reference :func:`resolve_base` accepts."""
     return resolve_base(ref, device=device, dtype=dtype).handle
@@ -103,9 +125,14 @@ def load_any(ref: str, device: str | None = None, dtype: str | None = None):
 
 def default_registered_name(base: VersionRef) -> str:
     """The registered model an edit goes to: the base's own, else ``editflow-<model folder or id>``."""
-    if base.name:
-        return base.name
-    stem = Path(base.uri.rstrip("/")).name or "model"
+    return base.name or registered_name_for(base.uri)
+
+
+def registered_name_for(source: str) -> str:
+    """``editflow-<model folder, file stem or hub id>``, in the characters registry names allow."""
+    stem = Path(source.rstrip("/")).name or "model"
+    if gguf_source.is_gguf(stem):
+        stem = stem[: -len(".gguf")]
     return "editflow-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-").lower()
 
 
@@ -116,7 +143,7 @@ def ensure_registered_base(base: VersionRef, name: str) -> VersionRef:
     with _lock():
         version = find_base(name, base.fingerprint)
         if version is None:
-            version = _register_base(base, name, f"Base model {base.uri}, registered in full by editflow.")
+            version = _register_base(base, name, _base_description(base))
     uri = client().get_model_version_download_uri(name, str(version))
     base.name, base.version, base.base_version, base.base_artifact_uri = name, version, version, uri
     base.uri = f"models:/{name}/{version}"
@@ -124,9 +151,22 @@ def ensure_registered_base(base: VersionRef, name: str) -> VersionRef:
     return base
 
 
+def _base_description(base: VersionRef) -> str:
+    gguf = base.handle.extra.get("gguf")
+    if gguf:
+        return (f"Base model {gguf['name']} from the GGUF file {Path(gguf['path']).name} ({gguf['file_type']}, "
+                f"SHA-256 {gguf['sha256']}), dequantised by transformers and registered in full by editflow.")
+    return f"Base model {base.uri}, registered in full by editflow."
+
+
 def config_for(base: VersionRef, overrides: dict[str, Any]) -> MemitConfig:
-    """Published defaults for the architecture, then the model's own recommendations, then overrides."""
+    """Published defaults for the architecture, then the model's own recommendations (its
+    ``editflow.json``), then what ``editflow tune`` stored with its root base, then overrides."""
+    from editflow.registry.tuned import read_tuned
+
     defaults = dict(base.handle.extra.get("model_defaults", {}).get("hparams", {}))
+    if base.name and base.base_version is not None:
+        defaults.update((read_tuned(base.name, base.base_version) or {}).get("hparams", {}))
     adapter = base.handle.adapter
     return default_config(adapter.model_type, adapter.n_layers, defaults, **overrides)
 
