@@ -31,8 +31,13 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="editflow")
-def main() -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or phase notes on stderr.")
+def main(quiet: bool) -> None:
     """editflow: edit facts in causal LMs with MEMIT, tracked and versioned in MLflow."""
+    from editflow import progress
+
+    if quiet:
+        progress.set_quiet(True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

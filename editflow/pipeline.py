@@ -7,27 +7,36 @@ promote. Any failure before registration ends the run FAILED and registers nothi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from editflow import memit
+from editflow import memit, progress
 from editflow.config import MemitConfig
-from editflow.requests import EditRequest, check_tokenizable, load_requests, requests_digest
-from editflow.registry import flavor, ledger, promotion, resolve
+from editflow.models import with_module_overrides
+from editflow.requests import (MAX_REQUESTS, EditRequest, check_lengths, check_tokenizable,
+                               context_template_allowance, load_requests, requests_digest)
+from editflow.tokens import model_positions
+from editflow.edit_state import EditState
+from editflow.registry import flavor, ledger, lineage, promotion, resolve
 from editflow.registry.store import configure, ensure_experiment
-from editflow.registry.versions import CANDIDATE, TAG, VersionRef, log_and_register, set_alias
+from editflow.registry.versions import CANDIDATE, TAG, VersionRef, log_and_register, set_alias, tags_of
 
 PROMOTE_CHOICES = ("never", "if-better", "always")
 STORAGE_CHOICES = ("delta", "full")
-HEADLINE = ("efficacy", "paraphrase", "neighborhood", "neighborhood_auto", "heldout", "score", "drift_ppl_rel")
+HEADLINE = ("efficacy", "paraphrase", "neighborhood", "neighborhood_auto", "heldout", "score", "drift_ppl_rel",
+            "retention")
+#: Figures logged with the version number as the step.
+LINEAGE_CURVE = ("efficacy", "paraphrase", "neighborhood", "heldout", "drift_ppl", "retention", "retention_top1")
 
 
 @dataclass
@@ -47,6 +56,8 @@ class EditJob:
     device: str | None = None
     dtype: str | None = None
     fluency: bool = True
+    carry_state: bool = True  # edit from the lineage's edit state (False: preserve nothing earlier)
+    max_requests: int = MAX_REQUESTS
     description: str = ""
     fail_after: str | None = None  # test hook: raise after this phase ("edit", "eval", "log")
 
@@ -85,6 +96,17 @@ def _peak_memory_mb() -> float:
     return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
 
 
+@contextlib.contextmanager
+def timed(name: str, timings: dict[str, float], what: str | None = None) -> Iterator[None]:
+    """Time one phase into ``timings[name]``, announcing it on stderr (``what``: its plain name)."""
+    progress.note(f"editflow: {what or name} …")
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+
 def _start_run():
     import mlflow
 
@@ -97,78 +119,194 @@ def _start_run():
     return mlflow.start_run()
 
 
+@dataclass
+class _Plan:
+    """What the load phase resolved: the requests, the registered base, its config and lineage state."""
+
+    requests: list[EditRequest]
+    base: VersionRef
+    name: str
+    config: MemitConfig
+    parent_tags: dict[str, str]
+    state: EditState
+    state_sha256: str | None
+
+    @property
+    def handle(self) -> Any:
+        return self.base.handle
+
+
 def run_edit(job: EditJob) -> EditOutcome:
-    """Run one edit batch as an MLflow run and register the edited model as a new version."""
+    """Run one edit batch as an MLflow run and register the edited model as a new version.
+
+    A failure ends the run FAILED with the error as the ``editflow.error`` tag and the traceback as the
+    artifact ``error/traceback.txt``, and is raised again.
+    """
+    with _start_run() as run:
+        try:
+            return _run_phases(job, run.info.run_id)
+        except BaseException as exc:
+            _record_failure(exc)
+            raise
+
+
+def _record_failure(exc: BaseException) -> None:
+    """Keep a failed run's error where people look: a tag and a traceback artifact (best effort)."""
+    import traceback
+
     import mlflow
 
-    with _start_run() as run:
-        run_id = run.info.run_id
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        requests = load_requests(job.requests)
-        base = resolve.resolve_base(job.model, device=job.device, dtype=job.dtype)
-        name = job.registered_model or resolve.default_registered_name(base)
-        base = resolve.ensure_registered_base(base, name)
-        handle = base.handle
-        check_tokenizable(requests, handle.tokenizer)
-        config = resolve.config_for(base, job.hparams)
-        timings["load"] = time.perf_counter() - t0
-        _log_inputs(job, base, config, requests)
+    try:
+        mlflow.set_tag(TAG + "error", f"{type(exc).__name__}: {exc}"[:4000])
+        mlflow.log_text("".join(traceback.format_exception(exc)), "error/traceback.txt")
+    except Exception:  # noqa: BLE001 - the store may be what failed; the original error matters more
+        pass
 
-        t0 = time.perf_counter()
-        covs = _covariances(job, base, config, run_id)
-        timings["stats"] = time.perf_counter() - t0
 
-        from editflow.evaluate import Evaluator, default_heldout_facts, load_heldout_texts
+def _run_phases(job: EditJob, run_id: str) -> EditOutcome:
+    """The phases of one edit run, in order (see the module docstring)."""
+    import mlflow
 
-        t0 = time.perf_counter()
-        evaluator = Evaluator(handle, requests, heldout_texts=load_heldout_texts(),
-                              heldout_facts=default_heldout_facts(requests), fluency=job.fluency,
-                              seed=config.seed)
+    timings: dict[str, float] = {}
+    with timed("load", timings, "loading requests and the base model"):
+        plan = _resolve(job)
+    _log_inputs(job, plan.base, plan.config, plan.requests)
+    with timed("stats", timings, "layer statistics"):
+        covs = _covariances(job, plan.base, plan.config, run_id)
+    with timed("eval_pre", timings, "evaluating before the edit"):
+        evaluator = _evaluator(job, plan)
         pre = evaluator.pre()
-        mlflow.log_metrics({k: float(v) for k, v in pre.summary.items()})
-        timings["eval_pre"] = time.perf_counter() - t0
+    mlflow.log_metrics({k: float(v) for k, v in pre.summary.items()})
+    with timed("edit", timings, f"editing {len(plan.requests)} facts ({plan.config.algorithm}, {plan.config.mode})"):
+        result, chunk_results = _edit(plan, covs, evaluator)
+    timings.update({f"edit_{k}": v for k, v in result.timings.items()})
+    _maybe_fail(job, "edit")
+    with timed("eval_post", timings, "evaluating after the edit"):
+        post = chunk_results[-1] if chunk_results else evaluator.post()
+        retention = _retention(plan)
+    _maybe_fail(job, "eval")
 
-        post_results = []
+    metrics = {**pre.summary, **post.summary, **{f"post/{k}": v for k, v in retention.items()}}
+    _log_results(metrics, timings)
+    _log_artifacts(job, plan.requests, evaluator, pre, post, result)
+    _maybe_fail(job, "log")
 
-        def on_chunk(index: int, chunk: list[EditRequest], _diags: list) -> None:
-            if config.mode == "sequential":
-                result = evaluator.post(step=index)
-                post_results.append(result)
-                mlflow.log_metrics({f"chunk/{k}": float(v) for k, v in result.metrics.items()}, step=index)
+    root = lineage.root_references(plan.parent_tags, pre.summary)
+    verdict = promotion.gate(metrics, job.thresholds, root)
+    with timed("register", timings, f"registering a new version of {plan.name}"):
+        state_record = _log_lineage(plan, result)
+        version = _register(job, plan.name, plan.base, plan.handle, plan.requests, plan.config, metrics,
+                            run_id, {**lineage.state_tags(state_record), **lineage.root_tags(root)})
+    _log_lineage_curve(metrics, version)
+    promoted, error = _promote(job, plan.name, version, verdict, run_id)
+    _name_run(len(plan.requests), plan.name, version, promoted)
+    return EditOutcome(run_id, plan.name, version, plan.base.version, metrics, promoted, verdict, error)
 
-        result = memit.edit(handle.model, handle.tokenizer, handle.adapter, requests, covs, config,
-                            on_chunk=on_chunk, keep_applied=True)
-        timings.update({f"edit_{k}": v for k, v in result.timings.items()})
-        _maybe_fail(job, "edit")
 
-        t0 = time.perf_counter()
-        post = post_results[-1] if post_results else evaluator.post()
-        timings["eval_post"] = time.perf_counter() - t0
-        _maybe_fail(job, "eval")
+def _resolve(job: EditJob) -> _Plan:
+    """Requests, the base, its config and edit state; every check on the requests runs before a new
+    base is registered or any model work is done."""
+    requests = load_requests(job.requests, max_requests=job.max_requests)
+    base = resolve.resolve_base(job.model, device=job.device, dtype=job.dtype, registered_model=job.registered_model)
+    tokenizer = base.handle.tokenizer
+    check_tokenizable(requests, tokenizer)
+    config = resolve.config_for(base, job.hparams)
+    check_lengths(requests, tokenizer, model_positions(base.handle.model),
+                  context_template_allowance(config.context_templates, config.context_template_length))
+    base.handle = with_module_overrides(base.handle, config.layer_tmp, config.rewrite_tmp)
+    name = job.registered_model or resolve.default_registered_name(base)
+    base = resolve.ensure_registered_base(base, name)
+    config = resolve.config_for(base, job.hparams)  # a newly registered base: its stored tune result
+    parent_tags = tags_of(name, base.version)
+    state, sha = lineage.read_state(parent_tags) if job.carry_state else (EditState(), None)  # fails before any work
+    return _Plan(requests, base, name, config, parent_tags, state, sha)
 
-        metrics = {**pre.summary, **post.summary}
-        mlflow.log_metrics({k: float(v) for k, v in post.summary.items()})
-        mlflow.log_metrics({f"time/{k}": v for k, v in timings.items()})
-        mlflow.log_metric("memory/peak_rss_mb", _peak_memory_mb())
-        if torch.cuda.is_available():
-            mlflow.log_metric("memory/peak_cuda_mb", torch.cuda.max_memory_allocated() / 2**20)
-        _log_artifacts(job, requests, evaluator, pre, post, result)
-        _maybe_fail(job, "log")
 
-        verdict = promotion.gate(metrics, job.thresholds)
-        version = _register(job, name, base, handle, requests, config, metrics, run_id)
-        promoted, error = False, None
-        if job.promote == "always" or (job.promote == "if-better" and verdict.passed):
-            try:
-                promotion.promote(name, version, reason=f"run {run_id}: promote={job.promote}", run_id=run_id)
-                promoted = True
-            except Exception as exc:  # the version stays a candidate; production is unchanged
-                error = f"{type(exc).__name__}: {exc}"
-                mlflow.set_tag(TAG + "promotion_error", error)
-        mlflow.set_tags({TAG + "gate": "passed" if verdict.passed else "failed: " + "; ".join(verdict.reasons),
-                         TAG + "promoted": str(promoted).lower()})
-        return EditOutcome(run_id, name, version, base.version, metrics, promoted, verdict, error)
+def _evaluator(job: EditJob, plan: _Plan) -> Any:
+    from editflow.evaluate import Evaluator, default_heldout_facts, load_heldout_texts
+
+    return Evaluator(plan.handle, plan.requests, heldout_texts=load_heldout_texts(),
+                     heldout_facts=default_heldout_facts(plan.requests), fluency=job.fluency,
+                     seed=plan.config.seed)
+
+
+def _edit(plan: _Plan, covs: dict[int, torch.Tensor], evaluator: Any) -> tuple[memit.EditResult, list[Any]]:
+    """MEMIT/AlphaEdit over the batch, preserving the lineage's earlier edits; per-chunk evaluation in
+    sequential mode."""
+    import mlflow
+
+    chunk_results: list[Any] = []
+
+    def on_chunk(index: int, _chunk: list[EditRequest], _diags: list) -> None:
+        if plan.config.mode == "sequential":
+            result = evaluator.post(step=index)
+            chunk_results.append(result)
+            mlflow.log_metrics({f"chunk/{k}": float(v) for k, v in result.metrics.items()}, step=index)
+
+    adapter = plan.handle.adapter
+    preserved = plan.state.preserved(list(plan.config.layers), adapter.d_ff) if plan.state.layers else None
+    result = memit.edit(plan.handle.model, plan.handle.tokenizer, adapter, plan.requests, covs, plan.config,
+                        on_chunk=on_chunk, keep_applied=True, preserved=preserved)
+    return result, chunk_results
+
+
+def _retention(plan: _Plan) -> dict[str, float]:
+    """Retention of the facts earlier versions of the lineage hold (capped, seeded sample)."""
+    from editflow.evaluate.retention import retention_metrics
+
+    held = lineage.lineage_requests(plan.name, plan.base.version)
+    earlier, total = lineage.earlier_facts(held, plan.requests, seed=plan.config.seed)
+    return retention_metrics(plan.handle, earlier, total, seed=plan.config.seed)
+
+
+def _log_results(metrics: dict[str, float], timings: dict[str, float]) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k.startswith("post/")})
+    mlflow.log_metrics({f"time/{k}": v for k, v in timings.items()})
+    mlflow.log_metric("memory/peak_rss_mb", _peak_memory_mb())
+    if torch.cuda.is_available():
+        mlflow.log_metric("memory/peak_cuda_mb", torch.cuda.max_memory_allocated() / 2**20)
+
+
+def _log_lineage(plan: _Plan, result: memit.EditResult) -> dict:
+    """Log the batch's facts and the lineage's edit state extended by this batch's keys."""
+    lineage.log_facts(plan.requests)
+    state = plan.state.extended(result.keys)
+    return lineage.log_state(state, plan.config.state_dtype, plan.state_sha256)
+
+
+def _log_lineage_curve(metrics: dict[str, float], version: int) -> None:
+    """Headline figures with the version number as the step (the lineage curve in the MLflow UI)."""
+    import mlflow
+
+    curve = {f"lineage/{k}": metrics[f"post/{k}"] for k in LINEAGE_CURVE if f"post/{k}" in metrics}
+    mlflow.log_metrics(curve, step=version)
+
+
+def _promote(job: EditJob, name: str, version: int, verdict: promotion.GateResult,
+             run_id: str) -> tuple[bool, str | None]:
+    """Promote per ``job.promote`` and the gate; a failed promotion leaves production where it was."""
+    import mlflow
+
+    promoted, error = False, None
+    if job.promote == "always" or (job.promote == "if-better" and verdict.passed):
+        try:
+            promotion.promote(name, version, reason=f"run {run_id}: promote={job.promote}", run_id=run_id)
+            promoted = True
+        except Exception as exc:  # the version stays a candidate; production is unchanged
+            error = f"{type(exc).__name__}: {exc}"
+            mlflow.set_tag(TAG + "promotion_error", error)
+    mlflow.set_tags({TAG + "gate": "passed" if verdict.passed else "failed: " + "; ".join(verdict.reasons),
+                     TAG + "promoted": str(promoted).lower()})
+    return promoted, error
+
+
+def _name_run(n_facts: int, name: str, version: int, promoted: bool) -> None:
+    """A run name that says what happened, e.g. ``edit 10 facts → editflow-default v2 (production)``."""
+    import mlflow
+
+    mlflow.set_tag("mlflow.runName", f"edit {n_facts} facts → {name} v{version}" + (" (production)" if promoted else ""))
 
 
 def _log_inputs(job: EditJob, base: VersionRef, config: MemitConfig, requests: list[EditRequest]) -> None:
@@ -251,7 +389,7 @@ def _log_artifacts(job: EditJob, requests: list[EditRequest], evaluator: Any, pr
 
 
 def _register(job: EditJob, name: str, base: VersionRef, handle: Any, requests: list[EditRequest],
-              config: MemitConfig, metrics: dict[str, float], run_id: str) -> int:
+              config: MemitConfig, metrics: dict[str, float], run_id: str, extra_tags: dict[str, str]) -> int:
     from editflow.models import fingerprint
 
     digest = requests_digest(requests)
@@ -264,7 +402,7 @@ def _register(job: EditJob, name: str, base: VersionRef, handle: Any, requests: 
     tags = {TAG + "role": "edit", TAG + "parent_version": str(base.version), TAG + "base_version": str(base.base_version),
             TAG + "requests_digest": digest, TAG + "n_facts": str(len(requests)), TAG + "algorithm": config.algorithm,
             TAG + "mode": config.mode, TAG + "run_id": run_id, TAG + "storage": job.storage,
-            TAG + "fingerprint": fingerprint(handle.model), **headline}
+            TAG + "fingerprint": fingerprint(handle.model), **headline, **extra_tags}
     description = job.description or (
         f"{len(requests)} facts edited into v{base.version} with {config.algorithm} ({config.mode}); "
         + ", ".join(f"{k.split('.')[-1]} {v}" for k, v in headline.items()))

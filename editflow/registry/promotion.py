@@ -22,11 +22,19 @@ SPECIFICITY = ("neighborhood", "neighborhood_auto", "heldout", "zsre_specificity
 class GateThresholds:
     """Defaults: efficacy ≥ 90 %; every specificity figure (CounterFact neighbourhood, automatic
     neighbours of plain requests, held-out known facts) at most 10 points below pre-edit; held-out
-    perplexity at most 10 % above pre-edit."""
+    perplexity at most 10 % above pre-edit.
+
+    Cumulative rules, against the lineage's root base: retention of the earlier facts ≥ 90 %;
+    held-out perplexity at most 10 % above the root's; held-out known facts at most 10 points below
+    the root's. A lineage that drifts a little per version is stopped when the total crosses a line.
+    """
 
     min_efficacy: float = 90.0
     max_specificity_drop: float = 10.0
     max_ppl_increase: float = 0.10
+    min_retention: float = 90.0
+    max_ppl_increase_root: float = 0.10
+    max_specificity_drop_root: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -35,8 +43,33 @@ class GateResult:
     reasons: list[str]
 
 
-def gate(metrics: dict[str, float], thresholds: GateThresholds = GateThresholds()) -> GateResult:
-    """Check post-edit metrics against the thresholds; a metric that is absent is not checked."""
+def gate(metrics: dict[str, float], thresholds: GateThresholds = GateThresholds(),
+         root: dict[str, float] | None = None) -> GateResult:
+    """Check post-edit metrics against the thresholds, against the parent (``pre/``) and against the
+    root base (``root``: its ``drift_ppl`` and ``heldout``); a metric that is absent is not checked."""
+    failures = _parent_failures(metrics, thresholds) + _cumulative_failures(metrics, thresholds, root or {})
+    return GateResult(passed=not failures, reasons=failures)
+
+
+def _cumulative_failures(metrics: dict[str, float], t: GateThresholds, root: dict[str, float]) -> list[str]:
+    failures = []
+    retention = metrics.get("post/retention")
+    if retention is not None and retention < t.min_retention:
+        failures.append(f"retention of earlier facts {retention:.1f} < {t.min_retention:.1f}")
+    ppl, root_ppl = metrics.get("post/drift_ppl"), root.get("drift_ppl")
+    if ppl is not None and root_ppl:
+        rel = ppl / root_ppl - 1
+        if rel > t.max_ppl_increase_root:
+            failures.append(f"held-out perplexity {100 * rel:.1f} % above the root base's "
+                            f"(> {100 * t.max_ppl_increase_root:.1f} %)")
+    heldout, root_heldout = metrics.get("post/heldout"), root.get("heldout")
+    if heldout is not None and root_heldout is not None and root_heldout - heldout > t.max_specificity_drop_root:
+        failures.append(f"heldout {root_heldout - heldout:.1f} points below the root base's "
+                        f"(> {t.max_specificity_drop_root:.1f})")
+    return failures
+
+
+def _parent_failures(metrics: dict[str, float], thresholds: GateThresholds) -> list[str]:
     failures = []
     eff = metrics.get("post/efficacy")
     if eff is not None and eff < thresholds.min_efficacy:
@@ -48,7 +81,7 @@ def gate(metrics: dict[str, float], thresholds: GateThresholds = GateThresholds(
     ppl = metrics.get("post/drift_ppl_rel")
     if ppl is not None and ppl > thresholds.max_ppl_increase:
         failures.append(f"held-out perplexity rose {100 * ppl:.1f} % (> {100 * thresholds.max_ppl_increase:.1f} %)")
-    return GateResult(passed=not failures, reasons=failures)
+    return failures
 
 
 def production_version(name: str) -> int | None:

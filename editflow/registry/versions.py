@@ -37,13 +37,19 @@ class VersionRef:
     edited_tensors: list[str] = field(default_factory=list)
 
 
+#: Words in a store error that mean "try again": a busy database, or a concurrent writer that created
+#: the same row first (e.g. two first edits creating the ``candidate`` alias at once).
+TRANSIENT = ("locked", "busy", "unique constraint", "duplicate key", "integrityerror", "deadlock")
+
+
 def retry(fn: Callable[[], T], attempts: int = 8, delay: float = 0.5) -> T:
-    """Retry ``fn`` on transient store errors ("database is locked" under concurrent writers)."""
+    """Retry ``fn`` on transient store errors (see :data:`TRANSIENT`)."""
     for i in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - re-raised unless transient
-            transient = "locked" in str(exc).lower() or "busy" in str(exc).lower()
+            text = f"{type(exc).__name__} {exc}".lower()
+            transient = any(word in text for word in TRANSIENT)
             if not transient or i == attempts - 1:
                 raise
             time.sleep(delay * (i + 1))
@@ -159,3 +165,37 @@ def export_version(name: str, ref: str | int, out_dir: str | Path) -> Path:
     loaded = load_version(name, ref, device="cpu")
     flavor.export_pretrained(loaded.handle, out_dir)
     return Path(out_dir)
+
+
+def _root_gguf_file(name: str, base_version: int) -> Path | None:
+    """The GGUF file the root base was registered from, if it is still at its recorded path with its
+    recorded digest."""
+    import json
+
+    import mlflow
+
+    from editflow.gguf_source import file_sha256
+
+    sha = tags_of(name, base_version).get(TAG + "gguf.sha256")
+    if not sha:
+        return None
+    uri = client().get_model_version_download_uri(name, str(base_version)).rstrip("/")
+    meta = json.loads(mlflow.artifacts.load_text(f"{uri}/{flavor.META_FILE}"))
+    path = Path((meta.get("gguf") or {}).get("path", ""))
+    return path if path.is_file() and file_sha256(path) == sha else None
+
+
+def export_gguf_version(name: str, ref: str | int, out_path: str | Path, dtype: str = "f16") -> Path:
+    """Write any version as one GGUF file (``dtype`` f16 or f32). When the root base was registered
+    from a GGUF file that is still at its recorded path with its recorded digest, its tokenizer and
+    ``general.*`` metadata are copied from it; otherwise they are built from the tokenizer."""
+    from editflow.gguf_export import export_gguf
+
+    loaded = load_version(name, ref, device="cpu")
+    source = _root_gguf_file(name, loaded.base_version or loaded.version)
+    out = Path(out_path)
+    if out.is_dir():
+        out = out / f"{name}-v{loaded.version}.{dtype}.gguf"
+    elif out.suffix.lower() != ".gguf":
+        out = out.with_suffix(".gguf")
+    return export_gguf(loaded.handle.model, loaded.handle.tokenizer, out, dtype=dtype, source_gguf=source)

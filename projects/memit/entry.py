@@ -45,12 +45,21 @@ def normalise(args: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
+    """Run the editflow command. A gate that keeps the new version a candidate (``editflow edit``'s
+    exit status 3) is a decision, not a failure: the MLflow run registered its version and succeeds
+    (the decision is on the version and the run's ``editflow.gate`` tag)."""
     from editflow.cli import main as cli
+    from editflow.commands._options import EXIT_GATE_FAILED
 
     command = argv[:1]
     if command == ["stats"]:
         command = ["stats", "compute"]
-    cli.main(args=command + normalise(argv[1:]), prog_name="editflow")
+    try:
+        cli.main(args=command + normalise(argv[1:]), prog_name="editflow")
+    except SystemExit as exc:
+        if exc.code == EXIT_GATE_FAILED:
+            raise SystemExit(0) from None
+        raise
 
 
 if __name__ == "__main__":

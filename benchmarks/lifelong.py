@@ -1,0 +1,118 @@
+"""Lifelong editing through the registry: V successive edit versions of N facts each, every one promoted.
+
+For each version: its own batch's efficacy / paraphrase, retention of every earlier fact, held-out
+known facts and held-out perplexity against the root base, fluency. At the last version, every
+batch's efficacy. Two ways, in the same run: ``lineage`` (each version carries the edit state of its
+lineage: what editflow does) and ``from-zero`` (each run starts with no preserved keys: the
+behaviour before edit states existed).
+
+    python benchmarks/lifelong.py [--model default|PATH.gguf] [--versions 6] [--facts 50]
+        [--algorithm alphaedit] [--hparams k=v,...] [--ways lineage,from-zero]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from _results import markdown_table, publish  # noqa: E402
+
+from editflow import assets  # noqa: E402
+
+LOOSE = dict(min_efficacy=0.0, max_specificity_drop=100.0, max_ppl_increase=1e9, min_retention=0.0,
+             max_ppl_increase_root=1e9, max_specificity_drop_root=100.0)
+
+
+def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[list[dict], list[float], float]:
+    """Edit the batches one after another in a fresh store; per-version figures and the last
+    version's efficacy on each batch."""
+    from editflow.commands._options import parse_hparams
+    from editflow.evaluate import Evaluator
+    from editflow.pipeline import EditJob, run_edit
+    from editflow.registry.promotion import GateThresholds
+    from editflow.registry.versions import load_version
+    from editflow.requests import load_requests
+
+    root = Path(tempfile.mkdtemp(prefix=f"lifelong-{way}-"))
+    os.chdir(root)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    hparams = {**parse_hparams(args.hparams), "algorithm": args.algorithm}
+    rows, name, t0 = [], None, time.perf_counter()
+    for k, batch in enumerate(batches):
+        model = "" if k == 0 and args.model == "default" else (args.model if k == 0 else f"models:/{name}@production")
+        job = EditJob(requests=str(batch), model=model, hparams=hparams, promote="always",
+                      thresholds=GateThresholds(**LOOSE), fluency=args.fluency, carry_state=(way == "lineage"),
+                      stats_tokens=args.stats_tokens or None)
+        out = run_edit(job)
+        name = out.name
+        m = out.metrics
+        rows.append({"version": out.version, "es": m.get("post/efficacy"), "ps": m.get("post/paraphrase"),
+                     "retention": m.get("post/retention"), "heldout": m.get("post/heldout"),
+                     "heldout_root": m.get("pre/heldout") if k == 0 else rows[0]["heldout_root"],
+                     "ppl": m.get("post/drift_ppl"), "ppl_root": m.get("pre/drift_ppl") if k == 0 else rows[0]["ppl_root"],
+                     "ns": m.get("post/neighborhood"), "ns_pre": m.get("pre/neighborhood"),
+                     "fluency": m.get("post/fluency"), "fluency_root": m.get("pre/fluency") if k == 0 else rows[0]["fluency_root"]})
+    handle = load_version(name, "@production").handle
+    final = [Evaluator(handle, load_requests(b), n_auto_neighbors=0, fluency=False).pre().metrics.get("efficacy", float("nan"))
+             for b in batches]
+    return rows, final, time.perf_counter() - t0
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def table(way: str, rows: list[dict], final: list[float], seconds: float, args: argparse.Namespace) -> str:
+    lines = []
+    for r in rows:
+        ppl_rel = None if r["ppl"] is None or not r["ppl_root"] else 100 * (r["ppl"] / r["ppl_root"] - 1)
+        ho = None if r["heldout"] is None or r["heldout_root"] is None else r["heldout"] - r["heldout_root"]
+        flu = None if r["fluency"] is None or not r["fluency_root"] else 100 * (r["fluency"] / r["fluency_root"] - 1)
+        lines.append(f"| v{r['version']} | {fmt(r['es'])} | {fmt(r['ps'])} | {fmt(r['retention'])} | "
+                     f"{fmt(r['ns'])} ({fmt(r['ns_pre'])}) | {fmt(ho)} | {fmt(ppl_rel)} % | {fmt(flu)} % |")
+    caption = (f"**{way}** — {args.model}, {args.algorithm}, {len(rows)} versions × {args.facts} facts, "
+               f"{seconds / 60:.1f} min; efficacy of each batch at the last version: "
+               + " / ".join(fmt(x) for x in final))
+    header = ["version", "own ES", "own PS", "retention", "NS (pre)", "held-out vs root", "ppl vs root",
+              "fluency vs root"]
+    return markdown_table(caption, header, lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--versions", type=int, default=6)
+    ap.add_argument("--facts", type=int, default=50)
+    ap.add_argument("--algorithm", default="alphaedit")
+    ap.add_argument("--hparams", default="")
+    ap.add_argument("--ways", default="lineage,from-zero")
+    ap.add_argument("--stats-tokens", type=int, default=0)
+    ap.add_argument("--records", default=str(assets.counterfact_records_path()))
+    ap.add_argument("--fluency", action="store_true", help="Also measure fluency (slower).")
+    args = ap.parse_args()
+    records = json.loads(Path(args.records).read_text())
+    need = args.versions * args.facts
+    if len(records) < need:
+        raise SystemExit(f"error: {args.versions} × {args.facts} facts need {need} records, {args.records} has {len(records)}")
+    tmp = Path(tempfile.mkdtemp(prefix="lifelong-batches-"))
+    batches = []
+    for k in range(args.versions):
+        path = tmp / f"batch{k}.json"
+        path.write_text(json.dumps(records[k * args.facts:(k + 1) * args.facts]))
+        batches.append(path)
+    parts = []
+    for way in args.ways.split(","):
+        rows, final, seconds = run_way(way, args, batches)
+        parts.append(table(way, rows, final, seconds, args))
+    publish(f"lifelong_{Path(args.model).stem}_{args.algorithm}.md", "\n\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()

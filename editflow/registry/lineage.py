@@ -1,0 +1,165 @@
+"""What a version carries for the edits after it: its edit state, its facts and the root's references.
+
+* The **edit state** (:mod:`editflow.edit_state`) is logged as an artifact of the run that produced the
+  version, and its SHA-256 and size go into the version's tags; reading it back checks the digest,
+  so a corrupt or swapped file stops the next edit before any work.
+* The version's **facts** (the parsed requests, every field) are logged beside it as ``facts.jsonl``,
+  so retention can be measured on the whole lineage with paraphrases, on any MLflow backend.
+* The **root references** (held-out perplexity and known-fact accuracy of the unedited root base) are
+  carried from version to version in tags, so the gate can compare each version with the root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from editflow import progress
+from editflow.edit_state import EditState, EditStateError, load_state, save_state
+from editflow.registry.store import client
+from editflow.registry.versions import TAG
+from editflow.requests import EditRequest
+
+STATE_DIR = "edit_state"
+FACTS_FILE = "facts.jsonl"
+FACTS_DIR = "lineage"
+#: Root references carried in tags: (metric in an evaluation summary, tag suffix).
+ROOT_REFERENCES = (("drift_ppl", "root.drift_ppl"), ("heldout", "root.heldout"))
+#: Retention is measured on at most this many earlier facts (a seeded sample beyond).
+RETENTION_CAP = 500
+
+
+# --------------------------------------------------------------------------- edit state
+
+
+def log_state(state: EditState, dtype: str, parent_sha256: str | None) -> dict:
+    """Log ``state`` in the active run; return its record (sha256, bytes, layers, n_keys, ...)."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="editflow-state-") as tmp:
+        record = save_state(state, tmp, dtype=dtype, parent_sha256=parent_sha256)
+        mlflow.log_artifact(str(Path(tmp) / record["file"]), STATE_DIR)
+    return record
+
+
+def state_tags(record: dict) -> dict[str, str]:
+    return {TAG + "edit_state.sha256": record["sha256"], TAG + "edit_state.bytes": str(record["bytes"]),
+            TAG + "edit_state.n_keys": str(record["n_keys"]), TAG + "edit_state.dtype": record["dtype"]}
+
+
+def read_state(tags: dict[str, str]) -> tuple[EditState, str | None]:
+    """The edit state of the version with ``tags`` and its digest (empty for a base).
+
+    Raises :class:`~editflow.edit_state.EditStateError` when the artifact is missing or its digest
+    does not match the tag.
+    """
+    import mlflow
+
+    sha = tags.get(TAG + "edit_state.sha256")
+    if tags.get(TAG + "role") != "edit":
+        return EditState(), None
+    if not sha:
+        progress.note("editflow: this version has no edit state (registered before editflow kept one); "
+                      "the edit preserves only the keys of its own batch")
+        return EditState(), None
+    run_id = tags.get(TAG + "run_id")
+    with tempfile.TemporaryDirectory(prefix="editflow-state-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=STATE_DIR, dst_path=tmp)
+        except Exception as exc:  # noqa: BLE001 - any failure to fetch is a missing state
+            raise EditStateError(f"edit state of run {run_id} cannot be read: {str(exc)[:200]}") from None
+        record = {"sha256": sha, "file": "edit_state.safetensors"}
+        return load_state(local, record), sha
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def _request_dict(r: EditRequest) -> dict:
+    d = dataclasses.asdict(r)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def log_facts(requests: Sequence[EditRequest]) -> None:
+    """Log the parsed requests of this run as ``lineage/facts.jsonl``."""
+    import mlflow
+
+    text = "\n".join(json.dumps(_request_dict(r), ensure_ascii=False) for r in requests) + "\n"
+    mlflow.log_text(text, f"{FACTS_DIR}/{FACTS_FILE}")
+
+
+def own_requests(tags: dict[str, str]) -> list[EditRequest]:
+    """The requests edited into the version with ``tags`` (empty for a base)."""
+    import mlflow
+
+    if tags.get(TAG + "role") != "edit":
+        return []
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{tags[TAG + 'run_id']}/{FACTS_DIR}/{FACTS_FILE}")
+    except Exception:  # noqa: BLE001 - versions from before facts were logged
+        return []
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    fields = {f.name for f in dataclasses.fields(EditRequest)}
+    return [EditRequest(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in row.items() if k in fields})
+            for row in rows]
+
+
+def ancestry(name: str, version: int) -> list[tuple[int, dict[str, str]]]:
+    """(version, tags) from ``version`` up to its root base, following ``parent_version`` tags."""
+    chain: list[tuple[int, dict[str, str]]] = []
+    v: int | None = version
+    c = client()
+    while v is not None and all(v != seen for seen, _ in chain):
+        tags = dict(c.get_model_version(name, str(v)).tags)
+        chain.append((v, tags))
+        parent = tags.get(TAG + "parent_version")
+        v = int(parent) if parent and parent.isdigit() else None
+    return chain
+
+
+def lineage_requests(name: str, version: int) -> list[EditRequest]:
+    """Every fact ``version`` holds, from its root on: a later edit of the same (subject, prompt) wins."""
+    held: dict[tuple[str, str], EditRequest] = {}
+    for _, tags in reversed(ancestry(name, version)):
+        for r in own_requests(tags):
+            held[(r.subject, r.prompt)] = r
+    return list(held.values())
+
+
+def earlier_facts(held: Sequence[EditRequest], batch: Sequence[EditRequest], cap: int = RETENTION_CAP,
+                  seed: int = 0) -> tuple[list[EditRequest], int]:
+    """The held facts the new batch does not overwrite, at most ``cap`` of them (a seeded sample),
+    and how many there were."""
+    new = {(r.subject, r.prompt) for r in batch}
+    earlier = [r for r in held if (r.subject, r.prompt) not in new]
+    if len(earlier) <= cap:
+        return earlier, len(earlier)
+    return random.Random(seed).sample(earlier, cap), len(earlier)
+
+
+# --------------------------------------------------------------------------- root references
+
+
+def root_references(parent_tags: dict[str, str], pre_metrics: dict[str, float]) -> dict[str, float]:
+    """The root base's references: carried from the parent, or (editing the root itself) its pre figures."""
+    out = {}
+    for metric, suffix in ROOT_REFERENCES:
+        carried = parent_tags.get(TAG + suffix)
+        if parent_tags.get(TAG + "role") == "edit" and carried is not None:
+            out[metric] = float(carried)
+        elif parent_tags.get(TAG + "role") != "edit" and f"pre/{metric}" in pre_metrics:
+            out[metric] = float(pre_metrics[f"pre/{metric}"])
+    return out
+
+
+def root_tags(references: dict[str, float]) -> dict[str, str]:
+    names = dict(ROOT_REFERENCES)
+    return {TAG + names[m]: f"{v:.6g}" for m, v in references.items()}
+
+
+__all__ = ["EditStateError", "ancestry", "earlier_facts", "lineage_requests", "log_facts", "log_state",
+           "own_requests", "read_state", "root_references", "root_tags", "state_tags"]
