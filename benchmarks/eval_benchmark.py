@@ -1,114 +1,206 @@
-"""Benchmark: batched evaluation vs one prompt per forward, same code path, same results.
+"""Benchmark: the evaluation now vs the previous implementation, in the same run, same model, same data.
 
-    OMP_NUM_THREADS=1 python benchmarks/eval_benchmark.py [--limit N] [--batch-rows 64]
+    OMP_NUM_THREADS=1 python benchmarks/eval_benchmark.py [--model /tmp/smol/hf] [--limit 20]
+        [--reference-rev 9f900bf] [--threads 1]
 
-Evaluates the CounterFact sample (292 records) on the bundled default model when it exists, else on
-a randomly initialised GPT-2-small-shaped model (12 layers, 768 wide) with a byte-level BPE tokenizer
-trained here on the records' text; the output says which. Timed: :meth:`Evaluator.pre` (pre-edit
-answers, every rewrite/paraphrase/neighbourhood check, held-out facts, drift reference when the
-bundled held-out text exists). Fluency is off: sampling draws depend on the batch composition.
-Asserts the max abs difference of every check's NLL and of every metric < 1e-4, prints a markdown
-table and writes it to benchmarks/results/eval.md.
+Model: ``--model`` (a saved Hugging Face folder, e.g. SmolLM2-135M-Instruct) or the bundled default
+model. Records: the first ``--limit`` bundled CounterFact records. The previous implementation is
+``editflow/evaluate`` at git revision ``--reference-rev`` (the commit before the batching / cache /
+known-facts rework), imported from ``git show`` as a separate package.
+
+Timed, for each implementation with its own defaults (fluency on, drift, held-out facts):
+``pre()`` on the unedited model and ``post()`` after a fixed perturbation of one MLP weight (the cost
+of an evaluation does not depend on the edit); for the new one also ``pre(known=...)`` from a saved
+:class:`~editflow.evaluate.PreState`. Asserts every metric except the held-out ones (whose selection
+changed on purpose) agrees within 1e-4 (fluency included: same batches, same draws), prints a
+markdown table with ratios and writes it to benchmarks/results/eval.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from editflow.evaluate import Evaluator, default_heldout_facts, load_heldout_texts  # noqa: E402
 from editflow.requests import load_requests  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "editflow" / "assets" / "default_model"
-SAMPLES = [ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_sample.json",
-           ROOT / "editflow" / "assets" / "counterfact" / "records.json"]
+RECORDS = ROOT / "editflow" / "assets" / "counterfact" / "records.json"
+REFERENCE_REV = "9f900bf"
+HELDOUT_KEYS = ("heldout", "heldout_magnitude", "heldout_top1", "heldout_prob", "n_heldout")
 
 
-def random_gpt2_small(texts: list[str]) -> tuple[object, object, str]:
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=8192, min_frequency=2, special_tokens=["<|endoftext|>"],
-                            show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=768, n_layer=12,
-                                       n_head=12)).eval()
-    return model, tok, f"random-init GPT-2-small shape (12x768, vocab {len(tok)}, BPE trained on the records)"
-
-
-def load(requests) -> tuple[object, object, str]:
-    if (DEFAULT_MODEL / "config.json").is_file():
-        from editflow.models import load_model
-        h = load_model(DEFAULT_MODEL, device="cpu")
-        return h.model, h.tokenizer, f"bundled default model ({sum(p.numel() for p in h.model.parameters()):,} params)"
-    texts = [t for r in requests for t in (r.text, r.target_new, r.target_true or "", *r.paraphrase_prompts,
-                                           *r.neighborhood_prompts)]
-    return random_gpt2_small(texts)
+def import_reference(rev: str, where: Path):
+    """``editflow/evaluate`` at ``rev`` as the package ``ef_ref_evaluate`` (imports rewritten)."""
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:editflow/evaluate"],
+                           check=True, capture_output=True, text=True).stdout.split()
+    pkg = where / "ef_ref_evaluate"
+    pkg.mkdir(parents=True, exist_ok=True)
+    for name in (n for n in names if n.endswith(".py")):
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:editflow/evaluate/{name}"],
+                             check=True, capture_output=True, text=True).stdout
+        (pkg / name).write_text(src.replace("editflow.evaluate", "ef_ref_evaluate"))
+    sys.path.insert(0, str(where))
+    return importlib.import_module("ef_ref_evaluate")
 
 
-def run(model, tok, requests, heldout_texts, heldout_facts, one_by_one: bool, batch_rows: int):
-    ev = Evaluator((model, tok), requests, heldout_texts=heldout_texts, heldout_facts=heldout_facts,
-                   fluency=False, batch_rows=batch_rows, one_by_one=one_by_one)
-    start = time.perf_counter()
-    res = ev.pre()
-    return res, time.perf_counter() - start
+def load(model_path: Path | None):
+    from editflow.models import load_model
+
+    path = model_path or DEFAULT_MODEL
+    h = load_model(path, device="cpu")
+    n = sum(p.numel() for p in h.model.parameters())
+    return h.model, h.tokenizer, f"{path.name if model_path else 'bundled default model'} ({n:,} params)"
+
+
+def mid_mlp_weight(model: torch.nn.Module) -> torch.nn.Parameter:
+    """One mid-depth MLP output weight (the one a MEMIT edit would touch)."""
+    names = [n for n, _ in model.named_parameters() if n.endswith(("mlp.c_proj.weight", "mlp.down_proj.weight"))]
+    return dict(model.named_parameters())[names[len(names) // 2]]
+
+
+#: Parts of an evaluation timed separately: (attribute of the evaluator module, part name).
+PARTS = (("known_mask", "known-fact selection"), ("greedy_answers", "pre-edit answers"),
+         ("Evaluator._score", "scoring"), ("Evaluator._fluency", "fluency sampling"),
+         ("drift_reference", "drift reference"), ("drift", "drift"))
+
+
+def instrument(pkg) -> dict[str, float]:
+    """Wrap the parts of ``pkg``'s evaluator in wall-clock timers; returns the totals (filled as it runs)."""
+    module = importlib.import_module(pkg.__name__ + ".evaluator")
+    totals: dict[str, float] = {}
+    for attr, part in PARTS:
+        owner, name = (module.Evaluator, attr.split(".")[1]) if "." in attr else (module, attr)
+        if not hasattr(owner, name):
+            continue
+
+        def wrap(fn, part=part):
+            def timed_part(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    totals[part] = totals.get(part, 0.0) + time.perf_counter() - t
+            return timed_part
+        setattr(owner, name, wrap(getattr(owner, name)))
+    return totals
+
+
+def timed(fn):
+    t, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t, time.process_time() - c
+
+
+def material(pkg, requests) -> dict:
+    """Held-out text and fact candidates from the bundled files, with ``pkg``'s default count."""
+    from editflow.evaluate.data import DEFAULT_HELDOUT_TEXT
+
+    return {"heldout_texts": pkg.load_heldout_texts(DEFAULT_HELDOUT_TEXT),
+            "heldout_facts": pkg.default_heldout_facts(requests, path=RECORDS)}
+
+
+def evaluate(pkg, model, tok, requests) -> dict:
+    """pre, post (perturbed model) with ``pkg``'s Evaluator and its default held-out material."""
+    ev = pkg.Evaluator((model, tok), requests, **material(pkg, requests))
+    pre, t_pre, c_pre = timed(ev.pre)
+    w = mid_mlp_weight(model)
+    saved = w.detach().clone()
+    noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * float(saved.std())
+    try:
+        with torch.no_grad():
+            w.add_(noise.to(w.device, w.dtype))  # a stand-in edit
+        post, t_post, c_post = timed(ev.post)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    return {"ev": ev, "pre": pre, "post": post, "t_pre": t_pre, "t_post": t_post, "c_pre": c_pre, "c_post": c_post}
+
+
+def cached_pre(pkg, model, tok, requests, state) -> tuple[float, float]:
+    ev = pkg.Evaluator((model, tok), requests, **material(pkg, requests))
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg.save_pre_state(state, tmp)
+        _, t, c = timed(lambda: ev.pre(known=pkg.load_pre_state(tmp)))
+    return t, c
+
+
+def max_diff(a: dict, b: dict) -> tuple[float, str]:
+    keys = [k for k in a if k not in HELDOUT_KEYS]
+    assert set(keys) == {k for k in b if k not in HELDOUT_KEYS}, set(keys) ^ {k for k in b if k not in HELDOUT_KEYS}
+    worst = max(keys, key=lambda k: abs(a[k] - b[k]))
+    return abs(a[worst] - b[worst]), worst
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=Path, default=next((p for p in SAMPLES if p.is_file()), SAMPLES[-1]))
-    ap.add_argument("--limit", type=int, default=None, help="first N records only")
-    ap.add_argument("--batch-rows", type=int, default=64)
+    ap.add_argument("--model", type=Path, default=None, help="saved HF model folder (default: bundled model)")
+    ap.add_argument("--limit", type=int, default=20, help="first N bundled CounterFact records")
+    ap.add_argument("--reference-rev", default=REFERENCE_REV)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eval.md")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
-    requests = load_requests(args.records)[: args.limit]
-    model, tok, which = load(requests)
-    heldout_texts = load_heldout_texts()
-    heldout_facts = default_heldout_facts(requests, 100)
-    print(f"model: {which}\nrecords: {len(requests)} from {args.records}; held-out facts: {len(heldout_facts)}; "
-          f"held-out text lines: {len(heldout_texts)}; torch threads: {torch.get_num_threads()}")
+    import editflow.evaluate as new
+    with tempfile.TemporaryDirectory() as tmp:
+        old = import_reference(args.reference_rev, Path(tmp))
+    requests = load_requests(RECORDS)[: args.limit]
+    model, tok, which = load(args.model)
+    print(f"model: {which}; records: {len(requests)}; torch threads: {torch.get_num_threads()}", flush=True)
 
-    batched, t_b = run(model, tok, requests, heldout_texts, heldout_facts, False, args.batch_rows)
-    single, t_s = run(model, tok, requests, heldout_texts, heldout_facts, True, args.batch_rows)
-    nll_cols = ["nll_new", "nll_true"]
-    check_diff = float(np.nanmax(np.abs(batched.checks[nll_cols].to_numpy() - single.checks[nll_cols].to_numpy())))
-    metric_diff = max(abs(batched.metrics[k] - single.metrics[k]) for k in batched.metrics)
-    assert batched.metrics.keys() == single.metrics.keys()
-    assert check_diff < 1e-4 and metric_diff < 1e-4, (check_diff, metric_diff)
+    parts_old, parts_new = instrument(old), instrument(new)
+    r_old = evaluate(old, model, tok, requests)
+    r_new = evaluate(new, model, tok, requests)
+    t_cached, c_cached = cached_pre(new, model, tok, requests, r_new["ev"].pre_state)
+    d_pre, k_pre = max_diff(r_new["pre"].metrics, r_old["pre"].metrics)
+    d_post, k_post = max_diff(r_new["post"].metrics, r_old["post"].metrics)
 
-    n_rows = int(batched.checks[nll_cols].notna().to_numpy().sum())
-    m = batched.metrics
+    def row(name: str, t_old: float, c_old: float, t_new: float, c_new: float) -> str:
+        return (f"| {name} | {t_old:.1f} | {t_new:.1f} | {t_old / t_new:.1f}x | {c_old:.1f} | {c_new:.1f} | "
+                f"{c_old / c_new:.1f}x |")
+
+    tot = [r_old["t_pre"] + r_old["t_post"], r_old["c_pre"] + r_old["c_post"]]
     table = "\n".join([
-        f"Model: {which}. Records: {len(requests)} ({args.records.name}), {n_rows} scored (prompt, target) "
-        f"rows, {int(m['n_heldout'])} held-out facts kept. Device: cpu, {torch.get_num_threads()} thread(s).",
+        f"Model: {which}. Records: {len(requests)} bundled CounterFact. Device: cpu, {torch.get_num_threads()} "
+        f"thread(s). Reference: editflow/evaluate at {args.reference_rev}. Held-out facts kept: "
+        f"old {int(r_old['pre'].metrics['n_heldout'])}, new {int(r_new['pre'].metrics['n_heldout'])}.",
         "",
-        "| mode | wall time (s) | rows / s | efficacy | paraphrase | neighborhood | score |",
+        "| evaluation | old wall (s) | new wall (s) | speed-up | old CPU (s) | new CPU (s) | CPU ratio |",
         "|---|---|---|---|---|---|---|",
-        *(f"| {name} | {t:.2f} | {n_rows / t:.0f} | {r.metrics.get('efficacy', float('nan')):.2f} | "
-          f"{r.metrics.get('paraphrase', float('nan')):.2f} | {r.metrics.get('neighborhood', float('nan')):.2f} | "
-          f"{r.metrics.get('score', float('nan')):.2f} |"
-          for name, t, r in ((f"batched ({args.batch_rows} rows)", t_b, batched), ("one prompt at a time", t_s, single))),
+        row("pre", r_old["t_pre"], r_old["c_pre"], r_new["t_pre"], r_new["c_pre"]),
+        row("post", r_old["t_post"], r_old["c_post"], r_new["t_post"], r_new["c_post"]),
+        row("pre + post", *tot, r_new["t_pre"] + r_new["t_post"], r_new["c_pre"] + r_new["c_post"]),
+        row("pre (saved state) + post", *tot, t_cached + r_new["t_post"], c_cached + r_new["c_post"]),
         "",
-        f"Speed-up: {t_s / t_b:.1f}x. Max abs difference: check NLLs {check_diff:.2e}, metrics {metric_diff:.2e} (< 1e-4).",
+        f"Max abs metric difference new vs old (held-out metrics excluded: new selection): pre {d_pre:.2e} "
+        f"({k_pre}), post {d_post:.2e} ({k_post}). Loading the saved pre state: {t_cached:.2f} s.",
+        "",
+        "| part (pre + post, wall s) | old | new |",
+        "|---|---|---|",
+        *(f"| {part} | {parts_old.get(part, 0.0):.1f} | {parts_new.get(part, 0.0):.1f} |" for _, part in PARTS),
     ])
     print(table)
+    print("old pre:", json.dumps({k: round(v, 4) for k, v in r_old["pre"].metrics.items()}))
+    print("new pre:", json.dumps({k: round(v, 4) for k, v in r_new["pre"].metrics.items()}))
+    print("old post:", json.dumps({k: round(v, 4) for k, v in r_old["post"].metrics.items()}))
+    print("new post:", json.dumps({k: round(v, 4) for k, v in r_new["post"].metrics.items()}))
+    assert d_pre < 1e-4 and d_post < 1e-4, (d_pre, k_pre, d_post, k_post)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")
     print(f"wrote {args.out}")
-    print(json.dumps({k: round(v, 4) for k, v in m.items()}))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
 
 from editflow.evaluate import (Evaluator, drift, drift_reference, fact_table, greedy_answers,  # noqa: E402
-                               harmonic_mean, ngram_entropy, score_targets, summary, text_entropy,
-                               weighted_ngram_entropy, words, write_report)
+                               harmonic_mean, load_pre_state, ngram_entropy, save_pre_state, score_targets,
+                               summary, text_entropy, weighted_ngram_entropy, words, write_report)
+from editflow.evaluate.scoring import shared_rows  # noqa: E402
+from editflow.generation import complete, decode  # noqa: E402
 from editflow.requests import parse_requests  # noqa: E402
 
 WORDS = ("<eos> the capital of France Germany Italy Spain is Paris Rome Berlin Madrid city plays sport "
@@ -77,6 +79,29 @@ def test_scores_match_direct_forward(lm, kwargs):
         assert s.nll[k] == pytest.approx(nll, abs=1e-5)
         assert bool(s.top1[k]) == top1 and s.token_acc[k] == pytest.approx(acc)
     assert list(s.n_tokens) == [1, 2, 4, 1]
+    for k, (p, t) in enumerate(PAIRS):  # rank of the first target token among next-token logits
+        ids = tok(p)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        first = tok(" " + t, add_special_tokens=False)["input_ids"][0]
+        assert s.rank[k] == int((logits > logits[first]).sum())
+
+
+def test_shared_rows_cover_every_sequence():
+    seqs = [(1, 2), (1, 2, 3), (1,), (4, 5), (1, 2), (4,), (1, 3)]
+    rows, where = shared_rows(seqs)
+    assert sorted(rows) == [(1, 2, 3), (1, 3), (4, 5)]
+    assert all(rows[w][:len(s)] == s for s, w in zip(seqs, where))
+
+
+def test_greedy_decode_and_complete_match_plain_greedy(lm):
+    model, tok = lm
+    prompts = ["the capital of", "what", "LeBron James plays the sport", "a"]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    expected = [greedy(model, tok, p, 4) for p in prompts]
+    assert decode(model, ids, 0, 4, batch_rows=3) == expected
+    assert complete(model, tok, prompts, max_new_tokens=4) == [
+        tok.decode(e[: e.index(0)] if 0 in e else e, skip_special_tokens=True) for e in expected]
 
 
 def test_padding_invariance(lm):
@@ -156,11 +181,12 @@ def test_plain_request_gets_efficacy_and_specificity(lm):
     auto = res.checks[res.checks["kind"] == "neighborhood_auto"]
     assert sorted(auto["text"]) == ["France plays the sport", "the capital of Serena Williams is"]
     assert res.metrics["neighborhood_auto_top1"] == 100.0 and "neighborhood_auto" in res.metrics
-    assert res.metrics["heldout"] == 100.0 and res.metrics["n_heldout"] == 1
-    # known_only drops held-out facts whose pre-edit answer is not target_true.
-    known = greedy(model, tok, "the capital of Italy is", 1) == tok(" Rome", add_special_tokens=False)["input_ids"]
+    # Held-out facts: does the model still prefer target_true over target_new?
+    prefers = direct(model, tok, heldout[0].text, "Rome")[0] < direct(model, tok, heldout[0].text, "Paris")[0]
+    assert res.metrics["heldout"] == 100.0 * prefers and res.metrics["n_heldout"] == 1
+    # known_only keeps the facts the model knows: prefers target_true, whose first token ranks < 50.
     res2 = Evaluator((model, tok), reqs, heldout_facts=heldout, fluency=False).pre()
-    assert res2.metrics["n_heldout"] == float(known)
+    assert res2.metrics["n_heldout"] == float(prefers)
 
 
 def test_zsre_token_accuracy(lm):
@@ -270,6 +296,57 @@ def test_sequential_post_and_report(lm, tmp_path):
     assert json.loads(paths["summary"].read_text())["post/efficacy"] == s["post/efficacy"]
 
 
+def test_saved_pre_state_replaces_pre(lm, tmp_path):
+    model, tok = lm
+    reqs = parse_requests(CF)
+    heldout = parse_requests([{"prompt": "the capital of {} is", "subject": "Italy", "target_new": "Paris",
+                               "target_true": "Rome"}])
+    kwargs = dict(heldout_texts=TEXTS, heldout_facts=heldout, heldout_known_only=False, fluency_tokens=8)
+    ev = Evaluator((model, tok), reqs, **kwargs)
+    assert ev.pre_key("abc") == Evaluator((model, tok), reqs, **kwargs).pre_key("abc") != ev.pre_key("abd")
+    save_pre_state(ev.pre_state, tmp_path / "pre")
+    state = load_pre_state(tmp_path / "pre")
+    again = Evaluator((model, tok), reqs, **kwargs)
+    assert again.pre(known=state).metrics == ev.pre().metrics
+    assert again.checks == ev.checks and again.drift_ref.topk_ids[0].equal(ev.drift_ref.topk_ids[0])
+    assert again.pre().facts.equals(ev.pre().facts) and again.pre().checks.equals(ev.pre().checks)
+    w = model.transformer.h[0].mlp.c_proj.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.mul_(2.0)
+        assert again.post().metrics == ev.post().metrics
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    with pytest.raises(ValueError):
+        Evaluator((model, tok), reqs[:1], **kwargs).pre(known=state)
+
+
+def test_pre_state_and_known_facts_round_trip_through_mlflow(lm, tmp_path, monkeypatch):
+    import mlflow
+
+    from editflow.evaluate import find_known, find_pre_state, known_key, log_known, log_pre_state, select_known
+
+    model, tok = lm
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    reqs = parse_requests(CF)
+    ev = Evaluator((model, tok), reqs, heldout_texts=TEXTS, fluency=False)
+    key = ev.pre_key("fingerprint-of-the-base")
+    candidates = parse_requests([{"prompt": "the capital of {} is", "subject": s, "target_new": "Paris",
+                                  "target_true": t} for s, t in (("Italy", "Rome"), ("Spain", "Madrid"))])
+    kkey = known_key("fingerprint-of-the-base", candidates)
+    known = select_known(model, tok, candidates)
+    assert find_pre_state(key) is None and find_known(kkey) is None
+    experiment = mlflow.create_experiment("eval-cache", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        log_pre_state(ev.pre_state, key)
+        log_known(known, kkey)
+    state = find_pre_state(key)
+    assert state is not None and state.result.metrics == ev.pre().metrics and state.checks == ev.checks
+    assert find_known(kkey) == known
+
+
 def test_cli_writes_outputs(lm, tmp_path):
     from editflow.cli import main
 
@@ -288,3 +365,210 @@ def test_cli_writes_outputs(lm, tmp_path):
         assert (out / name).stat().st_size > 0
     s = json.loads((out / "summary.json").read_text())
     assert {"pre/efficacy", "pre/score", "pre/fluency", "pre/drift_ppl"} <= set(s)
+
+
+# --------------------------------------------------------------------------- batched path vs a plain reference
+
+
+MIXED = [
+    {"case_id": 1, "requested_rewrite": {"prompt": "{} lives in", "subject": "alpha", "target_new": {"str": "Rome"},
+                                         "target_true": {"str": "Paris"}},
+     "paraphrase_prompts": ["The alpha lives in", "I alpha lives in"],
+     "neighborhood_prompts": ["beta lives in", "gamma lives in", "The gamma lives in"],
+     "generation_prompts": ["alpha plays", "alpha is"]},
+    {"case_id": 2, "requested_rewrite": {"prompt": "{} plays", "subject": "delta",
+                                         "target_new": {"str": "tennis chess"}, "target_true": {"str": "football"}},
+     "paraphrase_prompts": ["The delta plays"], "neighborhood_prompts": ["beta plays"], "generation_prompts": []},
+    {"prompt": "{} is", "subject": "epsilon", "target_new": "red green"},
+    {"prompt": "{} lives in", "subject": "zeta", "target_new": "London"},
+    {"subject": "eta", "src": "eta lives in", "alt": "Berlin Madrid", "answers": ["Madrid"],
+     "rephrase": "The eta lives in", "loc": "theta plays", "loc_ans": "golf piano"},
+]
+HELDOUT = [{"prompt": "{} lives in", "subject": s, "target_new": n, "target_true": t}
+           for s, t, n in (("iota", "Paris", "London"), ("kappa", "Rome", "Berlin"), ("lambda", "Madrid", "Paris"),
+                           ("mu", "London", "Rome Berlin"), ("nu", "Berlin", "Madrid"), ("xi", "red", "blue"))]
+DRIFT_TEXTS = ["alpha lives in Paris", "The beta plays tennis in London", "I is a the of in red green blue"]
+
+
+def ref_logp(model, ids: list[int]) -> torch.Tensor:
+    """(len, vocab) float64 next-token log-probs: one unpadded forward."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+
+
+def ref_score(model, prefix: list[int], target: list[int]) -> tuple[float, float, float, int]:
+    """(mean NLL, all-argmax, token accuracy, rank of the first token) of target after prefix."""
+    logp = ref_logp(model, prefix + target)
+    rows = [logp[len(prefix) - 1 + k] for k in range(len(target))]
+    hits = [int(r.argmax()) == t for r, t in zip(rows, target)]
+    nll = -sum(float(r[t]) for r, t in zip(rows, target)) / len(target)
+    return nll, float(all(hits)), sum(hits) / len(hits), int((rows[0] > rows[0][target[0]]).sum())
+
+
+def ref_greedy(model, ids: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(ref_logp(model, ids + out)[-1].argmax()))
+    return out
+
+
+def ref_sample(model, prompts: list[list[int]], pad: int, n: int, top_k: int, seed: int, rows: int) -> list[list[int]]:
+    """Top-k sampling without a KV cache: the whole left-padded batch forward at every step."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, len(prompts), rows):
+        part = prompts[start:start + rows]
+        width = max(map(len, part))
+        seqs = [[pad] * (width - len(p)) + p for p in part]
+        mask = [[0] * (width - len(p)) + [1] * len(p) for p in part]
+        new: list[list[int]] = [[] for _ in part]
+        for _ in range(n):
+            m = torch.tensor(mask)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor(seqs), attention_mask=m,
+                               position_ids=(m.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].float()
+            top = logits.topk(top_k, dim=-1)
+            pick = top.indices.gather(1, torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen))[:, 0]
+            for i, t in enumerate(pick.tolist()):
+                seqs[i].append(t), mask[i].append(1), new[i].append(t)
+        out += new
+    return out
+
+
+def ref_drift_reference(model, seqs: list[list[int]], top_k: int) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    out = []
+    for s in seqs:
+        logp = ref_logp(model, s)[:-1]
+        top = logp.topk(top_k, -1)
+        out.append((top.indices, top.values, -float(logp.gather(1, torch.tensor(s[1:])[:, None]).sum())))
+    return out
+
+
+def ref_drift(model, seqs, ref) -> tuple[float, float]:
+    """(summed NLL, summed top-k-coarsened KL(pre || post)) over all positions."""
+    nll = kl = 0.0
+    for s, (ids, p, _) in zip(seqs, ref):
+        q_all = ref_logp(model, s)[:-1]
+        nll -= float(q_all.gather(1, torch.tensor(s[1:])[:, None]).sum())
+        q = q_all.gather(1, ids)
+        p_rest, q_rest = 1 - p.exp().sum(-1), 1 - q.exp().sum(-1)
+        kl += float(((p.exp() * (p - q)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())).sum())
+    return nll, kl
+
+
+def reference_metrics(model, tok, reqs, facts, heldout, pre_answers, drift_state, phase) -> tuple[dict, dict]:
+    """(every metric the Evaluator reports, P(new) per fact), computed prompt by prompt
+    (``pre_answers``: (text, n) -> greedy ids of the unedited model)."""
+    from editflow.evaluate.fluency import text_entropy
+    from editflow.evaluate.probes import auto_neighbor_texts
+    from editflow.tokens import encode, encode_target
+
+    enc, tgt = (lambda t: encode(tok, t)), (lambda t: encode_target(tok, t))
+    per: dict[str, dict[int, list[float]]] = {}
+
+    def add(metric, i, v):
+        per.setdefault(metric, {}).setdefault(i, []).append(float(v))
+
+    def preference(metric, i, text, win, lose):
+        (nw, t1, _, _), (nl, _, _, _) = ref_score(model, enc(text), win), ref_score(model, enc(text), lose)
+        add(metric, i, nw < nl), add(metric + "_top1", i, t1)
+        add(metric + "_magnitude", i, math.exp(-nw) - math.exp(-nl))
+        return nw
+
+    p_new = {}
+    for i in facts:
+        r = reqs[i]
+        new = tgt(r.target_new)
+        if r.source_format == "zsre":
+            add("zsre_efficacy", i, ref_score(model, enc(r.text), new)[2])
+            for p in r.paraphrase_prompts:
+                add("zsre_paraphrase", i, ref_score(model, enc(p), new)[2])
+            add("zsre_specificity", i, ref_score(model, enc(r.loc), tgt(r.loc_ans))[2])
+            continue
+        true = tgt(r.target_true) if r.target_true else list(pre_answers[r.text, len(new)])
+        p_new[i] = math.exp(-preference("efficacy", i, r.text, new, true))
+        for p in r.paraphrase_prompts:
+            preference("paraphrase", i, p, new, true)
+        for p in r.neighborhood_prompts:
+            preference("neighborhood", i, p, true, new)
+        if not r.neighborhood_prompts:
+            for t in auto_neighbor_texts(reqs, i, 5):
+                preference("neighborhood_auto", i, t, list(pre_answers[t, len(new)]), new)
+    out = {m: 100 * float(np.mean([np.mean(v) for v in d.values()])) for m, d in per.items()}
+    held: dict[str, list[float]] = {}
+    for f in heldout:  # averaged over items, not facts
+        s_true = ref_score(model, enc(f.text), tgt(f.target_true))
+        s_new = ref_score(model, enc(f.text), tgt(f.target_new))
+        for m, v in (("heldout", s_true[0] < s_new[0]), ("heldout_top1", s_true[1]),
+                     ("heldout_magnitude", math.exp(-s_true[0]) - math.exp(-s_new[0])),
+                     ("heldout_prob", math.exp(-s_true[0]))):
+            held.setdefault(m, []).append(float(v))
+    out.update({m: 100 * float(np.mean(v)) for m, v in held.items()})
+    out["score"] = harmonic_mean([out["efficacy"], out["paraphrase"], out["neighborhood"]])
+    prompts, owner = [], []
+    for i in facts:
+        chosen = list(dict.fromkeys(reqs[i].generation_prompts))[:1] or [reqs[i].text]
+        prompts += [enc(p) for p in chosen]
+        owner += [i] * len(chosen)
+    texts = [tok.decode(p + n, skip_special_tokens=True)
+             for p, n in zip(prompts, ref_sample(model, prompts, tok.pad_token_id, 12, 5, 0, 3))]
+    out["fluency"] = 100 * float(np.mean([np.mean([text_entropy([t]) for t, o in zip(texts, owner) if o == i])
+                                          for i in facts]))
+    seqs, dref = drift_state
+    n_tok = sum(len(s) - 1 for s in seqs)
+    ppl_pre = math.exp(sum(r[2] for r in dref) / n_tok)
+    if phase == "pre":
+        out["drift_ppl"] = ppl_pre
+    else:
+        nll, kl = ref_drift(model, seqs, dref)
+        ppl = math.exp(nll / n_tok)
+        out.update(drift_ppl=ppl, drift_ppl_rel=ppl / ppl_pre - 1, drift_kl=kl / n_tok)
+    out.update(n_facts=float(len(facts)), n_heldout=float(len(heldout)))
+    return out, p_new
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_every_metric_matches_plain_reference(family):
+    from conftest import tiny_model
+
+    from editflow.evaluate.drift import heldout_sequences
+    from editflow.evaluate.known import is_known
+    from editflow.evaluate.probes import auto_neighbor_texts
+    from editflow.tokens import encode, encode_target
+
+    model, tok = tiny_model(family, seed=3)
+    reqs, heldout = parse_requests(MIXED), parse_requests(HELDOUT)
+    ev = Evaluator((model, tok), reqs, heldout_texts=DRIFT_TEXTS, heldout_facts=heldout, fluency_tokens=12,
+                   batch_rows=3, drift_top_k=5)
+    pre = ev.pre()
+    # Plain reference of the pre-edit material: greedy answers, known held-out facts, drift reference.
+    answers = {}
+    for i, r in enumerate(reqs):
+        if r.source_format == "plain":
+            n = len(encode_target(tok, r.target_new))
+            for t in [r.text, *auto_neighbor_texts(reqs, i, 5)]:
+                answers[t, n] = ref_greedy(model, encode(tok, t), n)
+    known = []
+    for f in heldout:
+        (nt, _, _, rank), (nn_, _, _, _) = (ref_score(model, encode(tok, f.text), encode_target(tok, x))
+                                            for x in (f.target_true, f.target_new))
+        if is_known(np.array(nt), np.array(nn_), np.array(rank)):
+            known.append(f)
+    assert [c.text for c in ev.checks if c.kind == "heldout"] == [f.text for f in known] and known
+    seqs = heldout_sequences(tok, DRIFT_TEXTS, 1024, 128)
+    dstate = (seqs, ref_drift_reference(model, seqs, 5))
+    facts = list(range(len(reqs)))
+
+    def compare(res, phase):
+        expected, p_new = reference_metrics(model, tok, reqs, facts, known, answers, dstate, phase)
+        assert set(res.metrics) == set(expected), set(res.metrics) ^ set(expected)
+        for k, v in expected.items():
+            assert res.metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-4), k  # float32 batched vs unbatched
+        for i, p in p_new.items():
+            assert res.facts.loc[i, "p_new"] == pytest.approx(p, rel=1e-5)
+
+    compare(pre, "pre")
+    w = next(p for n, p in model.named_parameters() if n.endswith(("1.mlp.c_proj.weight", "1.mlp.down_proj.weight")))
+    with torch.no_grad():
+        w.add_(torch.randn_like(w, generator=torch.Generator().manual_seed(5)) * 0.5)
+    compare(ev.post(step=1), "post")

@@ -4,7 +4,9 @@ Typical use::
 
     ev = Evaluator(handle, requests, heldout_texts=load_heldout_texts(),
                    heldout_facts=default_heldout_facts(requests))
-    pre = ev.pre()                 # pre-edit answers and references, computed once
+    key = ev.pre_key(fingerprint(handle.model))
+    pre = ev.pre(known=find_pre_state(key))   # pre-edit answers and references, computed once
+    log_pre_state(ev.pre_state, key)           # when it was computed here
     ...edit the model in place...
     post = ev.post(step=1)         # callable after every chunk
     table = fact_table(requests, pre, post); s = summary(pre, post)
@@ -12,9 +14,12 @@ Typical use::
 Metric names: see :mod:`editflow.evaluate.report`.
 """
 
+from editflow.evaluate.cache import (find_known, find_pre_state, known_key, load_pre_state, log_known, log_pre_state,
+                                     save_pre_state)
 from editflow.evaluate.data import default_heldout_facts, load_heldout_texts
 from editflow.evaluate.drift import DriftReference, drift, drift_reference
-from editflow.evaluate.evaluator import EvalResult, Evaluator
+from editflow.evaluate.evaluator import EvalResult, Evaluator, PreState
+from editflow.evaluate.known import known_mask, select_known
 from editflow.evaluate.fluency import ngram_entropy, sample_texts, text_entropy, weighted_ngram_entropy, words
 from editflow.evaluate.metrics import KINDS, aggregate, check_outcomes, fact_metrics, harmonic_mean
 from editflow.evaluate.probes import Check, auto_neighbor_texts
@@ -23,10 +28,12 @@ from editflow.evaluate.report import (METRIC_NAMES, fact_table, format_summary, 
 from editflow.evaluate.scoring import TargetScores, batched_forward, greedy_answers, score_ids, score_targets
 
 __all__ = [
-    "Check", "DriftReference", "EvalResult", "Evaluator", "KINDS", "METRIC_NAMES", "TargetScores",
+    "Check", "DriftReference", "EvalResult", "Evaluator", "KINDS", "METRIC_NAMES", "PreState", "TargetScores",
     "aggregate", "auto_neighbor_texts", "batched_forward", "check_outcomes", "default_heldout_facts", "drift",
-    "drift_reference", "fact_metrics", "fact_table", "format_summary", "greedy_answers", "harmonic_mean",
-    "history_frame", "load_heldout_texts", "ngram_entropy", "plot_curve", "plot_probabilities",
-    "sample_texts", "score_ids", "score_targets", "summary", "text_entropy", "weighted_ngram_entropy",
-    "words", "write_report",
+    "drift_reference", "fact_metrics", "fact_table", "find_known", "find_pre_state", "format_summary", "greedy_answers",
+    "harmonic_mean", "history_frame", "known_key", "known_mask", "load_heldout_texts", "load_pre_state", "log_known",
+    "log_pre_state",
+    "ngram_entropy", "plot_curve", "plot_probabilities", "sample_texts", "save_pre_state", "score_ids",
+    "score_targets", "select_known", "summary", "text_entropy", "weighted_ngram_entropy", "words",
+    "write_report",
 ]

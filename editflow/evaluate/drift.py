@@ -103,7 +103,7 @@ def drift_reference(model: nn.Module, tokenizer: object, texts: Sequence[str], *
     if not seqs:
         return None
     res = batched_forward(model, seqs, pad_id(tokenizer), _reference_reducer(top_k), seqs,
-                          batch_rows=batch_rows, one_by_one=one_by_one)
+                          batch_rows=batch_rows, one_by_one=one_by_one, desc="drift reference")
     return DriftReference(seqs=seqs, topk_ids=[r[1] for r in res], topk_logp=[r[2] for r in res],
                           nll_sum=sum(r[0] for r in res), n_tokens=sum(len(s) - 1 for s in seqs))
 
@@ -113,6 +113,6 @@ def drift(model: nn.Module, tokenizer: object, ref: DriftReference, *, batch_row
     """``ppl``, ``ppl_rel`` and ``kl`` of the current model against ``ref`` (module docstring)."""
     items = list(zip(ref.seqs, ref.topk_ids, ref.topk_logp))
     res = batched_forward(model, ref.seqs, pad_id(tokenizer), _drift_reducer, items,
-                          batch_rows=batch_rows, one_by_one=one_by_one)
+                          batch_rows=batch_rows, one_by_one=one_by_one, desc="drift")
     ppl = math.exp(sum(r[0] for r in res) / ref.n_tokens)
     return {"ppl": ppl, "ppl_rel": ppl / ref.ppl - 1.0, "kl": sum(r[1] for r in res) / ref.n_tokens}

@@ -1,8 +1,15 @@
-"""The :class:`Evaluator`: pre-edit references computed once, post-edit evaluation callable per chunk."""
+"""The :class:`Evaluator`: pre-edit references computed once, post-edit evaluation callable per chunk.
+
+Everything :meth:`Evaluator.post` needs from :meth:`Evaluator.pre` is a :class:`PreState`; pass a
+saved one back as ``pre(known=...)`` to skip the pre-edit evaluation (:mod:`editflow.evaluate.cache`
+stores it, keyed by :meth:`Evaluator.pre_key`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,14 +18,17 @@ from torch import nn
 
 from editflow.evaluate.drift import DriftReference, drift, drift_reference
 from editflow.evaluate.fluency import sample_texts, text_entropy
+from editflow.evaluate.known import MAX_RANK, known_mask
 from editflow.evaluate.metrics import aggregate, check_outcomes, fact_metrics
 from editflow.evaluate.probes import (HELDOUT_FACT, Check, answer_queries, build_checks, heldout_probes,
                                       request_probes)
 from editflow.evaluate.scoring import greedy_answers, score_ids
-from editflow.requests import EditRequest
-from editflow.tokens import encode, encode_target, pad_id
+from editflow.requests import EditRequest, requests_digest
+from editflow.tokens import encode, pad_id
 
 REWRITE_KINDS = ("rewrite", "zsre_rewrite")
+#: Version of what a :class:`PreState` holds; part of every cache key.
+PRE_FORMAT = "editflow-eval-pre/1"
 
 
 @dataclass
@@ -38,6 +48,17 @@ class EvalResult:
         return {f"{self.phase}/{k}": v for k, v in self.metrics.items()}
 
 
+@dataclass
+class PreState:
+    """The pre-edit evaluation: its ``result``, the scored ``checks`` (with the pre-edit answers) and
+    the drift reference. ``inputs`` is :meth:`Evaluator.inputs_digest` of the evaluator it came from."""
+
+    inputs: str
+    result: EvalResult
+    checks: list[Check]
+    drift_ref: DriftReference | None
+
+
 def _unpack(handle_or_pair: object) -> tuple[nn.Module, object]:
     if isinstance(handle_or_pair, tuple):
         return handle_or_pair
@@ -49,13 +70,17 @@ class Evaluator:
 
     ``handle_or_model_tokenizer`` is a :class:`~editflow.models.ModelHandle` or ``(model, tokenizer)``;
     the model is read at each call, so edit it in place between :meth:`pre` and :meth:`post`.
-    ``heldout_texts`` feed drift, ``heldout_facts`` (requests with ``target_true``) the held-out
-    specificity; ``batch_rows`` is the micro-batch row budget, ``one_by_one`` the per-prompt reference.
+    ``heldout_texts`` feed drift; ``heldout_facts`` (candidates with ``target_true`` and ``target_new``)
+    the held-out specificity: the first ``heldout_max`` of them the unedited model knows
+    (:mod:`editflow.evaluate.known`, rank bound ``heldout_rank``; ``known_texts``, the texts of known
+    facts, skips that pass), or simply the first ``heldout_max`` when ``heldout_known_only`` is off.
+    ``batch_rows`` is the micro-batch row budget, ``one_by_one`` the per-prompt reference.
     """
 
     def __init__(self, handle_or_model_tokenizer: object, requests: Sequence[EditRequest], *,
                  heldout_texts: Sequence[str] = (), heldout_facts: Sequence[EditRequest] = (),
-                 heldout_known_only: bool = True, n_auto_neighbors: int = 5, fluency: bool = True,
+                 heldout_known_only: bool = True, heldout_max: int = 100, heldout_rank: int = MAX_RANK,
+                 known_texts: Collection[str] | None = None, n_auto_neighbors: int = 5, fluency: bool = True,
                  fluency_prompts: int = 1, fluency_tokens: int = 90, seed: int = 0,
                  drift_tokens: int = 1024, drift_top_k: int = 64, batch_rows: int = 64,
                  padding_side: str = "right", one_by_one: bool = False):
@@ -63,6 +88,8 @@ class Evaluator:
         self.requests = list(requests)
         self.heldout_texts, self.heldout_facts = list(heldout_texts), list(heldout_facts)
         self.heldout_known_only, self.n_auto_neighbors = heldout_known_only, n_auto_neighbors
+        self.heldout_max, self.heldout_rank = heldout_max, heldout_rank
+        self.known_texts = None if known_texts is None else frozenset(known_texts)
         self.fluency, self.fluency_prompts, self.fluency_tokens = fluency, fluency_prompts, fluency_tokens
         self.seed, self.drift_tokens, self.drift_top_k = seed, drift_tokens, drift_top_k
         self.batching = {"batch_rows": batch_rows, "padding_side": padding_side, "one_by_one": one_by_one}
@@ -73,15 +100,40 @@ class Evaluator:
 
     # ------------------------------------------------------------------ references (once)
 
+    def inputs_digest(self) -> str:
+        """SHA-256 of everything the pre-edit evaluation depends on except the model's weights."""
+        settings = {"format": PRE_FORMAT, "requests": requests_digest(self.requests),
+                    "heldout_facts": requests_digest(self.heldout_facts),
+                    "heldout_texts": hashlib.sha256("\n".join(self.heldout_texts).encode()).hexdigest(),
+                    "known_texts": None if self.known_texts is None else sorted(self.known_texts),
+                    "heldout": [self.heldout_known_only, self.heldout_max, self.heldout_rank],
+                    "n_auto_neighbors": self.n_auto_neighbors,
+                    "fluency": [self.fluency, self.fluency_prompts, self.fluency_tokens, self.seed],
+                    "drift": [self.drift_tokens, self.drift_top_k], "batching": self.batching}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+    def pre_key(self, fingerprint: str) -> str:
+        """Cache key of the pre-edit evaluation of the model with weight ``fingerprint``
+        (:func:`editflow.models.fingerprint`)."""
+        return hashlib.sha256(f"{fingerprint}|{self.inputs_digest()}".encode()).hexdigest()
+
+    def heldout_selection(self) -> list[EditRequest]:
+        """The held-out facts evaluated: known ones (one scoring pass unless ``known_texts``), capped."""
+        facts = [f for f in self.heldout_facts if f.target_true and f.target_new]
+        if self.heldout_known_only:
+            known = ([f.text in self.known_texts for f in facts] if self.known_texts is not None else
+                     known_mask(self.model, self.tokenizer, facts, max_rank=self.heldout_rank, **self.batching))
+            facts = [f for f, k in zip(facts, known) if k]
+        return facts[: self.heldout_max]
+
     def _build_checks(self) -> list[Check]:
         tok = self.tokenizer
-        probes = request_probes(tok, self.requests, self.n_auto_neighbors) + heldout_probes(tok, self.heldout_facts)
+        probes = (request_probes(tok, self.requests, self.n_auto_neighbors)
+                  + heldout_probes(tok, self.heldout_selection()))
         queries = sorted(set(answer_queries(probes)))
         answers = greedy_answers(self.model, [encode(tok, t) for t, _ in queries], [n for _, n in queries],
                                  pad_id(tok), **self.batching)
-        truth = ({f.text: tuple(encode_target(tok, f.target_true)) for f in self.heldout_facts if f.target_true}
-                 if self.heldout_known_only else None)
-        return build_checks(probes, dict(zip(queries, answers)), truth)
+        return build_checks(probes, dict(zip(queries, answers)))
 
     # ------------------------------------------------------------------ one evaluation
 
@@ -148,8 +200,16 @@ class Evaluator:
 
     # ------------------------------------------------------------------ public
 
-    def pre(self) -> EvalResult:
-        """Evaluate the unedited model; computes pre-edit answers and the drift reference (once)."""
+    def pre(self, known: PreState | None = None) -> EvalResult:
+        """Evaluate the unedited model; computes pre-edit answers and the drift reference (once).
+
+        ``known``: a :class:`PreState` saved from an evaluator with the same :meth:`inputs_digest` on
+        the same model (look it up by :meth:`pre_key`); it is used instead of computing anything.
+        """
+        if known is not None and self.pre_result is None:
+            if known.inputs != self.inputs_digest():
+                raise ValueError("the saved pre-edit state was computed for other requests or settings")
+            self.checks, self.drift_ref, self.pre_result = list(known.checks), known.drift_ref, known.result
         if self.pre_result is None:
             self.checks = self._build_checks()
             if self.heldout_texts:
@@ -158,6 +218,13 @@ class Evaluator:
                     top_k=self.drift_top_k, one_by_one=self.batching["one_by_one"])
             self.pre_result = self._evaluate("pre", None, None)
         return self.pre_result
+
+    @property
+    def pre_state(self) -> PreState:
+        """What :meth:`pre` computed, to save (:func:`editflow.evaluate.cache.save_pre_state`)."""
+        result = self.pre()
+        assert self.checks is not None
+        return PreState(self.inputs_digest(), result, list(self.checks), self.drift_ref)
 
     def post(self, step: int | None = None, facts: Sequence[int] | None = None) -> EvalResult:
         """Evaluate the current (edited) model; ``facts`` restricts to the requests edited so far."""

@@ -21,11 +21,9 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from editflow import nethook
-from editflow.evaluate.scoring import model_max_length
+from editflow.generation import decode, model_max_length
 from editflow.tokens import encode, pad_id
 
 NGRAM_ORDERS = (2, 3)
@@ -56,39 +54,15 @@ def text_entropy(texts: Sequence[str]) -> float:
     return sum(weighted_ngram_entropy(words(t)) for t in texts) / len(texts) if texts else float("nan")
 
 
-@torch.no_grad()
 def sample_texts(model: nn.Module, tokenizer: object, prompts: Sequence[str], *, new_tokens: int = 90,
                  top_k: int = 5, seed: int = 0, batch_rows: int = 32) -> list[str]:
     """Prompt + ``new_tokens`` sampled tokens (top-k, seeded; EOS does not stop), decoded.
 
-    Left-padded batches with explicit position ids and a KV cache; the seed drives a private
-    generator, so results do not depend on the global RNG. ``new_tokens`` is cut to fit the context.
+    :func:`editflow.generation.decode`: batches of ``batch_rows`` prompts in input order, KV cache, a
+    private generator (results do not depend on the global RNG). ``new_tokens`` is cut to fit the context.
     """
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
     limit = model_max_length(model)
-    cache_arg = nethook.cache_kwarg(model)
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_rows):
-        ids_list = [encode(tokenizer, p)[-(limit - 1):] for p in prompts[start:start + batch_rows]]
-        width = max(map(len, ids_list))
-        steps = max(0, min(new_tokens, limit - width))
-        ids = torch.full((len(ids_list), width), pad_id(tokenizer), dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(ids_list):
-            ids[i, width - len(s):] = torch.tensor(s, device=device)
-            mask[i, width - len(s):] = 1
-        seq, past, cur = ids, None, ids
-        for _ in range(steps):
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -cur.shape[1]:]
-            res = model(input_ids=cur, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg: past})
-            past = getattr(res, cache_arg, None) or res.past_key_values
-            logits = res.logits[:, -1].float()
-            top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-            pick = torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)
-            cur = top.indices.gather(1, pick)
-            seq = torch.cat([seq, cur], 1)
-            mask = torch.cat([mask, torch.ones_like(cur)], 1)
-        for i, s in enumerate(ids_list):
-            out.append(tokenizer.decode(seq[i, width - len(s):].tolist(), skip_special_tokens=True))  # type: ignore[attr-defined]
-    return out
+    ids = [encode(tokenizer, p)[-(limit - 1):] for p in prompts]
+    new = decode(model, ids, pad_id(tokenizer), new_tokens, top_k=top_k, seed=seed, batch_rows=batch_rows,
+                 desc="fluency")
+    return [tokenizer.decode(s + n, skip_special_tokens=True) for s, n in zip(ids, new)]  # type: ignore[attr-defined]

@@ -7,7 +7,8 @@ A *check* is one prompt scored for a request's new target and/or its reference (
   the lower mean NLL; magnitude = P(winner) − P(other) with P = exp(−mean NLL); top-1 = every token of
   the winning side is the argmax;
 - token_acc (zsRE): fraction of the winning side's tokens that are the argmax under teacher forcing;
-- retention (held-out facts): the pre-edit answer is still top-1; ``_prob`` is its probability.
+- heldout (held-out known facts): preference for the true target (as neighbourhood), plus ``_prob``,
+  the probability of the true target.
 
 Per fact, a metric is the mean over that fact's checks of the kind; the aggregate is the mean over
 facts that have such checks (as in the MEMIT ``summarize`` code), ×100. Held-out facts (fact −1) are
@@ -38,13 +39,14 @@ KINDS: dict[str, Kind] = {
     "paraphrase": Kind("paraphrase", "new", "preference"),
     "neighborhood": Kind("neighborhood", "true", "preference"),
     "neighborhood_auto": Kind("neighborhood_auto", "true", "preference"),
-    "heldout": Kind("heldout", "true", "retention"),
+    "heldout": Kind("heldout", "true", "heldout"),
     "zsre_rewrite": Kind("zsre_efficacy", "new", "token_acc"),
     "zsre_paraphrase": Kind("zsre_paraphrase", "new", "token_acc"),
     "zsre_loc": Kind("zsre_specificity", "true", "token_acc"),
 }
 #: Extra per-check columns each rule produces, as metric-name suffixes.
-RULE_SUFFIXES = {"preference": ("", "_magnitude", "_top1"), "token_acc": ("",), "retention": ("", "_prob")}
+RULE_SUFFIXES = {"preference": ("", "_magnitude", "_top1"), "token_acc": ("",),
+                 "heldout": ("", "_magnitude", "_top1", "_prob")}
 
 
 def _other(side: str) -> str:
@@ -62,10 +64,11 @@ def check_outcomes(checks: pd.DataFrame) -> pd.DataFrame:
         w, o = spec.side, _other(spec.side)
         nll_w, nll_o = group[f"nll_{w}"].to_numpy(float), group[f"nll_{o}"].to_numpy(float)
         top1 = group[f"top1_{w}"].to_numpy(float)
+        preference = {"": nll_w < nll_o, "_magnitude": np.exp(-nll_w) - np.exp(-nll_o), "_top1": top1}
         values = {
-            "preference": {"": nll_w < nll_o, "_magnitude": np.exp(-nll_w) - np.exp(-nll_o), "_top1": top1},
+            "preference": preference,
             "token_acc": {"": group[f"acc_{w}"].to_numpy(float)},
-            "retention": {"": top1, "_prob": np.exp(-nll_w)},
+            "heldout": {**preference, "_prob": np.exp(-nll_w)},
         }[spec.rule]
         for suffix, v in values.items():
             rows.append(pd.DataFrame({"fact": group["fact"].to_numpy(), "metric": spec.metric + suffix,

@@ -7,8 +7,9 @@ target): plain requests thereby get efficacy (new beats what the model said befo
 Automatic neighbours (plain requests without ``neighborhood_prompts``): the request's prompt filled
 with other requests' subjects — same relation, another subject, the CounterFact notion — skipping
 pairs that are themselves edited; they must keep their pre-edit answer over the edited target.
-Held-out facts (kind ``heldout``, fact −1): requests not being edited whose pre-edit greedy answer is
-their ``target_true`` (``known_only``); after the edit that answer must still be top-1.
+Held-out facts (kind ``heldout``, fact −1): CounterFact-style requests not being edited, scored for
+``target_true`` (true side) against ``target_new``; the evaluator keeps those the unedited model knows
+(:func:`editflow.evaluate.known.known_mask`), which must keep preferring their true target.
 
 Pre-edit answers are computed once (:func:`answer_queries` → greedy → :func:`build_checks`) and the
 same checks are scored before and after the edit.
@@ -92,13 +93,9 @@ def request_probes(tokenizer: object, requests: Sequence[EditRequest], n_auto_ne
 
 
 def heldout_probes(tokenizer: object, facts: Sequence[EditRequest]) -> list[Probe]:
-    """One probe per held-out fact with a ``target_true``; its answer length is that target's."""
-    out = []
-    for r in facts:
-        true = _ids(tokenizer, r.target_true)
-        if true:
-            out.append(Probe(HELDOUT_FACT, "heldout", r.text, None, None, len(true)))
-    return out
+    """One probe per held-out fact with both targets: true = ``target_true``, new = ``target_new``."""
+    return [Probe(HELDOUT_FACT, "heldout", r.text, _ids(tokenizer, r.target_new), _ids(tokenizer, r.target_true))
+            for r in facts if r.target_true and r.target_new]
 
 
 def answer_queries(probes: Sequence[Probe]) -> list[tuple[str, int]]:
@@ -106,14 +103,8 @@ def answer_queries(probes: Sequence[Probe]) -> list[tuple[str, int]]:
     return [(p.text, p.answer_len) for p in probes if p.true is None and p.answer_len > 0]
 
 
-def build_checks(probes: Sequence[Probe], answers: Mapping[tuple[str, int], Ids],
-                 heldout_truth: Mapping[str, Ids] | None = None) -> list[Check]:
-    """Fill in pre-edit answers. Held-out probes are kept only when their answer equals the truth
-    given in ``heldout_truth`` (text → ids), when that mapping is passed (``known_only``)."""
-    checks = []
-    for p in probes:
-        true = p.true if p.true is not None or p.answer_len == 0 else answers[(p.text, p.answer_len)]
-        if p.kind == "heldout" and heldout_truth is not None and heldout_truth.get(p.text) != true:
-            continue
-        checks.append(Check(p.fact, p.kind, p.text, p.new, true))
-    return checks
+def build_checks(probes: Sequence[Probe], answers: Mapping[tuple[str, int], Ids]) -> list[Check]:
+    """Fill in the pre-edit answers of the probes that need one."""
+    return [Check(p.fact, p.kind, p.text, p.new,
+                  p.true if p.true is not None or p.answer_len == 0 else answers[(p.text, p.answer_len)])
+            for p in probes]

@@ -20,8 +20,10 @@ magnitudes are differences of probabilities P = exp(−mean NLL of the target to
 | `neighborhood_auto` | plain requests: the prompt with other requests' subjects keeps its pre-edit answer over the new target | % |
 | `neighborhood_auto_magnitude` | P(pre-edit answer) − P(new) on those prompts | points |
 | `neighborhood_auto_top1` | pre-edit answer still top-1 on those prompts | % |
-| `heldout` | held-out known facts whose pre-edit answer is still top-1 | % |
-| `heldout_prob` | mean probability of the held-out facts' pre-edit answers | % |
+| `heldout` | held-out known facts (:mod:`editflow.evaluate.known`; 100 before the edit) still preferring `target_true` over `target_new` | % |
+| `heldout_magnitude` | P(true) − P(new) over those facts | points |
+| `heldout_top1` | `target_true` top-1 on those facts | % |
+| `heldout_prob` | mean probability of the held-out facts' `target_true` | % |
 | `zsre_efficacy` | zsRE: token top-1 accuracy of `target_new` after the question (teacher forcing) | % |
 | `zsre_paraphrase` | zsRE: same after the rephrased question | % |
 | `zsre_specificity` | zsRE: token top-1 accuracy of `loc_ans` after `loc` | % |
@@ -50,7 +52,8 @@ from editflow.requests import EditRequest
 METRIC_NAMES = (
     "efficacy", "efficacy_magnitude", "efficacy_top1", "paraphrase", "paraphrase_magnitude",
     "paraphrase_top1", "neighborhood", "neighborhood_magnitude", "neighborhood_top1", "score",
-    "neighborhood_auto", "neighborhood_auto_magnitude", "neighborhood_auto_top1", "heldout", "heldout_prob",
+    "neighborhood_auto", "neighborhood_auto_magnitude", "neighborhood_auto_top1", "heldout", "heldout_magnitude",
+    "heldout_top1", "heldout_prob",
     "zsre_efficacy", "zsre_paraphrase", "zsre_specificity", "fluency", "drift_ppl", "drift_ppl_rel",
     "drift_kl", "n_facts", "n_heldout",
 )
