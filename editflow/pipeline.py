@@ -175,7 +175,7 @@ def _run_phases(job: EditJob, run_id: str) -> EditOutcome:
         covs = _covariances(job, plan.base, plan.config, run_id)
     with timed("eval_pre", timings, "evaluating before the edit"):
         evaluator = _evaluator(job, plan)
-        pre = evaluator.pre()
+        pre = _evaluate_pre(evaluator, plan)
     mlflow.log_metrics({k: float(v) for k, v in pre.summary.items()})
     with timed("edit", timings, f"editing {len(plan.requests)} facts ({plan.config.algorithm}, {plan.config.mode})"):
         result, chunk_results = _edit(plan, covs, evaluator)
@@ -223,11 +223,40 @@ def _resolve(job: EditJob) -> _Plan:
 
 
 def _evaluator(job: EditJob, plan: _Plan) -> Any:
+    """The evaluator of this batch, with the held-out facts the lineage's root base knows."""
     from editflow.evaluate import Evaluator, default_heldout_facts, load_heldout_texts
 
     return Evaluator(plan.handle, plan.requests, heldout_texts=load_heldout_texts(),
-                     heldout_facts=default_heldout_facts(plan.requests), fluency=job.fluency,
-                     seed=plan.config.seed)
+                     heldout_facts=default_heldout_facts(plan.requests), known_texts=_root_known_facts(plan),
+                     fluency=job.fluency, seed=plan.config.seed)
+
+
+def _root_known_facts(plan: _Plan) -> list[str]:
+    """The bundled facts the root base knows, selected once per root and cached in MLflow, so every
+    version's held-out figure is measured on the same facts (and can be compared with the root's)."""
+    from editflow.evaluate import default_heldout_facts, find_known, known_key, log_known, select_known
+
+    candidates = default_heldout_facts([])
+    root_fp = tags_of(plan.name, plan.base.base_version).get(TAG + "fingerprint") or plan.base.fingerprint
+    key = known_key(root_fp, candidates)
+    known = find_known(key)
+    if known is None:
+        known = select_known(plan.handle.model, plan.handle.tokenizer, candidates)
+        if plan.base.version == plan.base.base_version:  # selected on the root itself: keep it
+            log_known(known, key)
+    return known
+
+
+def _evaluate_pre(evaluator: Any, plan: _Plan) -> Any:
+    """The pre-edit evaluation, reused when this base was already evaluated on the same requests."""
+    from editflow.evaluate import find_pre_state, log_pre_state
+
+    key = evaluator.pre_key(plan.base.fingerprint)
+    state = find_pre_state(key)
+    pre = evaluator.pre(known=state)
+    if state is None:
+        log_pre_state(evaluator.pre_state, key)
+    return pre
 
 
 def _edit(plan: _Plan, covs: dict[int, torch.Tensor], evaluator: Any) -> tuple[memit.EditResult, list[Any]]:

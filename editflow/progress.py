@@ -29,8 +29,9 @@ LOG_INTERVAL = 15.0
 _quiet: bool | None = None
 
 
-def set_quiet(quiet: bool) -> None:
-    """Turn every progress bar and note off (``True``) or on for this process."""
+def set_quiet(quiet: bool | None) -> None:
+    """Turn every progress bar and note off (``True``) or on (``False``) for this process; ``None``
+    goes back to ``EDITFLOW_QUIET``."""
     global _quiet
     _quiet = quiet
 
@@ -65,7 +66,8 @@ def bar(total: float | None = None, desc: str = "", unit: str = "it", **kwargs: 
     terminal = _is_terminal()
     kwargs.setdefault("mininterval", 0.5 if terminal else LOG_INTERVAL)
     kwargs.setdefault("dynamic_ncols", terminal)
-    return tqdm(total=total, desc=desc, unit=unit, disable=is_quiet(), leave=terminal,
+    kwargs.setdefault("disable", is_quiet())
+    return tqdm(total=total, desc=desc, unit=unit, leave=terminal,
                 file=sys.stderr if terminal else _LineWriter(sys.stderr), **kwargs)
 
 

@@ -220,7 +220,9 @@ def written(root: Path) -> tuple[int, int]:
     from mlflow import MlflowClient
 
     cache = root / "cache"
-    return len(MlflowClient().search_model_versions()), len(list(cache.rglob("*.npz")) if cache.exists() else [])
+    uri = f"sqlite:///{root / 'mlflow.db'}"  # this store's, whatever MLflow's global URI is now
+    versions = MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions()
+    return len(versions), len(list(cache.rglob("*.npz")) if cache.exists() else [])
 
 
 def test_corpus_is_large_and_distinct() -> None:

@@ -14,7 +14,14 @@ def _print(info: dict[str, Any]) -> None:
                f"stage: {info['stage']}  run: {info['run_id']}")
     click.echo(info["description"] or "")
     for k, v in sorted(info["tags"].items()):
-        click.echo(f"  {k} = {v}")
+        if k != "editflow.tuned":
+            click.echo(f"  {k} = {v}")
+    tuned = info.get("tuned")
+    if tuned:
+        hp = ", ".join(f"{k}={v}" for k, v in sorted(tuned["hparams"].items()))
+        val = ", ".join(f"{k} {v:.1f}" for k, v in sorted(tuned["validation"].items()) if isinstance(v, (int, float)))
+        click.echo(f"tuned edit defaults (editflow tune, run {tuned['run_id']}): {hp}")
+        click.echo(f"  validation: {val}")
     for k in sorted(m for m in info["metrics"] if m.startswith(("pre/", "post/"))):
         click.echo(f"  {k:<32} {info['metrics'][k]:.3f}")
     click.echo(f"facts edited in this version: {len(info['facts'])}")
@@ -37,7 +44,8 @@ def command(name: str, version: str, as_json: bool) -> None:
       "aliases": [str], "tags": {str: str}, "run_id": str|null, "metrics": {str: float} (the edit
       run's; empty for a base), "facts": [{"version", "subject", "prompt", "target_new",
       "target_true"}] (edited in this version), "events": [{"action", "time" (ISO 8601), "actor",
-      "previous", "reason"}]}.
+      "previous", "reason"}], "tuned": {"hparams", "validation", "run_id", ...}|null (the edit
+      defaults editflow tune stored on the root base)}.
     """
     from editflow.registry.report import show_version
 

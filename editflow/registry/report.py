@@ -36,7 +36,10 @@ def version_rows(name: str) -> list[dict[str, Any]]:
 
 
 def show_version(name: str, ref: str | int) -> dict[str, Any]:
-    """Everything editflow knows about one version: tags, description, run metrics, facts, events."""
+    """Everything editflow knows about one version: tags, description, run metrics, facts, events, and
+    the edit defaults ``editflow tune`` stored on its root base (``tuned``, None when never tuned)."""
+    from editflow.registry.tuned import read_tuned
+
     v = resolve_version(name, ref)
     c = client()
     mv = c.get_model_version(name, str(v))
@@ -44,7 +47,8 @@ def show_version(name: str, ref: str | int) -> dict[str, Any]:
     # a base is logged inside the run of the first edit that used it: that run's figures are not its own
     is_edit = mv.tags.get(TAG + "role") == "edit"
     run_metrics = dict(c.get_run(run_id).data.metrics) if run_id and is_edit else {}
-    return {"name": name, "version": v, "description": mv.description, "stage": mv.current_stage,
+    root = int(mv.tags.get(TAG + "base_version") or v)
+    return {"name": name, "version": v, "tuned": read_tuned(name, root), "description": mv.description, "stage": mv.current_stage,
             "aliases": [a for a, x in aliases_of(name).items() if x == v], "tags": dict(mv.tags),
             "run_id": run_id, "metrics": run_metrics, "facts": [f.__dict__ for f in ledger.own_facts(name, v)],
             "events": [{"action": e.action, "time": e.time.isoformat() if e.time else "", "actor": e.actor,

@@ -16,6 +16,7 @@ import torch
 from editflow.models import ModelHandle
 from editflow.stats import cache as cache_mod
 from editflow.stats.cache import CacheEntry, CacheKey
+from editflow.stats.batching import Budget, tokenize
 from editflow.stats.collect import Start, collect
 from editflow.stats.corpus import CorpusSpec, Sampling, corpus_identity, sample_documents
 from editflow.stats.fingerprint import combine, layer_dependencies, tensor_digests, tokenizer_fingerprint
@@ -103,6 +104,26 @@ def layer_covariances(handle: ModelHandle, layers: Sequence[int], corpus: Corpus
                             entries=[found[layer][1] for layer in layers], stats=stats)  # type: ignore[index]
 
 
+def corpus_tokens(corpus: CorpusSpec, sampling: Sampling, tokenizer: object, budget: int, max_length: int) -> int:
+    """Tokens the corpus gives under ``budget`` (the budget itself when it holds at least that many):
+    the tokenisation the pass will do, without the model."""
+    counter = Budget(budget)
+    for _ in counter.take(tokenize(sample_documents(corpus, sampling), tokenizer, max_length)):
+        pass
+    return counter.taken
+
+
+def warn_if_short(corpus: CorpusSpec, sampling: Sampling, tokenizer: object, budget: int, max_length: int) -> None:
+    """Say before the pass, not after it, when the corpus holds fewer tokens than the budget."""
+    from editflow import progress
+
+    held = corpus_tokens(corpus, sampling, tokenizer, budget, max_length)
+    if held < budget:
+        progress.note(f"editflow: the statistics corpus {corpus.source!r} holds {held:,} tokens for this "
+                      f"tokenizer, fewer than the budget of {budget:,}; the statistics will use {held:,} "
+                      "(pass --stats-tokens, or a larger --corpus)")
+
+
 def _compute(handle: ModelHandle, root: Path, keys: dict[int, CacheKey], corpus: CorpusSpec, sampling: Sampling,
              max_length: int, dtype: torch.dtype, batch_tokens: int,
              progress: bool) -> dict[int, tuple[LayerStats, CacheEntry]]:
@@ -110,6 +131,8 @@ def _compute(handle: ModelHandle, root: Path, keys: dict[int, CacheKey], corpus:
     prefixes = {layer: cache_mod.find_prefix(root, key) for layer, key in keys.items()}
     starts = {layer: Start(p[0].docs, p[0].count) for layer, p in prefixes.items() if p is not None}
     tokens = next(iter(keys.values())).tokens
+    if progress:
+        warn_if_short(corpus, sampling, handle.tokenizer, tokens, max_length)
     fresh, budget = collect(handle.model, handle.tokenizer, handle.adapter, list(keys), sample_documents(corpus, sampling),
                             tokens, max_length, dtype, batch_tokens, starts, progress)
     if budget.exhausted:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from editflow.progress import bar as progress_bar
+from editflow.progress import is_quiet
+
 from editflow import nethook
 from editflow.models import Adapter
 from editflow.stats.batching import Budget, collate, length_batches, tokenize
@@ -78,8 +81,8 @@ def collect(model: torch.nn.Module, tokenizer: object, adapter: Adapter, layers:
     budget = Budget(tokens, taken=first.tokens, docs_end=first.docs)
     docs = budget.take(tokenize(texts, tokenizer, max_length, start=first.docs))
     batches = (collate(group, pad_id(tokenizer)) for group in length_batches(docs, batch_tokens))
-    bar = tqdm(total=tokens, initial=first.tokens, unit="tok", unit_scale=True, desc="layer stats",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=tokens, initial=first.tokens, unit="tok", unit_scale=True, desc="layer stats",
+                       disable=not progress or is_quiet())
     with bar:
         stats = accumulate_pass(model, adapter, layers, batches, dtype,
                                 {layer: s.docs for layer, s in starts.items()}, bar)
