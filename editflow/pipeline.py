@@ -107,15 +107,30 @@ def timed(name: str, timings: dict[str, float], what: str | None = None) -> Iter
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
 
 
-def _start_run():
+def experiment_name(job: EditJob) -> str:
+    """The experiment an edit run goes to: the registered model's name (known before any loading)."""
+    from editflow.registry.store import DEFAULT_MODEL_NAME
+    from editflow.registry.versions import parse_models_uri
+
+    if job.registered_model:
+        return job.registered_model
+    if not job.model or job.model == "default":
+        return DEFAULT_MODEL_NAME
+    if job.model.startswith("models:/"):
+        return parse_models_uri(job.model)[0]
+    return resolve.registered_name_for(job.model)
+
+
+def _start_run(job: EditJob):
+    """The MLflow run of this edit: the one ``mlflow run`` started, else a new run in the registered
+    model's experiment."""
+    import os
+
     import mlflow
 
     configure()
-    if mlflow.active_run() is None:
-        import os
-
-        if not os.environ.get("MLFLOW_RUN_ID"):
-            mlflow.set_experiment(experiment_id=ensure_experiment())
+    if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(experiment_id=ensure_experiment(experiment_name(job)))
     return mlflow.start_run()
 
 
@@ -142,7 +157,7 @@ def run_edit(job: EditJob) -> EditOutcome:
     A failure ends the run FAILED with the error as the ``editflow.error`` tag and the traceback as the
     artifact ``error/traceback.txt``, and is raised again.
     """
-    with _start_run() as run:
+    with _start_run(job) as run:
         try:
             return _run_phases(job, run.info.run_id)
         except BaseException as exc:
@@ -352,8 +367,21 @@ def _log_inputs(job: EditJob, base: VersionRef, config: MemitConfig, requests: l
                    "gate.min_efficacy": job.thresholds.min_efficacy,
                    "gate.max_specificity_drop": job.thresholds.max_specificity_drop,
                    "gate.max_ppl_increase": job.thresholds.max_ppl_increase})
-    mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+    mlflow.log_params({k: v for k, v in params.items() if v is not None and v != ""})  # unset: not logged
     mlflow.log_artifact(job.requests, "inputs")
+    _log_dataset(job.requests, requests)
+
+
+def _log_dataset(path: str, requests: list[EditRequest]) -> None:
+    """The request file as an MLflow Dataset (the UI's Datasets column), with its content digest."""
+    import mlflow
+    import pandas as pd
+
+    frame = pd.DataFrame([{"subject": r.subject, "prompt": r.prompt, "target_new": r.target_new,
+                           "target_true": r.target_true or ""} for r in requests])
+    dataset = mlflow.data.from_pandas(frame, source=str(Path(path).resolve()), name=Path(path).name,
+                                      digest=requests_digest(requests)[:32])
+    mlflow.log_input(dataset, context="edit")
 
 
 def _covariances(job: EditJob, base: VersionRef, config: MemitConfig, run_id: str) -> dict[int, torch.Tensor]:

@@ -95,19 +95,37 @@ def _json_safe(value: object) -> object:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def plot_probabilities(table: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Scatter of P(new target) before vs after the edit, one point per fact."""
+def plot_probabilities(table: pd.DataFrame, path: str | os.PathLike, max_facts: int = 40) -> Path:
+    """Per fact (up to ``max_facts``), P(true target) and P(new target) on the rewrite prompt before and
+    after the edit: one labelled row per fact, arrows from before to after."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter(table.get("pre_p_new"), table.get("post_p_new", table.get("pre_p_new")), s=12, alpha=0.7)
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="P(new target) before", ylabel="P(new target) after",
-           title="Rewrite prompt, per fact")
+    rows = table.head(max_facts)
+    n = max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * n))
+    y = np.arange(len(rows))[::-1]
+    for side, colour in (("new", "tab:green"), ("true", "tab:red")):
+        before = rows.get(f"pre_p_{side}", pd.Series(np.nan, index=rows.index)).to_numpy(float)
+        after = rows.get(f"post_p_{side}", pd.Series(before, index=rows.index)).to_numpy(float)
+        ax.scatter(before, y, marker="o", facecolors="none", edgecolors=colour, label=f"P({side}) before")
+        ax.scatter(after, y, marker="o", color=colour, label=f"P({side}) after")
+        for b, a, yy in zip(before, after, y):
+            if np.isfinite(b) and np.isfinite(a):
+                ax.annotate("", xy=(a, yy), xytext=(b, yy), arrowprops={"arrowstyle": "->", "color": colour,
+                                                                         "alpha": 0.5, "lw": 0.8})
+    labels = [f"{str(r.subject)[:28]}: {str(r.target_true or '?')[:14]} → {str(r.target_new)[:14]}"
+              for r in rows.itertuples()]
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.8, n - 0.2), xlabel="probability of the target on the rewrite prompt")
+    ax.set_title(f"Per fact: true and new target, before and after the edit ({len(rows)} of {len(table)})",
+                 pad=22)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
