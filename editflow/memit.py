@@ -279,16 +279,43 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
-                    requests: Sequence[EditRequest], config: MemitConfig,
-                    templates: Sequence[str], prefix_cache: bool,
-                    bar: object | None = None) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
-    """Optimise δ for one group of requests together; ``bar`` advances one step per optimiser step
-    (and by the steps left when every request stops early)."""
-    from transformers import DynamicCache
+@dataclass
+class _TargetLayout:
+    """The rows of one group's target optimisation and where the loss reads them.
 
-    device = next(model.parameters()).device
-    n, layer = len(requests), config.layers[-1]
+    Rows are the rewriting prompts (request × context template, each followed by its target but the
+    last token) and, with a KL weight, one ``"{subject} is a"`` row per request. With the prefix cache
+    each row is shifted right so that its fact token sits at one column ``p`` (``p = 0``: plain right
+    padding). Target token j of a row is predicted at column ``t_cols[j]`` of row ``t_rows[j]``.
+    """
+
+    batch: Batch  # (rows, width) shifted, right padded
+    p: int
+    fact_col: torch.Tensor  # (rows,) the fact token's column
+    owner: torch.Tensor  # (rows,) request index of each row
+    n_rw: int  # rewriting rows come first, KL rows after them
+    targets: list[list[int]]  # per request, the target's token ids
+    t_rows: torch.Tensor  # (target tokens,)
+    t_cols: torch.Tensor  # (target tokens,)
+    t_ids: torch.Tensor  # (target tokens,)
+    tok_weight: torch.Tensor  # (target tokens,) 1 / target length
+    rows_per_req: torch.Tensor  # (n,) rewriting rows per request
+    kl_rows: torch.Tensor  # (n or 0,)
+    bare_rows: torch.Tensor  # (n,) the row of each request's bare prompt (template "{}")
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.batch.input_ids.shape[0])
+
+    @property
+    def kl_cols(self) -> torch.Tensor:
+        return self.fact_col[self.n_rw:]
+
+
+def _target_layout(tokenizer: object, requests: Sequence[EditRequest], templates: Sequence[str],
+                   config: MemitConfig, prefix_cache: bool, device: torch.device) -> _TargetLayout:
+    """Tokenise one group's rows once and lay them out for the optimisation loop."""
+    n = len(requests)
     targets = [encode_target(tokenizer, r.target_new) for r in requests]
     rw = _prompt_rows(tokenizer, requests, templates, suffix_ids=lambda i: targets[i][:-1])
     kl = _Rows([], [], [])
@@ -298,15 +325,12 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
             kl.fact_idx.append(fact_token_index(tokenizer, KL_PROMPT, r.subject))
             kl.owner.append(i)
     all_ids, facts = rw.ids + kl.ids, rw.fact_idx + kl.fact_idx
-    # Prefix cache: row i shifted right so that its fact token sits at column p (0: plain right padding).
     p = max(facts) if prefix_cache else 0
     shift = [p - f for f in facts] if prefix_cache else [0] * len(facts)
     batch = _pad_shifted(all_ids, shift, pad_id(tokenizer)).to(device)
-    fact_col = torch.tensor([f + s for f, s in zip(facts, shift)], device=device)
-    owner = torch.tensor(rw.owner + kl.owner, device=device)
+    fact_col = torch.tensor([f + s for f, s in zip(facts, shift)], device=device)  # (rows,)
     n_rw = len(rw.ids)
-
-    # Target token positions: the last len(target) positions of each rewriting row predict the target.
+    # The last len(target) positions of each rewriting row predict the target.
     t_rows, t_cols, t_ids = [], [], []
     for row, ids in enumerate(rw.ids):
         tgt = targets[rw.owner[row]]
@@ -314,82 +338,134 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
         t_rows.extend([row] * len(tgt))
         t_cols.extend(range(start, start + len(tgt)))
         t_ids.extend(tgt)
-    t_rows_t = torch.tensor(t_rows, device=device)
-    t_cols_t = torch.tensor(t_cols, device=device)
-    t_ids_t = torch.tensor(t_ids, device=device)
-    tok_weight = torch.tensor([1.0 / len(targets[rw.owner[r]]) for r in t_rows], device=device)
-    rows_per_req = torch.bincount(torch.tensor(rw.owner, device=device), minlength=n).float()
-    kl_rows = torch.arange(n_rw, n_rw + len(kl.ids), device=device)
-    kl_cols = fact_col[n_rw:]
-    bare_rows = torch.tensor([rw.owner.index(i) for i in range(n)], device=device)  # template "{}"
+    return _TargetLayout(
+        batch=batch, p=p, fact_col=fact_col, owner=torch.tensor(rw.owner + kl.owner, device=device), n_rw=n_rw,
+        targets=targets, t_rows=torch.tensor(t_rows, device=device), t_cols=torch.tensor(t_cols, device=device),
+        t_ids=torch.tensor(t_ids, device=device),
+        tok_weight=torch.tensor([1.0 / len(targets[rw.owner[r]]) for r in t_rows], device=device),
+        rows_per_req=torch.bincount(torch.tensor(rw.owner, device=device), minlength=n).float(),
+        kl_rows=torch.arange(n_rw, n_rw + len(kl.ids), device=device),
+        bare_rows=torch.tensor([rw.owner.index(i) for i in range(n)], device=device))
 
-    # Block L's output without δ from column p on (h_L, and what blocks 0..L return when cached); with
-    # the prefix cache also every layer's keys/values of columns < p (positions ignore the left padding).
-    positions = (batch.attention_mask.cumsum(1) - 1).clamp_min(0)
-    cache_kw, cache = nethook.cache_kwarg(model.base_model), DynamicCache()
+
+@dataclass
+class _PrefixState:
+    """What δ cannot change, computed once: block L's output from column p on (h_L, and what blocks
+    0..L return when cached) and, with the prefix cache, every layer's keys/values of columns < p."""
+
+    block_out: object  # the block's raw output (tuple or tensor)
+    hidden: torch.Tensor  # (rows, width − p, d)
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (rows, heads, p, head_dim) ×2
+    positions: torch.Tensor  # (rows, width) positions that ignore the left padding
+
+
+def _prefix_state(model: nn.Module, adapter: Adapter, layout: _TargetLayout, layer: int,
+                  prefix_cache: bool) -> _PrefixState:
+    """One no-grad forward of the group's rows (every layer when caching the prefix)."""
+    batch, p = layout.batch, layout.p
+    positions = (batch.attention_mask.cumsum(1) - 1).clamp_min(0)  # (rows, width)
     inputs = {**batch.model_inputs(), "use_cache": prefix_cache}
+    cache = nethook.new_cache()
     if prefix_cache:
-        inputs |= {"position_ids": positions, cache_kw: cache}
+        inputs |= {"position_ids": positions, nethook.cache_kwarg(model.base_model): cache}
     last = adapter.layer(adapter.n_layers - 1) if prefix_cache else None  # fill every layer's cache
     with torch.no_grad():
         block_out = nethook.output_of(model, adapter.layer(layer), stop_after=last, **inputs)
-    hidden = nethook.first_tensor(block_out)[:, p:]
-    prefix_kv = [(c.keys[:, :, :p], c.values[:, :, :p]) for c in cache.layers]  # empty without prefix_cache
-    target_init = hidden[bare_rows, fact_col[bare_rows] - p].float()  # (n, d), at the bare prompt
-    init_norm = target_init.norm(dim=1)
-    delta = torch.zeros_like(target_init, requires_grad=True)
+    hidden = nethook.first_tensor(block_out)[:, p:]  # (rows, width − p, d)
+    return _PrefixState(block_out, hidden, nethook.cache_prefix(cache, p), positions)
+
+
+def _logp_at(model: nn.Module, adapter: Adapter, layout: _TargetLayout, prefix: _PrefixState, layer: int,
+             delta: torch.Tensor, sel: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+             prefix_cache: bool) -> torch.Tensor:
+    """Log-probabilities (len(rows), vocab) at (``rows`` indexing ``sel``, ``cols``) for the batch rows
+    ``sel``, with δ added to block L's output at their fact tokens."""
+    batch, p = layout.batch, layout.p
+    width = int(batch.lengths[sel].max())
+    inputs = {"input_ids": batch.input_ids[sel, p:width], "attention_mask": batch.attention_mask[sel, :width],
+              "use_cache": prefix_cache}
+    at = (torch.arange(len(sel), device=sel.device), layout.fact_col[sel] - p)
+
+    def add_delta(h: torch.Tensor) -> torch.Tensor:
+        h = h.clone()
+        h[at] = (h[at].float() + delta[layout.owner[sel]]).to(h.dtype)
+        return h
+
+    stand_ins: dict[str, nn.Module] = {}
+    if prefix_cache:  # columns < p come from the KV cache; blocks 0..L return their cached output
+        inputs |= {"position_ids": prefix.positions[sel, p:width],
+                   nethook.cache_kwarg(model.base_model): nethook.new_cache(
+                       [(k[sel], v[sel]) for k, v in prefix.prefix_kv])}
+        cached = nethook.replace_first_tensor(prefix.block_out, prefix.hidden[sel, :width - p])
+        stand_ins = {adapter.layer(i): _Cached(cached) for i in range(layer + 1)}
+    with nethook.replace_modules(model, stand_ins), nethook.patch_output(model, adapter.layer(layer), add_delta):
+        return _logits_at(model, inputs, rows, cols - p)
+
+
+def _step_loss(layout: _TargetLayout, logp: torch.Tensor, t_on: torch.Tensor, k_on: torch.Tensor,
+               delta: torch.Tensor, init_norm: torch.Tensor, config: MemitConfig,
+               kl_init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-request loss (n,): mean NLL of the target tokens over the request's rows (each divided by
+    the target length), + weight decay ‖δ‖/‖h‖², + ``kl_factor`` · KL(p_δ ‖ p₀) at ``"{subject} is a"``;
+    and the reference distribution p₀ (taken at the first step)."""
+    n, device = len(layout.targets), delta.device
+    n_t = int(t_on.sum())
+    logp_kl = logp[n_t:]  # (KL rows on, vocab)
+    tok_lp = logp[:n_t].gather(1, layout.t_ids[t_on][:, None]).squeeze(1)  # (target tokens on,)
+    row_nll = torch.zeros(layout.n_rw, device=device).index_add(
+        0, layout.t_rows[t_on], -tok_lp * layout.tok_weight[t_on])  # (rewriting rows,)
+    nll = torch.zeros(n, device=device).index_add(0, layout.owner[:layout.n_rw], row_nll) / layout.rows_per_req
+    loss = nll + config.v_weight_decay * delta.norm(dim=1) / init_norm**2  # (n,)
+    if config.kl_factor > 0:
+        if kl_init is None:
+            kl_init = logp_kl.detach().clone()
+        # KL(p_delta || p_0), as in the ROME/MEMIT papers (and the MEMIT code's kl_div call).
+        kl_term = torch.zeros(n, device=device).index_add(
+            0, layout.owner[layout.kl_rows[k_on]], (logp_kl.exp() * (logp_kl - kl_init[k_on])).sum(-1))
+        loss = loss + config.kl_factor * kl_term
+    return loss, kl_init
+
+
+def _clamp_(delta: torch.Tensor, init_norm: torch.Tensor, factor: float) -> None:
+    """Project each δ_i into the ball of radius ``factor`` · ‖h_i‖ (in place)."""
+    max_norm = factor * init_norm
+    norm = delta.norm(dim=1)
+    scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
+    delta.mul_(scale[:, None])
+
+
+def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
+                    requests: Sequence[EditRequest], config: MemitConfig,
+                    templates: Sequence[str], prefix_cache: bool,
+                    bar: object | None = None) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
+    """Optimise δ for one group of requests together; ``bar`` advances one step per optimiser step
+    (and by the steps left when every request stops early)."""
+    device = next(model.parameters()).device
+    n, layer = len(requests), config.layers[-1]
+    layout = _target_layout(tokenizer, requests, templates, config, prefix_cache, device)
+    prefix = _prefix_state(model, adapter, layout, layer, prefix_cache)
+    bare = layout.bare_rows
+    target_init = prefix.hidden[bare, layout.fact_col[bare] - layout.p].float()  # (n, d), at the bare prompt
+    init_norm = target_init.norm(dim=1)  # (n,)
+    delta = torch.zeros_like(target_init, requires_grad=True)  # (n, d)
     opt = torch.optim.Adam([delta], lr=config.v_lr)
     active = torch.ones(n, dtype=torch.bool, device=device)
     steps = torch.zeros(n, dtype=torch.long)
     final_loss = torch.zeros(n)
     kl_init: torch.Tensor | None = None
-    owner_rw = torch.tensor(rw.owner, device=device)
-
-    def logp_at(sel: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities at (``rows`` indexing ``sel``, ``cols``) for the batch rows ``sel``, with
-        δ added to block L's output at their fact tokens."""
-        width = int(batch.lengths[sel].max())
-        inputs = {"input_ids": batch.input_ids[sel, p:width], "attention_mask": batch.attention_mask[sel, :width],
-                  "use_cache": prefix_cache}
-        at = (torch.arange(len(sel), device=device), fact_col[sel] - p)
-
-        def add_delta(h: torch.Tensor) -> torch.Tensor:
-            h = h.clone()
-            h[at] = (h[at].float() + delta[owner[sel]]).to(h.dtype)
-            return h
-
-        stand_ins: dict[str, nn.Module] = {}
-        if prefix_cache:  # columns < p come from the KV cache; blocks 0..L return their cached output
-            inputs |= {"position_ids": positions[sel, p:width],
-                       cache_kw: DynamicCache([(k[sel], v[sel]) for k, v in prefix_kv])}
-            cached = nethook.replace_first_tensor(block_out, hidden[sel, :width - p])
-            stand_ins = {adapter.layer(i): _Cached(cached) for i in range(layer + 1)}
-        with nethook.replace_modules(model, stand_ins), nethook.patch_output(model, adapter.layer(layer), add_delta):
-            return _logits_at(model, inputs, rows, cols - p)
 
     for it in range(config.v_num_grad_steps):
         opt.zero_grad()
         # Only rows of requests still optimising take part (finished requests cost nothing).
-        row_on = active[owner]
+        row_on = active[layout.owner]  # (rows,)
         sel = row_on.nonzero().squeeze(1)
-        remap = torch.full((len(all_ids),), -1, dtype=torch.long, device=device)
+        remap = torch.full((layout.n_rows,), -1, dtype=torch.long, device=device)
         remap[sel] = torch.arange(len(sel), device=device)
-        t_on, k_on = row_on[t_rows_t], row_on[kl_rows]
-        logp_t = logp_at(sel, torch.cat([remap[t_rows_t[t_on]], remap[kl_rows[k_on]]]),
-                         torch.cat([t_cols_t[t_on], kl_cols[k_on]]))
-        n_t = int(t_on.sum())
-        logp_kl = logp_t[n_t:]
-        tok_lp = logp_t[:n_t].gather(1, t_ids_t[t_on][:, None]).squeeze(1)
-        row_nll = torch.zeros(n_rw, device=device).index_add(0, t_rows_t[t_on], -tok_lp * tok_weight[t_on])
-        nll = torch.zeros(n, device=device).index_add(0, owner_rw, row_nll) / rows_per_req
-        loss = nll + config.v_weight_decay * delta.norm(dim=1) / init_norm**2
-        if config.kl_factor > 0:
-            if kl_init is None:
-                kl_init = logp_kl.detach().clone()
-            # KL(p_delta || p_0), as in the ROME/MEMIT papers.
-            kl_term = torch.zeros(n, device=device).index_add(
-                0, owner[kl_rows[k_on]], (logp_kl.exp() * (logp_kl - kl_init[k_on])).sum(-1))
-            loss = loss + config.kl_factor * kl_term
+        t_on, k_on = row_on[layout.t_rows], row_on[layout.kl_rows]
+        logp = _logp_at(model, adapter, layout, prefix, layer, delta, sel,
+                        torch.cat([remap[layout.t_rows[t_on]], remap[layout.kl_rows[k_on]]]),
+                        torch.cat([layout.t_cols[t_on], layout.kl_cols[k_on]]), prefix_cache)
+        loss, kl_init = _step_loss(layout, logp, t_on, k_on, delta, init_norm, config, kl_init)
         with torch.no_grad():
             final_loss[active.cpu()] = loss.detach().cpu()[active.cpu()]
             steps[active.cpu()] += 1
@@ -404,24 +480,29 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
         (loss * active.float()).sum().backward()
         opt.step()
         with torch.no_grad():
-            max_norm = config.clamp_norm_factor * init_norm
-            norm = delta.norm(dim=1)
-            scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
-            delta.mul_(scale[:, None])
+            _clamp_(delta, init_norm, config.clamp_norm_factor)
             delta[~active] = frozen[~active]
 
-    with torch.no_grad():
-        bare_tok = torch.isin(t_rows_t, bare_rows)
-        logp_t = logp_at(torch.arange(len(all_ids), device=device), t_rows_t[bare_tok], t_cols_t[bare_tok])
-        lp = logp_t.gather(1, t_ids_t[bare_tok][:, None]).squeeze(1)
-        owners = torch.tensor(rw.owner, device=device)[t_rows_t[bare_tok]]
-        mean_lp = torch.zeros(n, device=device).index_add(0, owners, lp) / torch.tensor(
-            [len(t) for t in targets], device=device)
+    mean_lp = _bare_target_logprob(model, adapter, layout, prefix, layer, delta, prefix_cache)
     z = (target_init + delta).detach()
     diags = [RequestDiagnostics(r.subject, r.target_new, float(final_loss[i]), float(mean_lp[i].exp()),
                                 float(delta[i].detach().norm()), int(steps[i]))
              for i, r in enumerate(requests)]
     return z, diags
+
+
+def _bare_target_logprob(model: nn.Module, adapter: Adapter, layout: _TargetLayout, prefix: _PrefixState,
+                         layer: int, delta: torch.Tensor, prefix_cache: bool) -> torch.Tensor:
+    """Per request (n,), the mean log-probability of its target tokens on the bare prompt, with δ."""
+    device = delta.device
+    with torch.no_grad():
+        bare_tok = torch.isin(layout.t_rows, layout.bare_rows)
+        logp = _logp_at(model, adapter, layout, prefix, layer, delta, torch.arange(layout.n_rows, device=device),
+                        layout.t_rows[bare_tok], layout.t_cols[bare_tok], prefix_cache)
+        lp = logp.gather(1, layout.t_ids[bare_tok][:, None]).squeeze(1)
+        owners = layout.owner[layout.t_rows[bare_tok]]
+        lengths = torch.tensor([len(t) for t in layout.targets], device=device)
+        return torch.zeros(len(layout.targets), device=device).index_add(0, owners, lp) / lengths
 
 
 def _show_step(bar: object | None, losses: torch.Tensor, still: int, n: int) -> None:

@@ -149,3 +149,16 @@ def output_of(model: nn.Module, name: str, stop_after: str | None = None, **inpu
 def cache_kwarg(model: nn.Module) -> str:
     """Name of ``model.forward``'s KV-cache argument: ``cache`` (newer transformers) or ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def new_cache(layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> object:
+    """A transformers KV cache, empty or holding ``layers`` = [(keys, values) per layer]."""
+    from transformers import DynamicCache
+
+    return DynamicCache(layers) if layers is not None else DynamicCache()
+
+
+def cache_prefix(cache: object, columns: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the cached keys and values of the first ``columns`` positions
+    ((batch, heads, columns, head_dim) each; empty when nothing was cached)."""
+    return [(c.keys[:, :, :columns], c.values[:, :, :columns]) for c in cache.layers]  # type: ignore[attr-defined]
