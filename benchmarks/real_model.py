@@ -81,7 +81,7 @@ def reference_targets(handle, requests, config, templates):
             opt.zero_grad()
             nll = 0.0
             for ids, f in zip(rows, facts):
-                def add(h, f=f):
+                def add(h, f=f, delta=delta):
                     h = h.clone()
                     h[0, f] = h[0, f] + delta.to(h.dtype)
                     return h
@@ -91,7 +91,7 @@ def reference_targets(handle, requests, config, templates):
                 nll = nll - logp[torch.arange(start, start + len(target)), torch.tensor(target)].sum() / len(target)
             loss = nll / len(rows) + config.v_weight_decay * delta.norm() / h0.norm() ** 2
             if config.kl_factor > 0:
-                def add_kl(h):
+                def add_kl(h, kl_fact=kl_fact, delta=delta):
                     h = h.clone()
                     h[0, kl_fact] = h[0, kl_fact] + delta.to(h.dtype)
                     return h

@@ -144,7 +144,7 @@ def load_gguf(path: str | os.PathLike, device: str | None = None, dtype: str | N
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     from editflow import progress
-    from editflow.models import default_device, detect_adapter, prepare_tokenizer, resolve_dtype, ModelHandle
+    from editflow.models import ModelHandle, default_device, detect_adapter, prepare_tokenizer, resolve_dtype
 
     info = info or inspect_gguf(path)
     folder, name = str(Path(info.path).parent), Path(info.path).name

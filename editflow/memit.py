@@ -191,7 +191,7 @@ def _rewrite_inputs_and_block_outputs(model: nn.Module, tokenizer: object, adapt
         idx = torch.tensor([rows.fact_idx[j] for j in part], device=device)
         arange = torch.arange(len(part), device=device)
         with torch.no_grad(), nethook.capture(model, ins, outs, stop_after=stop,
-                                              transform=lambda _n, t: t[arange, idx]) as got:
+                                              transform=lambda _n, t, arange=arange, idx=idx: t[arange, idx]) as got:
             nethook.run_until_stopped(model, **batch.model_inputs())
         if ins:
             keys.append(got[ins[0]].float())
@@ -621,7 +621,7 @@ def rewrite_outputs(model: nn.Module, tokenizer: object, adapter: Adapter, reque
         idx = torch.tensor([rows.fact_idx[j] for j in part], device=device)
         at = (torch.arange(len(part), device=device), idx)
         with torch.no_grad(), nethook.capture(model, outputs_of=[name], stop_after=name,
-                                              transform=lambda _n, t: t[at]) as got:
+                                              transform=lambda _n, t, at=at: t[at]) as got:
             nethook.run_until_stopped(model, **batch.model_inputs())
         out.append(got[name].float())  # (len(part), d)
     return torch.cat(out)

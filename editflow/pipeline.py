@@ -22,14 +22,21 @@ import torch
 
 from editflow import memit, progress
 from editflow.config import MemitConfig
-from editflow.models import with_module_overrides
-from editflow.requests import (MAX_REQUESTS, EditRequest, check_lengths, check_tokenizable,
-                               context_template_allowance, load_requests, requests_digest)
-from editflow.tokens import model_positions
 from editflow.edit_state import EditState
+from editflow.models import with_module_overrides
 from editflow.registry import flavor, ledger, lineage, promotion, resolve
 from editflow.registry.store import configure, ensure_experiment
 from editflow.registry.versions import CANDIDATE, TAG, VersionRef, log_and_register, set_alias, tags_of
+from editflow.requests import (
+    MAX_REQUESTS,
+    EditRequest,
+    check_lengths,
+    check_tokenizable,
+    context_template_allowance,
+    load_requests,
+    requests_digest,
+)
+from editflow.tokens import model_positions
 
 PROMOTE_CHOICES = ("never", "if-better", "always")
 STORAGE_CHOICES = ("delta", "full")

@@ -37,8 +37,19 @@ def word_tokenizer():
 
 def tiny_config(family: str, vocab_size: int, n_layers: int = 4, d: int = 64, d_ff: int = 256):
     """A small randomly initialised config of one architecture family."""
-    from transformers import (Gemma2Config, Gemma3TextConfig, GPT2Config, GPTJConfig, GPTNeoXConfig,
-                              LlamaConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPTJConfig,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Olmo2Config,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, initializer_range=0.1)
     if family == "gpt2":

@@ -8,14 +8,14 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import FAMILIES, NEW_FAMILIES, POST_NORM_FAMILIES, tiny_model
+from test_memit import CFG, REQUESTS, direct_cov, top1
 from torch import nn
 
-from conftest import FAMILIES, NEW_FAMILIES, POST_NORM_FAMILIES, tiny_model
 from editflow import memit, nethook
 from editflow.models import ModelHandle, detect_adapter, with_module_overrides
 from editflow.requests import parse_requests
 from editflow.tokens import encode, pad_right
-from test_memit import CFG, REQUESTS, direct_cov, top1
 
 # ---------------------------------------------------------------------------------------- adapters
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from test_workflow import LOOSE, make_workspace
 
 from editflow.cli import main
 from editflow.commands import _options
 from editflow.commands._options import EXIT_ERROR, EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, mask_uri
-from test_workflow import LOOSE, make_workspace
 
 FACT_KEYS = {"version", "subject", "prompt", "target_new", "target_true"}
 JSON_COMMANDS = ("versions", "compare", "facts", "show", "promote", "rollback")

@@ -7,10 +7,10 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from test_workflow import HPARAMS, LOOSE, make_workspace
 
 from editflow.cli import main as cli
 from editflow.pipeline import EditJob, experiment_name, run_edit
-from test_workflow import HPARAMS, LOOSE, make_workspace
 
 
 @pytest.fixture

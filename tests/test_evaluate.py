@@ -19,9 +19,23 @@ from click.testing import CliRunner  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
 
-from editflow.evaluate import (Evaluator, drift, drift_reference, fact_table, greedy_answers,  # noqa: E402
-                               harmonic_mean, load_pre_state, ngram_entropy, save_pre_state, score_targets,
-                               summary, text_entropy, weighted_ngram_entropy, words, write_report)
+from editflow.evaluate import (  # noqa: E402
+    Evaluator,
+    drift,
+    drift_reference,
+    fact_table,
+    greedy_answers,
+    harmonic_mean,
+    load_pre_state,
+    ngram_entropy,
+    save_pre_state,
+    score_targets,
+    summary,
+    text_entropy,
+    weighted_ngram_entropy,
+    words,
+    write_report,
+)
 from editflow.evaluate.scoring import shared_rows  # noqa: E402
 from editflow.generation import complete, decode  # noqa: E402
 from editflow.requests import parse_requests  # noqa: E402
@@ -142,8 +156,10 @@ def test_counterfact_metrics_hand_checked(lm):
     res = Evaluator((model, tok), reqs, fluency=False).pre()
     es, em, e1, ps, ns = [], [], [], [], []
     for r in reqs:
-        (nn_, t_new, _), (nt, t_true, _) = direct(model, tok, r.text, r.target_new), direct(model, tok, r.text, r.target_true)
-        es.append(nn_ < nt); em.append(math.exp(-nn_) - math.exp(-nt)); e1.append(t_new)
+        (nn_, t_new, _), (nt, _, _) = direct(model, tok, r.text, r.target_new), direct(model, tok, r.text, r.target_true)
+        es.append(nn_ < nt)
+        em.append(math.exp(-nn_) - math.exp(-nt))
+        e1.append(t_new)
         ps.append(np.mean([direct(model, tok, p, r.target_new)[0] < direct(model, tok, p, r.target_true)[0]
                            for p in r.paraphrase_prompts]))
         ns.append(np.mean([direct(model, tok, p, r.target_true)[0] < direct(model, tok, p, r.target_new)[0]

@@ -17,8 +17,13 @@ import torch
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 
-from editflow.gguf_export import (export_gguf, metadata_from_gguf, read_gguf_fields,  # noqa: E402
-                                  to_interleaved_rotary, tokenizer_metadata)
+from editflow.gguf_export import (  # noqa: E402
+    export_gguf,
+    metadata_from_gguf,
+    read_gguf_fields,
+    to_interleaved_rotary,
+    tokenizer_metadata,
+)
 
 SENTENCES = [
     "The Eiffel Tower is in Paris.", "Roger Federer plays tennis.", "The capital of Italy is Rome.",

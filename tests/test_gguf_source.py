@@ -12,10 +12,10 @@ import sys
 
 import pytest
 import torch
+from test_gguf_export import make_tiny_gguf
 
 from editflow.gguf_source import GgufError, inspect_gguf, load_gguf
 from editflow.registry.resolve import registered_name_for
-from test_gguf_export import make_tiny_gguf
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +82,11 @@ def test_load_dequantises_to_the_asked_dtype(tiny_gguf):
 
 
 def test_edit_from_a_gguf_registers_its_base_once(tiny_gguf, tmp_path, monkeypatch):
+    from test_workflow import LOOSE
+
     from editflow.pipeline import EditJob, run_edit
     from editflow.registry.resolve import resolve_base
     from editflow.registry.versions import load_version, tags_of, versions_of
-    from test_workflow import LOOSE
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_workflow import HPARAMS, LOOSE, make_workspace
 
 from editflow import memit
 from editflow.config import MemitConfig
@@ -16,7 +17,6 @@ from editflow.pipeline import EditJob, run_edit
 from editflow.registry import lineage, promotion
 from editflow.registry.versions import load_version, tags_of, versions_of
 from editflow.requests import load_requests
-from test_workflow import HPARAMS, LOOSE, make_workspace
 
 ALPHA = {**HPARAMS, "algorithm": "alphaedit", "alphaedit_l2": 0.5, "nullspace_threshold": 1e-6}
 SECOND = [{"prompt": "the {}", "subject": "kappa lambda mu", "target_new": "violin"},

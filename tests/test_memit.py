@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_model
+
 from editflow import memit, nethook
 from editflow.config import MemitConfig, default_config
 from editflow.models import detect_adapter
@@ -222,7 +222,7 @@ def test_alphaedit_preserves_keys_in_the_covariance_range():
     covs = {layer: cov.float() for layer in CFG.layers}
     result = memit.edit(model, tok, adapter, reqs, covs, CFG.replace(algorithm="alphaedit"))
     preserved = q[:, : d_ff // 2]  # directions the corpus uses
-    for name, delta in result.deltas.items():
+    for delta in result.deltas.values():
         dw = (delta.T if adapter.conv1d else delta).double()
         assert dw.abs().max() > 1e-3
         assert (dw @ preserved).abs().max() < 1e-5 * dw.abs().max() * d_ff

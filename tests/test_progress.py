@@ -35,7 +35,8 @@ def test_quiet_silences_bars_and_notes(capsys):
 
 def test_short_corpus_is_said_before_the_pass(tmp_path, capsys):
     from conftest import tiny_model
-    from editflow.models import detect_adapter, ModelHandle
+
+    from editflow.models import ModelHandle, detect_adapter
     from editflow.stats import CorpusSpec, layer_covariances
 
     model, tok = tiny_model("gpt2")

@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import word_tokenizer
-from editflow.requests import (MAX_REQUESTS, RequestError, check_lengths, check_tokenizable,
-                               context_template_allowance, load_requests, neighbor_index, parse_request_text,
-                               parse_requests, requests_digest, template_allowance)
+
+from editflow.requests import (
+    MAX_REQUESTS,
+    RequestError,
+    check_lengths,
+    check_tokenizable,
+    context_template_allowance,
+    load_requests,
+    neighbor_index,
+    parse_request_text,
+    parse_requests,
+    requests_digest,
+    template_allowance,
+)
 from editflow.text import safe
 
 PLAIN = {"prompt": "{} plays", "subject": "alpha", "target_new": "chess", "target_true": "golf"}

@@ -22,9 +22,21 @@ from click.testing import CliRunner
 
 from editflow import nethook
 from editflow.models import ModelHandle, detect_adapter, prepare_tokenizer
-from editflow.stats import (CorpusSpec, LayerStats, Sampling, cache_keys, check_entry, collect, corpus_identity,
-                            default_max_length, iter_documents, iter_entries, layer_covariances, read_npz,
-                            sample_documents)
+from editflow.stats import (
+    CorpusSpec,
+    LayerStats,
+    Sampling,
+    cache_keys,
+    check_entry,
+    collect,
+    corpus_identity,
+    default_max_length,
+    iter_documents,
+    iter_entries,
+    layer_covariances,
+    read_npz,
+    sample_documents,
+)
 from editflow.stats.batching import Budget, Doc, length_batches
 from editflow.stats.corpus import split_txt
 

@@ -10,13 +10,21 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import FAMILIES, tiny_model, word_tokenizer
+
 from editflow.commands.trace import command, save_summary
 from editflow.models import detect_adapter
 from editflow.requests import parse_requests
-from editflow.trace import (BUCKETS, TraceSummary, best_window, subject_span, summarise, trace_records,
-                            trace_requests, window_users)
+from editflow.trace import (
+    BUCKETS,
+    TraceSummary,
+    best_window,
+    subject_span,
+    summarise,
+    trace_records,
+    trace_requests,
+    window_users,
+)
 
 RECORDS = [
     {"prompt": "The {} plays", "subject": "alpha beta", "target_new": "chess", "target_true": "tennis"},

@@ -8,14 +8,23 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import tiny_model
+
 from editflow.cli import main
 from editflow.config import MemitConfig
 from editflow.requests import parse_requests
 from editflow.trace import BUCKETS, TraceSummary
-from editflow.tune import (SearchSpace, Trial, TuneError, candidate_windows, covariance_layers, objective, search,
-                           split_requests, trial_plan)
+from editflow.tune import (
+    SearchSpace,
+    Trial,
+    TuneError,
+    candidate_windows,
+    covariance_layers,
+    objective,
+    search,
+    split_requests,
+    trial_plan,
+)
 
 HPARAMS = {"layers": [1, 2], "mom2_update_weight": 0.5, "v_num_grad_steps": 10, "clamp_norm_factor": 50.0,
            "v_weight_decay": 0.0, "kl_factor": 0.0, "context_templates": 0}

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_model
+from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import OperationalError
+
 from editflow.pipeline import EditJob, InjectedFailure, run_edit
 from editflow.registry import ledger, promotion
 from editflow.registry.report import compare_versions, version_rows
@@ -190,7 +192,7 @@ def test_failures_leave_no_version(ws, first_edit, tmp_path):
 def test_failure_after_registration_rolls_the_version_back(ws, first_edit, monkeypatch):
     n = len(versions_of("tiny"))
     monkeypatch.setenv("EDITFLOW_LEDGER_URI", "sqlite:////nonexistent-dir/ledger.db")
-    with pytest.raises(Exception):
+    with pytest.raises(OperationalError):
         run_edit(job(ws))
     monkeypatch.delenv("EDITFLOW_LEDGER_URI")
     assert len(versions_of("tiny")) == n
@@ -199,10 +201,10 @@ def test_failure_after_registration_rolls_the_version_back(ws, first_edit, monke
 def test_failed_promotion_leaves_production(ws, first_edit, monkeypatch):
     before = aliases_of("tiny")["production"]
     target = next(int(v.version) for v in versions_of("tiny") if int(v.version) != before)
-    with pytest.raises(Exception):
+    with pytest.raises((MlflowException, LookupError)):
         promotion.promote("tiny", 99)
     monkeypatch.setenv("EDITFLOW_LEDGER_URI", "sqlite:////nonexistent-dir/ledger.db")
-    with pytest.raises(Exception):
+    with pytest.raises(OperationalError):
         promotion.promote("tiny", target)
     monkeypatch.delenv("EDITFLOW_LEDGER_URI")
     assert aliases_of("tiny")["production"] == before

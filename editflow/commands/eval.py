@@ -42,8 +42,15 @@ def command(model: str, requests_path: str, out_dir: str, device: str | None, dt
             batch_size: int, no_fluency: bool, heldout_path: str | None, heldout_facts_n: int,
             limit: int | None, seed: int) -> None:
     """Evaluate MODEL (HF id, local path or registered URI) on the REQUESTS file, unedited."""
-    from editflow.evaluate import (Evaluator, default_heldout_facts, fact_table, format_summary,
-                                   load_heldout_texts, summary, write_report)
+    from editflow.evaluate import (
+        Evaluator,
+        default_heldout_facts,
+        fact_table,
+        format_summary,
+        load_heldout_texts,
+        summary,
+        write_report,
+    )
     from editflow.requests import load_requests
 
     requests = load_requests(requests_path)[:limit]

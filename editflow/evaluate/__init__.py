@@ -14,17 +14,32 @@ Typical use::
 Metric names: see :mod:`editflow.evaluate.report`.
 """
 
-from editflow.evaluate.cache import (find_known, find_pre_state, known_key, load_pre_state, log_known, log_pre_state,
-                                     save_pre_state)
+from editflow.evaluate.cache import (
+                                     find_known,
+                                     find_pre_state,
+                                     known_key,
+                                     load_pre_state,
+                                     log_known,
+                                     log_pre_state,
+                                     save_pre_state,
+)
 from editflow.evaluate.data import default_heldout_facts, load_heldout_texts
 from editflow.evaluate.drift import DriftReference, drift, drift_reference
 from editflow.evaluate.evaluator import EvalResult, Evaluator, PreState
-from editflow.evaluate.known import known_mask, select_known
 from editflow.evaluate.fluency import ngram_entropy, sample_texts, text_entropy, weighted_ngram_entropy, words
+from editflow.evaluate.known import known_mask, select_known
 from editflow.evaluate.metrics import KINDS, aggregate, check_outcomes, fact_metrics, harmonic_mean
 from editflow.evaluate.probes import Check, auto_neighbor_texts
-from editflow.evaluate.report import (METRIC_NAMES, fact_table, format_summary, history_frame, plot_curve,
-                                      plot_probabilities, summary, write_report)
+from editflow.evaluate.report import (
+                                     METRIC_NAMES,
+                                     fact_table,
+                                     format_summary,
+                                     history_frame,
+                                     plot_curve,
+                                     plot_probabilities,
+                                     summary,
+                                     write_report,
+)
 from editflow.evaluate.scoring import TargetScores, batched_forward, greedy_answers, score_ids, score_targets
 
 __all__ = [

@@ -20,8 +20,7 @@ from editflow.evaluate.drift import DriftReference, drift, drift_reference
 from editflow.evaluate.fluency import sample_texts, text_entropy
 from editflow.evaluate.known import MAX_RANK, known_mask
 from editflow.evaluate.metrics import aggregate, check_outcomes, fact_metrics
-from editflow.evaluate.probes import (HELDOUT_FACT, Check, answer_queries, build_checks, heldout_probes,
-                                      request_probes)
+from editflow.evaluate.probes import HELDOUT_FACT, Check, answer_queries, build_checks, heldout_probes, request_probes
 from editflow.evaluate.scoring import greedy_answers, score_ids
 from editflow.requests import EditRequest, requests_digest
 from editflow.tokens import encode, pad_id

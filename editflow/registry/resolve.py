@@ -15,8 +15,18 @@ from editflow.config import MemitConfig, default_config
 from editflow.models import fingerprint, is_local, load_model
 from editflow.registry import ledger
 from editflow.registry.store import DEFAULT_MODEL_NAME, configure, ensure_experiment, tracking_uri
-from editflow.registry.versions import (PRODUCTION, TAG, VersionRef, aliases_of, client, find_base, load_version,
-                                        log_and_register, parse_models_uri, versions_of)
+from editflow.registry.versions import (
+    PRODUCTION,
+    TAG,
+    VersionRef,
+    aliases_of,
+    client,
+    find_base,
+    load_version,
+    log_and_register,
+    parse_models_uri,
+    versions_of,
+)
 
 #: Statistics budget when neither the job nor the model's ``editflow.json`` names one.
 DEFAULT_STATS_TOKENS = 1_000_000

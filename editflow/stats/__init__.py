@@ -4,11 +4,17 @@
 multi-layer collector (:mod:`.collect`), and the verified on-disk cache (:mod:`.cache`).
 """
 
-from editflow.stats.api import (CovarianceResult, cache_keys, default_max_length, layer_covariances)
+from editflow.stats.api import CovarianceResult, cache_keys, default_max_length, layer_covariances
 from editflow.stats.cache import CacheEntry, CacheKey, cache_root, check_entry, iter_entries
 from editflow.stats.collect import Start, accumulate_pass, collect
-from editflow.stats.corpus import (CorpusSpec, Sampling, bundled_corpus_path, corpus_identity, iter_documents,
-                                   sample_documents)
+from editflow.stats.corpus import (
+                                   CorpusSpec,
+                                   Sampling,
+                                   bundled_corpus_path,
+                                   corpus_identity,
+                                   iter_documents,
+                                   sample_documents,
+)
 from editflow.stats.formats import read_npz, write_npz
 from editflow.stats.moments import LayerStats
 

@@ -15,8 +15,8 @@ import torch
 
 from editflow.models import ModelHandle
 from editflow.stats import cache as cache_mod
-from editflow.stats.cache import CacheEntry, CacheKey
 from editflow.stats.batching import Budget, tokenize
+from editflow.stats.cache import CacheEntry, CacheKey
 from editflow.stats.collect import Start, collect
 from editflow.stats.corpus import CorpusSpec, Sampling, corpus_identity, sample_documents
 from editflow.stats.fingerprint import combine, layer_dependencies, tensor_digests, tokenizer_fingerprint

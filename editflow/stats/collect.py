@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from editflow.progress import bar as progress_bar
-from editflow.progress import is_quiet
-
 from editflow import nethook
 from editflow.models import Adapter
+from editflow.progress import bar as progress_bar
+from editflow.progress import is_quiet
 from editflow.stats.batching import Budget, collate, length_batches, tokenize
 from editflow.stats.moments import LayerStats
 from editflow.tokens import Batch, pad_id
