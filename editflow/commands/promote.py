@@ -20,9 +20,11 @@ def command(name: str, version: str, reason: str, as_json: bool) -> None:
     --json prints {"name": NAME, "version": int (now production),
       "previous": int|null (production before), "action": "promote"}.
     """
+    from editflow.registry import integrity
     from editflow.registry.promotion import promote
 
     require_model(name)
+    integrity.repair(name)  # finish what a killed process left (promotion intents, pending versions)
     moved = promote(name, version_ref(version), reason=reason or "manual promotion")
     if as_json:
         echo_json(moved)

@@ -21,9 +21,11 @@ def command(name: str, to: str | None, reason: str, as_json: bool) -> None:
     --json prints {"name": NAME, "version": int (now production),
       "previous": int|null (production before), "action": "rollback"}.
     """
+    from editflow.registry import integrity
     from editflow.registry.promotion import rollback
 
     require_model(name)
+    integrity.repair(name)  # finish what a killed process left (promotion intents, pending versions)
     moved = rollback(name, version_ref(to) if to else None, reason=reason)
     if as_json:
         echo_json(moved)

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from editflow.models import ModelHandle, load_model as load_hf_model
+from editflow.models import ModelHandle
+from editflow.models import load_model as load_hf_model
 
 FLAVOR_NAME = "editflow"
 META_FILE = "editflow.json"
@@ -211,16 +212,20 @@ def write_environment(model_dir: Path) -> list[str]:
 
 def save_model(path: str | os.PathLike, handle: ModelHandle, *, storage: str = "full",
                edited_tensors: list[str] | None = None, lineage: dict[str, Any] | None = None,
-               mlflow_model: Any = None, **_: Any) -> None:
+               mlflow_model: Any = None, digests: dict[str, Any] | None = None, **_: Any) -> None:
     """Write ``handle``'s model to ``path`` as an editflow model directory with an MLmodel file.
 
     ``storage="delta"`` keeps only ``edited_tensors`` (every tensor that differs from the root base:
     the rewrite weights edited anywhere in the lineage); ``lineage`` must then carry
-    ``base_artifact_uri`` (and ideally ``base_model_uri``).
+    ``base_artifact_uri`` (and ideally ``base_model_uri`` and ``base_weights_sha256``, the base's
+    manifest digest). The SHA-256 of each weights file goes into ``editflow.json``; ``digests``, when
+    given, receives ``manifest`` and its ``digest`` (the version's ``editflow.weights_sha256`` tag).
     """
     from mlflow.models import Model, ModelSignature
     from mlflow.pyfunc import add_to_model
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from editflow.registry import integrity
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -238,7 +243,11 @@ def save_model(path: str | os.PathLike, handle: ModelHandle, *, storage: str = "
         meta["edited_tensors"] = sorted(edited_tensors)
     else:
         raise ValueError(f"storage must be 'full' or 'delta', got {storage!r}")
+    manifest = integrity.make_manifest(path, storage, base=meta.pop("base_weights_sha256", None))
+    meta[integrity.META_KEY] = manifest
     (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if digests is not None:
+        digests.update(manifest=manifest, digest=integrity.manifest_digest(manifest))
 
     mlflow_model = mlflow_model or Model()
     mlflow_model.signature = ModelSignature(
@@ -283,6 +292,20 @@ def read_meta(local_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(local_dir) / META_FILE).read_text())
 
 
+def local_path(model_uri: str) -> Path | None:
+    """The directory of a model on this machine (a path or a ``file://`` URI), else ``None``."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(model_uri)
+    if parsed.scheme == "file":
+        path = Path(unquote(parsed.path))
+    elif parsed.scheme == "" or len(parsed.scheme) == 1:  # a path (or a Windows drive letter)
+        path = Path(model_uri)
+    else:
+        return None
+    return path if path.is_dir() else None
+
+
 def download(model_uri: str, dst: str | None = None) -> str:
     """A local directory with the model at ``model_uri`` (a local path is used as is)."""
     if Path(model_uri).is_dir():
@@ -295,17 +318,25 @@ def download(model_uri: str, dst: str | None = None) -> str:
     return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst)
 
 
-def load_local(local_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None) -> ModelHandle:
-    """Load an editflow model directory, reconstructing delta versions over their base."""
+def load_local(local_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
+               expected: str | None = None) -> ModelHandle:
+    """Load an editflow model directory, reconstructing delta versions over their base. Every weights
+    file is checked against the digests in ``editflow.json`` first, and those against ``expected`` (the
+    version's ``editflow.weights_sha256`` tag) when given; a delta's base is checked against the
+    digest the delta recorded. A mismatch raises
+    :class:`~editflow.registry.integrity.WeightsIntegrityError` naming the file."""
+    from editflow.registry import integrity
+
     local_dir = Path(local_dir)
     meta = read_meta(local_dir)
+    integrity.verify_dir(local_dir, meta, expected)
     if meta["storage"] == "full":
         handle = load_hf_model(local_dir / WEIGHTS_DIR, device=device, dtype=dtype)
     else:
         from safetensors.torch import load_file
 
         handle = load_model(meta["base_artifact_uri"], device=device, dtype=dtype,
-                            fallback_uri=meta.get("base_model_uri"))
+                            fallback_uri=meta.get("base_model_uri"), expected=integrity.base_expected(meta))
         edited = load_file(str(local_dir / EDITED_FILE))
         params = dict(handle.model.state_dict())
         with torch.no_grad():
@@ -317,16 +348,20 @@ def load_local(local_dir: str | os.PathLike, device: str | None = None, dtype: s
 
 
 def load_model(model_uri: str, device: str | None = None, dtype: str | None = None,
-               fallback_uri: str | None = None) -> ModelHandle:
-    """Load an editflow model from any MLflow URI (``models:/NAME/3``, ``runs:/...``, a file URI)."""
+               fallback_uri: str | None = None, expected: str | None = None) -> ModelHandle:
+    """Load an editflow model from any MLflow URI (``models:/NAME/3``, ``runs:/...``, a file URI); a
+    model on this machine is read in place (verified weights are not hashed again while unchanged)."""
+    local = local_path(model_uri)
+    if local is not None:
+        return load_local(local, device=device, dtype=dtype, expected=expected)
     with tempfile.TemporaryDirectory(prefix="editflow-model-") as tmp:
         try:
-            local = download(model_uri, tmp)
+            local_dir = download(model_uri, tmp)
         except Exception:
             if fallback_uri is None:
                 raise
-            local = download(fallback_uri, tmp)
-        return load_local(local, device=device, dtype=dtype)
+            local_dir = download(fallback_uri, tmp)
+        return load_local(local_dir, device=device, dtype=dtype, expected=expected)
 
 
 class EditflowPyfunc:

@@ -42,7 +42,8 @@ class FactRow(Base):
 
 
 class EventRow(Base):
-    """A registry event: ``register``, ``promote`` or ``rollback``."""
+    """A registry event: ``register``, ``promote``, ``rollback`` or ``void`` (a production version
+    whose registration was incomplete, deleted by repair: it leaves the production history)."""
 
     __tablename__ = "editflow_events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -100,6 +101,22 @@ def record_event(model_name: str, action: str, version: int, *, previous_version
         s.add(EventRow(model_name=model_name, action=action, version=version,
                        previous_version=previous_version, parent_version=parent_version, actor=actor(),
                        reason=reason, run_id=run_id, time=now()))
+
+
+def last_event_id(model_name: str) -> int:
+    """The id of ``model_name``'s latest event (0 when none): events after it are newer."""
+    with Session(engine()) as s:
+        row = s.scalars(select(EventRow.id).where(EventRow.model_name == model_name)
+                        .order_by(EventRow.id.desc())).first()
+        return int(row or 0)
+
+
+def has_event(model_name: str, action: str, version: int, previous_version: int | None, after_id: int) -> bool:
+    """Whether an ``action`` event of ``version`` (from ``previous_version``) was recorded after event ``after_id``."""
+    with Session(engine()) as s:
+        rows = s.scalars(select(EventRow).where(EventRow.model_name == model_name, EventRow.id > after_id,
+                                                EventRow.action == action, EventRow.version == version))
+        return any(r.previous_version == previous_version for r in rows)
 
 
 def delete_version(model_name: str, version: int) -> None:
@@ -173,10 +190,16 @@ def events(model_name: str) -> list[EventRow]:
 
 
 def production_history(model_name: str) -> list[int]:
-    """Production versions as a stack: a promotion pushes, a rollback pops back to its target."""
+    """Production versions as a stack: a promotion pushes (unless it is already on top), a rollback pops
+    back to its target, a ``void`` removes the version everywhere."""
     stack: list[int] = []
     for e in events(model_name):
-        if e.action == "promote":
+        if e.action == "void":
+            kept = [v for v in stack if v != e.version]
+            stack = [v for i, v in enumerate(kept) if i == 0 or kept[i - 1] != v]
+        elif stack and stack[-1] == e.version:
+            continue
+        elif e.action == "promote":
             stack.append(e.version)
         elif e.action == "rollback":
             if e.version in stack:

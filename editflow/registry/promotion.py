@@ -1,19 +1,26 @@
 """Promotion, rollback and the evaluation gate.
 
 Promotion moves the ``production`` alias and keeps MLflow's deprecated stages in step
-(Production/Archived). Each move is recorded in the ledger; if any step fails, production is put
-back where it was.
+(Production/Archived). A move is a small transaction: the target's weights are verified, an intent
+(registered-model tag ``editflow.promotion_intent``) is written, the alias and stages move, the
+ledger event is recorded and the intent cleared. If a step fails, production is put back where it
+was; if the process dies, :func:`resolve_intent` (run by the next promotion and by
+:func:`editflow.registry.integrity.repair`) finishes or reverts the move.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from editflow.registry import ledger
-from editflow.registry.store import client, quiet_deprecations
+from editflow.registry import integrity, ledger
+from editflow.registry.store import client, quiet_deprecations, tracking_uri
 from editflow.registry.versions import PRODUCTION, aliases_of, resolve_version, retry
-
 
 SPECIFICITY = ("neighborhood", "neighborhood_auto", "heldout", "zsre_specificity")
 
@@ -92,9 +99,21 @@ def _stage(name: str, version: int) -> str:
     return client().get_model_version(name, str(version)).current_stage
 
 
-def _set_production(name: str, version: int, previous: int | None) -> None:
+def _lock(name: str) -> Any:
+    """A host-wide lock serialising production moves of ``name`` in this tracking store."""
+    from filelock import FileLock
+
+    digest = hashlib.sha256(f"{tracking_uri()}\0{name}".encode()).hexdigest()[:16]
+    return FileLock(str(Path(tempfile.gettempdir()) / f"editflow-promote-{digest}.lock"), timeout=600)
+
+
+def _set_alias(name: str, version: int) -> None:
     c = client()
     retry(lambda: c.set_registered_model_alias(name, PRODUCTION, str(version)))
+
+
+def _set_stage(name: str, version: int) -> None:
+    c = client()
     with quiet_deprecations():
         retry(lambda: c.transition_model_version_stage(name, str(version), "Production",
                                                        archive_existing_versions=True))
@@ -104,7 +123,8 @@ def _restore_production(name: str, version: int, previous: int | None, old_stage
     c = client()
     with quiet_deprecations():
         if previous is None:
-            c.delete_registered_model_alias(name, PRODUCTION)
+            if production_version(name) is not None:
+                c.delete_registered_model_alias(name, PRODUCTION)
         else:
             c.set_registered_model_alias(name, PRODUCTION, str(previous))
             c.transition_model_version_stage(name, str(previous), "Production", archive_existing_versions=False)
@@ -113,18 +133,126 @@ def _restore_production(name: str, version: int, previous: int | None, old_stage
                                              archive_existing_versions=False)
 
 
+# --------------------------------------------------------------------------- intents
+
+
+def read_intent(name: str) -> dict[str, Any] | None:
+    """The pending production move of ``name``, if any."""
+    text = (client().get_registered_model(name).tags or {}).get(integrity.INTENT_TAG)
+    return json.loads(text) if text else None
+
+
+def _write_intent(name: str, intent: dict[str, Any]) -> None:
+    c = client()
+    retry(lambda: c.set_registered_model_tag(name, integrity.INTENT_TAG, json.dumps(intent, sort_keys=True)))
+
+
+def _clear_intent(name: str, token: str | None = None) -> None:
+    """Remove the intent (only if it is still ``token``'s, when given)."""
+    current = read_intent(name)
+    if current is None or (token is not None and current.get("token") != token):
+        return
+    c = client()
+    retry(lambda: c.delete_registered_model_tag(name, integrity.INTENT_TAG))
+
+
+def _intent_live(intent: dict[str, Any], grace_s: float, mine_dead: bool = False) -> bool:
+    """Whether the process that wrote ``intent`` may still be completing it (``mine_dead``: this
+    process holds the promotion lock, so an intent of its own is not in progress)."""
+    if mine_dead and intent.get("owner") == integrity.owner():
+        return False
+    alive = integrity.owner_alive(intent.get("owner"))
+    return bool(alive) or (alive is None and time.time() - float(intent.get("time", 0)) < grace_s)
+
+
+def resolve_intent(name: str, grace_s: float = integrity.GRACE_S, mine_dead: bool = False) -> str | None:
+    """Finish (alias already moved: stage and ledger event) or revert (alias not moved: stages back)
+    a production move whose process died; ``None`` when there is none, or it is still live."""
+    intent = read_intent(name)
+    if intent is None or _intent_live(intent, grace_s, mine_dead):
+        return None
+    target, previous, action = int(intent["target"]), intent.get("previous"), intent["action"]
+    current = production_version(name)
+    if current == target:
+        _set_stage(name, target)
+        if not ledger.has_event(name, action, target, previous, int(intent.get("after_event", 0))):
+            ledger.record_event(name, action, target, previous_version=previous, run_id=intent.get("run_id"),
+                                reason=f"{intent.get('reason', '')} (completed by repair after an interrupted move)")
+        outcome = f"finished {action} of version {target} (from {previous})"
+    else:
+        if current == previous:
+            _restore_production(name, target, previous, intent.get("old_stage") or "None")
+        outcome = f"reverted {action} of version {target}: production stays {current}"
+    _clear_intent(name)
+    return outcome
+
+
+def restore_history_top(name: str, exclude: int) -> int | None:
+    """Point production at the top of the ledger's production history that still exists (not
+    ``exclude``), or remove the alias when there is none. Used when production's version is deleted."""
+    from editflow.registry.versions import versions_of
+
+    usable = {int(v.version) for v in versions_of(name)} - {exclude}
+    target = next((v for v in reversed(ledger.production_history(name)) if v in usable), None)
+    if target is None:
+        with quiet_deprecations():
+            client().delete_registered_model_alias(name, PRODUCTION)
+        return None
+    _set_alias(name, target)
+    _set_stage(name, target)
+    return target
+
+
+# --------------------------------------------------------------------------- moves
+
+
+def _settle(name: str) -> None:
+    """Resolve a production move a dead process left behind (call with the lock held); refuse while
+    another process may still be completing one."""
+    pending = read_intent(name)
+    if pending is not None and resolve_intent(name, mine_dead=True) is None:
+        raise RuntimeError(f"another production move of {name!r} is in progress "
+                           f"(version {pending.get('target')}, by {pending.get('owner')})")
+
+
 def move_production(name: str, ref: str | int, action: str = "promote", reason: str = "",
                     run_id: str | None = None) -> dict[str, Any]:
-    """Make version ``ref`` production; on any failure production stays where it was."""
+    """Make version ``ref`` production after verifying its weights; on any failure production stays
+    where it was. Moving production to the version that already is production changes nothing (no
+    ledger entry; ``previous`` equals ``version`` in the result)."""
+    with _lock(name):
+        _settle(name)
+        return _move_locked(name, ref, action, reason, run_id)
+
+
+def _move_locked(name: str, ref: str | int, action: str, reason: str, run_id: str | None) -> dict[str, Any]:
     version = resolve_version(name, ref)
     previous = production_version(name)
+    if version == previous:
+        return {"name": name, "version": version, "previous": previous, "action": action}
+    integrity.verify_version(name, version)
+    return _move(name, version, previous, action, reason, run_id)
+
+
+def _move(name: str, version: int, previous: int | None, action: str, reason: str,
+          run_id: str | None) -> dict[str, Any]:
+    """Intent, alias, stage, ledger event, intent cleared (see the module docstring)."""
     old_stage = _stage(name, version)
+    token = integrity.owner() + f":{time.time_ns()}"
+    _write_intent(name, {"token": token, "owner": integrity.owner(), "time": time.time(), "action": action,
+                         "target": version, "previous": previous, "old_stage": old_stage, "reason": reason,
+                         "run_id": run_id, "after_event": ledger.last_event_id(name)})
     try:
-        _set_production(name, version, previous)
+        _set_alias(name, version)
+        integrity.crashpoint("after_alias_move")
+        _set_stage(name, version)
+        integrity.crashpoint("before_promote_event")
         ledger.record_event(name, action, version, previous_version=previous, reason=reason, run_id=run_id)
     except BaseException:
         _restore_production(name, version, previous, old_stage)
+        _clear_intent(name, token)
         raise
+    _clear_intent(name, token)
     return {"name": name, "version": version, "previous": previous, "action": action}
 
 
@@ -134,9 +262,11 @@ def promote(name: str, ref: str | int, reason: str = "", run_id: str | None = No
 
 def rollback(name: str, to: str | int | None = None, reason: str = "") -> dict[str, Any]:
     """Return production to ``to``, or to the version that was production before the current one."""
-    if to is None:
-        current = production_version(name)
-        to = ledger.previous_production(name, current)
+    with _lock(name):
+        _settle(name)
         if to is None:
-            raise LookupError(f"no earlier production version of {name!r} in the ledger; pass --to VERSION")
-    return move_production(name, to, "rollback", reason or "rollback")
+            current = production_version(name)
+            to = ledger.previous_production(name, current)
+            if to is None:
+                raise LookupError(f"no earlier production version of {name!r} in the ledger; pass --to VERSION")
+        return _move_locked(name, to, "rollback", reason or "rollback", None)

@@ -7,15 +7,17 @@ parent versions in tags and in ``editflow.json``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from editflow.models import ModelHandle, fingerprint
-from editflow.registry import flavor, ledger
+from editflow.registry import flavor, integrity, ledger
 from editflow.registry.store import client, configure, quiet_deprecations
 
 T = TypeVar("T")
@@ -38,8 +40,14 @@ class VersionRef:
 
 
 #: Words in a store error that mean "try again": a busy database, or a concurrent writer that created
-#: the same row first (e.g. two first edits creating the ``candidate`` alias at once).
-TRANSIENT = ("locked", "busy", "unique constraint", "duplicate key", "integrityerror", "deadlock")
+#: the same row first (e.g. two first edits creating the ``candidate`` alias at once: sqlite says
+#: "UNIQUE constraint failed", PostgreSQL "duplicate key", MySQL "Duplicate entry"), or MLflow giving
+#: up on its own version-number retries ("Model Version creation error").
+TRANSIENT = ("locked", "busy", "unique constraint", "duplicate key", "duplicate entry", "integrityerror",
+             "deadlock", "version creation error")
+#: (name, version) pairs this context is registering: usable here before their pending tag is cleared
+#: (e.g. a first base promoted inside its own registration).
+_REGISTERING: ContextVar[frozenset[tuple[str, int]]] = ContextVar("editflow_registering", default=frozenset())
 
 
 def retry(fn: Callable[[], T], attempts: int = 8, delay: float = 0.5) -> T:
@@ -70,11 +78,32 @@ def resolve_version(name: str, ref: str | int) -> int:
     ref = str(ref)
     if ref.startswith("@"):
         try:
-            return int(c.get_model_version_by_alias(name, ref[1:]).version)
+            mv = c.get_model_version_by_alias(name, ref[1:])
         except Exception as exc:
             raise LookupError(f"registered model {name!r} has no version with alias {ref[1:]!r}") from exc
-    c.get_model_version(name, ref)  # raises if absent
+        check_complete(name, mv)
+        return int(mv.version)
+    check_complete(name, c.get_model_version(name, ref))  # raises if absent or pending
     return int(ref)
+
+
+def check_complete(name: str, mv: Any) -> None:
+    """Raise :class:`~editflow.registry.integrity.IncompleteVersionError` for a pending version (one
+    whose registration has not finished), unless this context is registering it."""
+    if integrity.is_pending(mv) and (name, int(mv.version)) not in _REGISTERING.get():
+        raise integrity.IncompleteVersionError(
+            f"version {mv.version} of {name!r} is incomplete: its registration has not finished or was "
+            f"interrupted (editflow verify {name} --repair deletes abandoned registrations)")
+
+
+@contextlib.contextmanager
+def registering(name: str, version: int) -> Iterator[None]:
+    """Within this block, version ``version`` of ``name`` is usable here although still pending."""
+    token = _REGISTERING.set(_REGISTERING.get() | {(name, version)})
+    try:
+        yield
+    finally:
+        _REGISTERING.reset(token)
 
 
 def tags_of(name: str, version: int) -> dict[str, str]:
@@ -82,10 +111,13 @@ def tags_of(name: str, version: int) -> dict[str, str]:
 
 
 def load_version(name: str, ref: str | int, device: str | None = None, dtype: str | None = None) -> VersionRef:
-    """Load a registered version (full, or delta over its base)."""
+    """Load a registered version (full, or delta over its base), verifying every weights file against
+    the version's recorded digests (:class:`~editflow.registry.integrity.WeightsIntegrityError`)."""
     version = resolve_version(name, ref)
-    uri = client().get_model_version_download_uri(name, str(version))
-    handle = flavor.load_model(uri, device=device, dtype=dtype)
+    c = client()
+    uri = c.get_model_version_download_uri(name, str(version))
+    expected = c.get_model_version(name, str(version)).tags.get(integrity.DIGEST_TAG)
+    handle = flavor.load_model(uri, device=device, dtype=dtype, expected=expected)
     meta = handle.extra["editflow"]
     return VersionRef(handle=handle, name=name, version=version, uri=f"models:/{name}/{version}",
                       fingerprint=fingerprint(handle.model),
@@ -98,13 +130,16 @@ def registered_names() -> list[str]:
     return [m.name for m in client().search_registered_models()]
 
 
-def versions_of(name: str) -> list[Any]:
-    """All versions of ``name``, oldest first (empty when the model is not registered)."""
+def versions_of(name: str, include_pending: bool = False) -> list[Any]:
+    """The complete versions of ``name``, oldest first (empty when the model is not registered);
+    ``include_pending`` adds those whose registration has not finished."""
     try:
         found = client().search_model_versions(f"name='{name}'")
     except Exception:
         return []
-    return sorted(found, key=lambda v: int(v.version))
+    registering = _REGISTERING.get()
+    kept = [v for v in found if include_pending or not integrity.is_pending(v) or (name, int(v.version)) in registering]
+    return sorted(kept, key=lambda v: int(v.version))
 
 
 def find_base(name: str, fp: str) -> int | None:
@@ -120,30 +155,69 @@ def log_and_register(name: str, handle: ModelHandle, *, storage: str, edited_ten
                      on_registered: Callable[[int], None] | None = None) -> int:
     """Log the model in the active run and register it as a new version of ``name``.
 
-    Everything after the version exists (tags, alias, ledger) runs in ``on_registered``; if anything
-    there fails the version is deleted again, so no half-registered version is left behind.
+    The version is registered with the ``editflow.pending`` tag (set atomically with it) and its
+    weights digest tag; the description and ``on_registered`` (alias, ledger) follow, and the pending
+    tag is cleared last, so a version is usable only once everything is written. If a step fails the
+    version is deleted again; if the process dies, :func:`editflow.registry.integrity.repair` deletes it.
     """
     import mlflow
-    from mlflow.models import Model
 
     configure()
-    info = retry(lambda: Model.log(artifact_path=None, name="model", flavor=flavor, handle=handle,
-                                   storage=storage, edited_tensors=list(edited_tensors), lineage=lineage))
-    mv = retry(lambda: mlflow.register_model(info.model_uri, name, tags=tags, await_registration_for=0))
+    integrity.claim_run()
+    info, digest = _log_model(name, handle, storage, edited_tensors, lineage)
+    pending = {integrity.PENDING_TAG: "1", integrity.REGISTRAR_TAG: integrity.owner(), integrity.DIGEST_TAG: digest}
+    mv = retry(lambda: mlflow.register_model(info.model_uri, name, tags={**tags, **pending}, await_registration_for=0))
     version = int(mv.version)
+    integrity.crashpoint("after_register_model")
     try:
-        c = client()
-        retry(lambda: c.update_model_version(name, str(version), description=description))
-        if on_registered is not None:
-            on_registered(version)
+        _complete(name, version, description, on_registered)
     except BaseException:
-        with quiet_deprecations():
-            try:
-                c.delete_model_version(name, str(version))
-            finally:
-                ledger.delete_version(name, version)
+        _unregister(name, version)
         raise
     return version
+
+
+def _log_model(name: str, handle: ModelHandle, storage: str, edited_tensors: Sequence[str],
+               lineage: dict[str, Any]) -> tuple[Any, str]:
+    """Log the model in the active run; its model info and the digest of its weights manifest. A delta
+    records its base's manifest digest, so its own digest covers the base too."""
+    from mlflow.models import Model
+
+    lineage = dict(lineage)
+    base_version = lineage.get("base_version")
+    if storage == "delta" and base_version is not None:
+        lineage["base_weights_sha256"] = tags_of(name, int(base_version)).get(integrity.DIGEST_TAG)
+    digests: dict[str, Any] = {}
+    info = retry(lambda: Model.log(artifact_path=None, name="model", flavor=flavor, handle=handle, storage=storage,
+                                   edited_tensors=list(edited_tensors), lineage=lineage, digests=digests))
+    return info, digests["digest"]
+
+
+def _complete(name: str, version: int, description: str, on_registered: Callable[[int], None] | None) -> None:
+    """Description, ``on_registered`` (alias, ledger), then the pending tag cleared (see the crashpoints)."""
+    c = client()
+    retry(lambda: c.update_model_version(name, str(version), description=description))
+    integrity.crashpoint("after_tags")
+    if on_registered is not None:
+        with registering(name, version):
+            on_registered(version)
+    integrity.crashpoint("after_ledger_write")
+    retry(lambda: c.delete_model_version_tag(name, str(version), integrity.PENDING_TAG))
+
+
+def _unregister(name: str, version: int) -> None:
+    """Delete a version whose registration failed, with its ledger rows (production, if it was
+    moved to it, goes back: see :func:`~editflow.registry.integrity.discard_version`)."""
+    try:
+        integrity.discard_version(name, version)
+        return
+    except Exception:  # noqa: BLE001 - e.g. the ledger is what failed: delete the version regardless
+        pass
+    with quiet_deprecations():
+        try:
+            client().delete_model_version(name, str(version))
+        finally:
+            ledger.delete_version(name, version)
 
 
 def set_alias(name: str, alias: str, version: int) -> None:
