@@ -164,7 +164,10 @@ def run_edit(job: EditJob) -> EditOutcome:
     A failure ends the run FAILED with the error as the ``editflow.error`` tag and the traceback as the
     artifact ``error/traceback.txt``, and is raised again.
     """
+    from editflow.registry import integrity
+
     with _start_run(job) as run:
+        integrity.claim_run()  # a killed run is recognised as orphaned by its dead owner process
         try:
             return _run_phases(job, run.info.run_id)
         except BaseException as exc:
@@ -237,11 +240,21 @@ def _resolve(job: EditJob) -> _Plan:
                   context_template_allowance(config.context_templates, config.context_template_length))
     base.handle = with_module_overrides(base.handle, config.layer_tmp, config.rewrite_tmp)
     name = job.registered_model or resolve.default_registered_name(base)
+    _repair(name)
     base = resolve.ensure_registered_base(base, name)
     config = resolve.config_for(base, job.hparams)  # a newly registered base: its stored tune result
     parent_tags = tags_of(name, base.version)
     state, sha = lineage.read_state(parent_tags) if job.carry_state else (EditState(), None)  # fails before any work
     return _Plan(requests, base, name, config, parent_tags, state, sha)
+
+
+def _repair(name: str) -> None:
+    """Finish what a killed process left on this model (promotion intents, pending versions, runs)."""
+    from editflow.registry import integrity
+    from editflow.registry.versions import versions_of
+
+    if versions_of(name, include_pending=True):
+        integrity.repair(name)
 
 
 def _evaluator(job: EditJob, plan: _Plan) -> Any:

@@ -27,7 +27,10 @@ HPARAMS = {"layers": [1, 2], "mom2_update_weight": 0.5, "v_num_grad_steps": 40, 
 FACTS = [{"prompt": "alpha {}", "subject": "gamma delta", "target_new": "Paris"},
          {"prompt": "sigma {}", "subject": "rho", "target_new": "chess"}]
 MORE_FACTS = [{"prompt": "the {}", "subject": "kappa lambda mu", "target_new": "violin"}]
-LOOSE = promotion.GateThresholds(min_efficacy=50.0, max_specificity_drop=100.0, max_ppl_increase=100.0)
+#: A random tiny model's perplexity and known facts move a lot with any edit: the tests check the
+#: workflow, so the gate only asks for efficacy (its cumulative rules are tested in test_lineage.py).
+LOOSE = promotion.GateThresholds(min_efficacy=50.0, max_specificity_drop=100.0, max_ppl_increase=100.0,
+                                 min_retention=0.0, max_ppl_increase_root=100.0, max_specificity_drop_root=100.0)
 
 
 def make_workspace(root: Path) -> dict[str, Path]:
@@ -252,7 +255,8 @@ def test_concurrent_runs_register_distinct_versions(ws, first_edit):
     procs = [subprocess.Popen(cmd, cwd=ws["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    # 0: registered and the gate passed; 3: registered, the gate kept it a candidate (either is fine here).
+    assert all(p.returncode in (0, 3) for p in procs), outs
     versions = sorted(int(line.split("version ")[1].split()[0]) for o, _ in outs for line in o.splitlines()
                       if line.startswith("run ") and "registered tiny version" in line)
     assert len(versions) == 2 and versions[0] != versions[1]
