@@ -35,13 +35,16 @@ def post_edit(model, tok, records: list[dict]) -> dict[str, float]:
     """Efficacy / paraphrase (new beats true) and neighbourhood (true beats new) after editing."""
     t = counterfact_triples(records)
     flip = lambda xs: [(p, b, a) for p, a, b in xs]  # noqa: E731
-    return {"efficacy": preference_rate(model, tok, flip(t["rewrite"])),
-            "paraphrase": preference_rate(model, tok, flip(t["paraphrase"])),
-            "neighborhood": preference_rate(model, tok, t["neighborhood"])}
+    return {
+        "efficacy": preference_rate(model, tok, flip(t["rewrite"])),
+        "paraphrase": preference_rate(model, tok, flip(t["paraphrase"])),
+        "neighborhood": preference_rate(model, tok, t["neighborhood"]),
+    }
 
 
-def run_edit(handle, records: list[dict], overrides: dict, stats_tokens: int,
-             corpus: str = "bundled") -> tuple[dict[str, float], float, dict]:
+def run_edit(
+    handle, records: list[dict], overrides: dict, stats_tokens: int, corpus: str = "bundled"
+) -> tuple[dict[str, float], float, dict]:
     """One MEMIT batch edit of ``records``; returns post-edit figures, seconds, and the config used."""
     from editflow.config import default_config
     from editflow.memit import edit, undo_deltas
@@ -84,13 +87,16 @@ def main() -> None:
     records = json.loads(Path(args.records).read_text())
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
     pre = pre_edit(model, tok, records)
     out: dict = {"pre_edit": pre, "n_records": len(records)}
     print(f"pre-edit on {len(records)} records (prefers target_true / keeps neighbour's object)")
     for k, v in pre.items():
-        print(f"  {k:<13} {v * 100:6.1f}%  (need ≥ {PRE_THRESHOLDS[k] * 100:.0f}%)  {'PASS' if v >= PRE_THRESHOLDS[k] else 'FAIL'}")
+        print(
+            f"  {k:<13} {v * 100:6.1f}%  (need ≥ {PRE_THRESHOLDS[k] * 100:.0f}%)  {'PASS' if v >= PRE_THRESHOLDS[k] else 'FAIL'}"
+        )
 
     if not args.skip_edit:
         try:
@@ -100,7 +106,7 @@ def main() -> None:
         else:
             handle = load_model(args.model)
             stats_tokens = args.stats_tokens or int(handle.extra.get("model_defaults", {}).get("stats_tokens") or 20000)
-            batch = records[:args.n_edits]
+            batch = records[: args.n_edits]
             pre_b = pre_edit(handle.model, handle.tokenizer, batch)
             overrides: dict = {}
             if args.layers:
@@ -112,17 +118,30 @@ def main() -> None:
                 layer_sets = [[int(x) for x in part.split(",")] for part in args.sweep_layers.split(";")]
                 lams = [float(x) for x in args.sweep_lams.split(",")]
                 grid = [{**overrides, "layers": ls, "mom2_update_weight": lam} for ls in layer_sets for lam in lams]
-            print(f"\nMEMIT, one batch of {len(batch)} edits (pre-edit neighbourhood on this batch "
-                  f"{pre_b['neighborhood'] * 100:.1f}%; need efficacy ≥ 95, paraphrase ≥ 70, neighbourhood ≥ pre − 10)")
+            print(
+                f"\nMEMIT, one batch of {len(batch)} edits (pre-edit neighbourhood on this batch "
+                f"{pre_b['neighborhood'] * 100:.1f}%; need efficacy ≥ 95, paraphrase ≥ 70, neighbourhood ≥ pre − 10)"
+            )
             out["edits"] = []
             for ov in grid:
                 figures, secs, cfg = run_edit(handle, batch, ov, stats_tokens, args.corpus)
-                ok = (figures["efficacy"] >= 0.95 and figures["paraphrase"] >= 0.70
-                      and figures["neighborhood"] >= pre_b["neighborhood"] - 0.10)
+                ok = (
+                    figures["efficacy"] >= 0.95
+                    and figures["paraphrase"] >= 0.70
+                    and figures["neighborhood"] >= pre_b["neighborhood"] - 0.10
+                )
                 name = f"layers={cfg['layers']} λ={cfg['mom2_update_weight']:g}"
                 print(_row(name, figures, f"{secs:5.1f}s  {'PASS' if ok else 'FAIL'}"), flush=True)
-                out["edits"].append({"config": cfg, "figures": figures, "seconds": secs, "pass": ok,
-                                     "pre_neighborhood": pre_b["neighborhood"], "n_edits": len(batch)})
+                out["edits"].append(
+                    {
+                        "config": cfg,
+                        "figures": figures,
+                        "seconds": secs,
+                        "pass": ok,
+                        "pre_neighborhood": pre_b["neighborhood"],
+                        "n_edits": len(batch),
+                    }
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 

@@ -45,10 +45,21 @@ def benchmark_requests(n: int, handle=None, config=None):
     for r in parse_requests(cf):
         for p in r.paraphrase_prompts:
             if r.subject in p:
-                out.append(EditRequest(prompt=p.replace("{", "{{").replace("}", "}}").replace(r.subject, "{}", 1),
-                                       subject=r.subject, target_new=r.target_new, target_true=r.target_true))
-    templates = [] if handle is None else memit.context_templates(
-        handle.model, handle.tokenizer, config.context_templates, config.context_template_length, config.seed)
+                out.append(
+                    EditRequest(
+                        prompt=p.replace("{", "{{").replace("}", "}}").replace(r.subject, "{}", 1),
+                        subject=r.subject,
+                        target_new=r.target_new,
+                        target_true=r.target_true,
+                    )
+                )
+    templates = (
+        []
+        if handle is None
+        else memit.context_templates(
+            handle.model, handle.tokenizer, config.context_templates, config.context_template_length, config.seed
+        )
+    )
 
     def fits(r: EditRequest) -> bool:
         try:
@@ -77,22 +88,37 @@ def worker(model_dir: str, n: int, path: str, tokens: int) -> dict:
     from editflow.stats import CorpusSpec, layer_covariances
 
     handle = load_model(model_dir, device="cpu")
-    config = default_config(handle.adapter.model_type, handle.adapter.n_layers,
-                            handle.extra["model_defaults"].get("hparams", {}))
+    config = default_config(
+        handle.adapter.model_type, handle.adapter.n_layers, handle.extra["model_defaults"].get("hparams", {})
+    )
     requests = benchmark_requests(n, handle, config)
     covs = layer_covariances(handle, list(config.layers), CorpusSpec("bundled"), tokens, progress=False).covs
     t0 = time.perf_counter()
-    result = memit.edit(handle.model, handle.tokenizer, handle.adapter, requests, covs, config,
-                        requests_per_batch=64 if path == "batched" else 1, prefix_cache=path == "batched")
+    result = memit.edit(
+        handle.model,
+        handle.tokenizer,
+        handle.adapter,
+        requests,
+        covs,
+        config,
+        requests_per_batch=64 if path == "batched" else 1,
+        prefix_cache=path == "batched",
+    )
     seconds = time.perf_counter() - t0
     memit.apply_deltas(handle.model, result.deltas)
     with torch.no_grad():
         new = score_targets(handle.model, handle.tokenizer, [(r.text, r.target_new) for r in requests])
         true = score_targets(handle.model, handle.tokenizer, [(r.text, r.target_true or "") for r in requests])
     efficacy = float((new.nll < true.nll).mean()) * 100
-    return {"path": path, "n": n, "seconds": seconds, "targets_s": result.timings.get("targets", 0.0),
-            "solve_s": result.timings.get("solve", 0.0), "efficacy": efficacy,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "path": path,
+        "n": n,
+        "seconds": seconds,
+        "targets_s": result.timings.get("targets", 0.0),
+        "solve_s": result.timings.get("solve", 0.0),
+        "efficacy": efficacy,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
@@ -101,8 +127,11 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / "editflow/assets/default_model"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stats-tokens", type=int, default=100_000)
-    ap.add_argument("--parallel", action="store_true",
-                    help="run the two paths of a size at the same time (use with --threads 1 on 2 cores)")
+    ap.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the two paths of a size at the same time (use with --threads 1 on 2 cores)",
+    )
     ap.add_argument("--worker", nargs=2, metavar=("PATH", "N"))
     args = ap.parse_args()
     import torch
@@ -115,10 +144,26 @@ def main() -> None:
     for n in (int(s) for s in args.sizes.split(",")):
         procs, outputs = {}, {}
         for path in ("batched", "one-at-a-time"):  # concurrently with --parallel, else one after the other
-            cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads),
-                   "--stats-tokens", str(args.stats_tokens), "--worker", path, str(n)]
-            procs[path] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            cmd = [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--threads",
+                str(args.threads),
+                "--stats-tokens",
+                str(args.stats_tokens),
+                "--worker",
+                path,
+                str(n),
+            ]
+            procs[path] = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
             if not args.parallel:
                 outputs[path] = procs[path].communicate()
         pair = {}
@@ -129,14 +174,33 @@ def main() -> None:
             pair[path] = json.loads(out.strip().splitlines()[-1])
             print(pair[path], flush=True)
         b, r = pair["batched"], pair["one-at-a-time"]
-        rows.append(f"| {n} | {b['seconds']:.1f} | {r['seconds']:.1f} | **{r['seconds'] / b['seconds']:.1f}×** | "
-                    f"{b['efficacy']:.1f} | {r['efficacy']:.1f} | {b['peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
-    caption = (f"Model: {Path(args.model).name} · CPU threads per path: {args.threads}"
-               f"{' (both paths at once)' if args.parallel else ''} · statistics: {args.stats_tokens} "
-               "bundled-corpus tokens")
-    publish("edit.md", markdown_table(caption, [
-        "requests", "batched (s)", "one at a time (s)", "speed-up", "efficacy batched (%)", "efficacy reference (%)",
-        "peak RSS batched (MB)", "peak RSS reference (MB)"], rows))
+        rows.append(
+            f"| {n} | {b['seconds']:.1f} | {r['seconds']:.1f} | **{r['seconds'] / b['seconds']:.1f}×** | "
+            f"{b['efficacy']:.1f} | {r['efficacy']:.1f} | {b['peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
+    caption = (
+        f"Model: {Path(args.model).name} · CPU threads per path: {args.threads}"
+        f"{' (both paths at once)' if args.parallel else ''} · statistics: {args.stats_tokens} "
+        "bundled-corpus tokens"
+    )
+    publish(
+        "edit.md",
+        markdown_table(
+            caption,
+            [
+                "requests",
+                "batched (s)",
+                "one at a time (s)",
+                "speed-up",
+                "efficacy batched (%)",
+                "efficacy reference (%)",
+                "peak RSS batched (MB)",
+                "peak RSS reference (MB)",
+            ],
+            rows,
+        ),
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -44,13 +44,21 @@ HELDOUT_KEYS = ("heldout", "heldout_magnitude", "heldout_top1", "heldout_prob", 
 
 def import_reference(rev: str, where: Path):
     """``editflow/evaluate`` at ``rev`` as the package ``ef_ref_evaluate`` (imports rewritten)."""
-    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:editflow/evaluate"],
-                           check=True, capture_output=True, text=True).stdout.split()
+    names = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:editflow/evaluate"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     pkg = where / "ef_ref_evaluate"
     pkg.mkdir(parents=True, exist_ok=True)
     for name in (n for n in names if n.endswith(".py")):
-        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:editflow/evaluate/{name}"],
-                             check=True, capture_output=True, text=True).stdout
+        src = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{rev}:editflow/evaluate/{name}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         (pkg / name).write_text(src.replace("editflow.evaluate", "ef_ref_evaluate"))
     sys.path.insert(0, str(where))
     return importlib.import_module("ef_ref_evaluate")
@@ -72,9 +80,14 @@ def mid_mlp_weight(model: torch.nn.Module) -> torch.nn.Parameter:
 
 
 #: Parts of an evaluation timed separately: (attribute of the evaluator module, part name).
-PARTS = (("known_mask", "known-fact selection"), ("greedy_answers", "pre-edit answers"),
-         ("Evaluator._score", "scoring"), ("Evaluator._fluency", "fluency sampling"),
-         ("drift_reference", "drift reference"), ("drift", "drift"))
+PARTS = (
+    ("known_mask", "known-fact selection"),
+    ("greedy_answers", "pre-edit answers"),
+    ("Evaluator._score", "scoring"),
+    ("Evaluator._fluency", "fluency sampling"),
+    ("drift_reference", "drift reference"),
+    ("drift", "drift"),
+)
 
 
 def instrument(pkg) -> dict[str, float]:
@@ -93,7 +106,9 @@ def instrument(pkg) -> dict[str, float]:
                     return fn(*a, **k)
                 finally:
                     totals[part] = totals.get(part, 0.0) + time.perf_counter() - t
+
             return timed_part
+
         setattr(owner, name, wrap(getattr(owner, name)))
     return totals
 
@@ -108,8 +123,10 @@ def material(pkg, requests) -> dict:
     """Held-out text and fact candidates from the bundled files, with ``pkg``'s default count."""
     from editflow.evaluate.data import DEFAULT_HELDOUT_TEXT
 
-    return {"heldout_texts": pkg.load_heldout_texts(DEFAULT_HELDOUT_TEXT),
-            "heldout_facts": pkg.default_heldout_facts(requests, path=RECORDS)}
+    return {
+        "heldout_texts": pkg.load_heldout_texts(DEFAULT_HELDOUT_TEXT),
+        "heldout_facts": pkg.default_heldout_facts(requests, path=RECORDS),
+    }
 
 
 def evaluate(pkg, model, tok, requests) -> dict:
@@ -155,6 +172,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import editflow.evaluate as new
+
     with tempfile.TemporaryDirectory() as tmp:
         old = import_reference(args.reference_rev, Path(tmp))
     requests = load_requests(RECORDS)[: args.limit]
@@ -169,29 +187,33 @@ def main() -> None:
     d_post, k_post = max_diff(r_new["post"].metrics, r_old["post"].metrics)
 
     def row(name: str, t_old: float, c_old: float, t_new: float, c_new: float) -> str:
-        return (f"| {name} | {t_old:.1f} | {t_new:.1f} | {t_old / t_new:.1f}x | {c_old:.1f} | {c_new:.1f} | "
-                f"{c_old / c_new:.1f}x |")
+        return (
+            f"| {name} | {t_old:.1f} | {t_new:.1f} | {t_old / t_new:.1f}x | {c_old:.1f} | {c_new:.1f} | "
+            f"{c_old / c_new:.1f}x |"
+        )
 
     tot = [r_old["t_pre"] + r_old["t_post"], r_old["c_pre"] + r_old["c_post"]]
-    table = "\n".join([
-        f"Model: {which}. Records: {len(requests)} bundled CounterFact. Device: cpu, {torch.get_num_threads()} "
-        f"thread(s). Reference: editflow/evaluate at {args.reference_rev}. Held-out facts kept: "
-        f"old {int(r_old['pre'].metrics['n_heldout'])}, new {int(r_new['pre'].metrics['n_heldout'])}.",
-        "",
-        "| evaluation | old wall (s) | new wall (s) | speed-up | old CPU (s) | new CPU (s) | CPU ratio |",
-        "|---|---|---|---|---|---|---|",
-        row("pre", r_old["t_pre"], r_old["c_pre"], r_new["t_pre"], r_new["c_pre"]),
-        row("post", r_old["t_post"], r_old["c_post"], r_new["t_post"], r_new["c_post"]),
-        row("pre + post", *tot, r_new["t_pre"] + r_new["t_post"], r_new["c_pre"] + r_new["c_post"]),
-        row("pre (saved state) + post", *tot, t_cached + r_new["t_post"], c_cached + r_new["c_post"]),
-        "",
-        f"Max abs metric difference new vs old (held-out metrics excluded: new selection): pre {d_pre:.2e} "
-        f"({k_pre}), post {d_post:.2e} ({k_post}). Loading the saved pre state: {t_cached:.2f} s.",
-        "",
-        "| part (pre + post, wall s) | old | new |",
-        "|---|---|---|",
-        *(f"| {part} | {parts_old.get(part, 0.0):.1f} | {parts_new.get(part, 0.0):.1f} |" for _, part in PARTS),
-    ])
+    table = "\n".join(
+        [
+            f"Model: {which}. Records: {len(requests)} bundled CounterFact. Device: cpu, {torch.get_num_threads()} "
+            f"thread(s). Reference: editflow/evaluate at {args.reference_rev}. Held-out facts kept: "
+            f"old {int(r_old['pre'].metrics['n_heldout'])}, new {int(r_new['pre'].metrics['n_heldout'])}.",
+            "",
+            "| evaluation | old wall (s) | new wall (s) | speed-up | old CPU (s) | new CPU (s) | CPU ratio |",
+            "|---|---|---|---|---|---|---|",
+            row("pre", r_old["t_pre"], r_old["c_pre"], r_new["t_pre"], r_new["c_pre"]),
+            row("post", r_old["t_post"], r_old["c_post"], r_new["t_post"], r_new["c_post"]),
+            row("pre + post", *tot, r_new["t_pre"] + r_new["t_post"], r_new["c_pre"] + r_new["c_post"]),
+            row("pre (saved state) + post", *tot, t_cached + r_new["t_post"], c_cached + r_new["c_post"]),
+            "",
+            f"Max abs metric difference new vs old (held-out metrics excluded: new selection): pre {d_pre:.2e} "
+            f"({k_pre}), post {d_post:.2e} ({k_post}). Loading the saved pre state: {t_cached:.2f} s.",
+            "",
+            "| part (pre + post, wall s) | old | new |",
+            "|---|---|---|",
+            *(f"| {part} | {parts_old.get(part, 0.0):.1f} | {parts_new.get(part, 0.0):.1f} |" for _, part in PARTS),
+        ]
+    )
     print(table)
     print("old pre:", json.dumps({k: round(v, 4) for k, v in r_old["pre"].metrics.items()}))
     print("new pre:", json.dumps({k: round(v, 4) for k, v in r_new["pre"].metrics.items()}))

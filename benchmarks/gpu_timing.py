@@ -23,12 +23,14 @@ from editflow.stats import CorpusSpec, layer_covariances  # noqa: E402
 
 def main(tokens: int = 1_000_000, n: int = 1000) -> None:
     handle = load_model(default_model_path(), device="cuda")
-    config = default_config(handle.adapter.model_type, handle.adapter.n_layers,
-                            handle.extra["model_defaults"].get("hparams", {}))
+    config = default_config(
+        handle.adapter.model_type, handle.adapter.n_layers, handle.extra["model_defaults"].get("hparams", {})
+    )
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    res = layer_covariances(handle, list(config.layers), CorpusSpec("bundled"), tokens, cache_dir="/tmp/gpu-stats",
-                            progress=False)
+    res = layer_covariances(
+        handle, list(config.layers), CorpusSpec("bundled"), tokens, cache_dir="/tmp/gpu-stats", progress=False
+    )
     torch.cuda.synchronize()
     stats_s = time.perf_counter() - t0
     got = int(res.entries[0].manifest.get("tokens", tokens))
@@ -41,9 +43,13 @@ def main(tokens: int = 1_000_000, n: int = 1000) -> None:
     new = score_targets(handle.model, handle.tokenizer, [(r.text, r.target_new) for r in requests])
     true = score_targets(handle.model, handle.tokenizer, [(r.text, r.target_true or "") for r in requests])
     print("| what | value |\n|---|---|")
-    print(f"| statistics pass, {len(config.layers)} layers, {got} tokens | {stats_s:.1f} s ({got / stats_s:,.0f} tok/s) |")
-    print(f"| batch edit, {n} facts | {edit_s:.1f} s (targets {result.timings['targets']:.1f} s, "
-          f"solve {result.timings['solve']:.1f} s) |")
+    print(
+        f"| statistics pass, {len(config.layers)} layers, {got} tokens | {stats_s:.1f} s ({got / stats_s:,.0f} tok/s) |"
+    )
+    print(
+        f"| batch edit, {n} facts | {edit_s:.1f} s (targets {result.timings['targets']:.1f} s, "
+        f"solve {result.timings['solve']:.1f} s) |"
+    )
     print(f"| efficacy after the edit | {float((new.nll < true.nll).mean()) * 100:.1f} % |")
     print(f"| peak CUDA memory | {torch.cuda.max_memory_allocated() / 2**20:.0f} MB |")
 

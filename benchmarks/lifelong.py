@@ -26,8 +26,14 @@ from _results import markdown_table, publish  # noqa: E402
 
 from editflow import assets  # noqa: E402
 
-LOOSE = dict(min_efficacy=0.0, max_specificity_drop=100.0, max_ppl_increase=1e9, min_retention=0.0,
-             max_ppl_increase_root=1e9, max_specificity_drop_root=100.0)
+LOOSE = dict(
+    min_efficacy=0.0,
+    max_specificity_drop=100.0,
+    max_ppl_increase=1e9,
+    min_retention=0.0,
+    max_ppl_increase_root=1e9,
+    max_specificity_drop_root=100.0,
+)
 
 
 def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[list[dict], list[float], float]:
@@ -47,21 +53,42 @@ def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[li
     rows, name, t0 = [], None, time.perf_counter()
     for k, batch in enumerate(batches):
         model = "" if k == 0 and args.model == "default" else (args.model if k == 0 else f"models:/{name}@production")
-        job = EditJob(requests=str(batch), model=model, hparams=hparams, promote="always",
-                      thresholds=GateThresholds(**LOOSE), fluency=args.fluency, carry_state=(way == "lineage"),
-                      stats_tokens=args.stats_tokens or None)
+        job = EditJob(
+            requests=str(batch),
+            model=model,
+            hparams=hparams,
+            promote="always",
+            thresholds=GateThresholds(**LOOSE),
+            fluency=args.fluency,
+            carry_state=(way == "lineage"),
+            stats_tokens=args.stats_tokens or None,
+        )
         out = run_edit(job)
         name = out.name
         m = out.metrics
-        rows.append({"version": out.version, "es": m.get("post/efficacy"), "ps": m.get("post/paraphrase"),
-                     "retention": m.get("post/retention"), "heldout": m.get("post/heldout"),
-                     "heldout_root": m.get("pre/heldout") if k == 0 else rows[0]["heldout_root"],
-                     "ppl": m.get("post/drift_ppl"), "ppl_root": m.get("pre/drift_ppl") if k == 0 else rows[0]["ppl_root"],
-                     "ns": m.get("post/neighborhood"), "ns_pre": m.get("pre/neighborhood"),
-                     "fluency": m.get("post/fluency"), "fluency_root": m.get("pre/fluency") if k == 0 else rows[0]["fluency_root"]})
+        rows.append(
+            {
+                "version": out.version,
+                "es": m.get("post/efficacy"),
+                "ps": m.get("post/paraphrase"),
+                "retention": m.get("post/retention"),
+                "heldout": m.get("post/heldout"),
+                "heldout_root": m.get("pre/heldout") if k == 0 else rows[0]["heldout_root"],
+                "ppl": m.get("post/drift_ppl"),
+                "ppl_root": m.get("pre/drift_ppl") if k == 0 else rows[0]["ppl_root"],
+                "ns": m.get("post/neighborhood"),
+                "ns_pre": m.get("pre/neighborhood"),
+                "fluency": m.get("post/fluency"),
+                "fluency_root": m.get("pre/fluency") if k == 0 else rows[0]["fluency_root"],
+            }
+        )
     handle = load_version(name, "@production").handle
-    final = [Evaluator(handle, load_requests(b), n_auto_neighbors=0, fluency=False).pre().metrics.get("efficacy", float("nan"))
-             for b in batches]
+    final = [
+        Evaluator(handle, load_requests(b), n_auto_neighbors=0, fluency=False)
+        .pre()
+        .metrics.get("efficacy", float("nan"))
+        for b in batches
+    ]
     return rows, final, time.perf_counter() - t0
 
 
@@ -75,13 +102,24 @@ def table(way: str, rows: list[dict], final: list[float], seconds: float, args: 
         ppl_rel = None if r["ppl"] is None or not r["ppl_root"] else 100 * (r["ppl"] / r["ppl_root"] - 1)
         ho = None if r["heldout"] is None or r["heldout_root"] is None else r["heldout"] - r["heldout_root"]
         flu = None if r["fluency"] is None or not r["fluency_root"] else 100 * (r["fluency"] / r["fluency_root"] - 1)
-        lines.append(f"| v{r['version']} | {fmt(r['es'])} | {fmt(r['ps'])} | {fmt(r['retention'])} | "
-                     f"{fmt(r['ns'])} ({fmt(r['ns_pre'])}) | {fmt(ho)} | {fmt(ppl_rel)} % | {fmt(flu)} % |")
-    caption = (f"**{way}** — {args.model}, {args.algorithm}, {len(rows)} versions × {args.facts} facts, "
-               f"{seconds / 60:.1f} min; efficacy of each batch at the last version: "
-               + " / ".join(fmt(x) for x in final))
-    header = ["version", "own ES", "own PS", "retention", "NS (pre)", "held-out vs root", "ppl vs root",
-              "fluency vs root"]
+        lines.append(
+            f"| v{r['version']} | {fmt(r['es'])} | {fmt(r['ps'])} | {fmt(r['retention'])} | "
+            f"{fmt(r['ns'])} ({fmt(r['ns_pre'])}) | {fmt(ho)} | {fmt(ppl_rel)} % | {fmt(flu)} % |"
+        )
+    caption = (
+        f"**{way}** — {args.model}, {args.algorithm}, {len(rows)} versions × {args.facts} facts, "
+        f"{seconds / 60:.1f} min; efficacy of each batch at the last version: " + " / ".join(fmt(x) for x in final)
+    )
+    header = [
+        "version",
+        "own ES",
+        "own PS",
+        "retention",
+        "NS (pre)",
+        "held-out vs root",
+        "ppl vs root",
+        "fluency vs root",
+    ]
     return markdown_table(caption, header, lines)
 
 
@@ -100,12 +138,14 @@ def main() -> None:
     records = json.loads(Path(args.records).read_text())
     need = args.versions * args.facts
     if len(records) < need:
-        raise SystemExit(f"error: {args.versions} × {args.facts} facts need {need} records, {args.records} has {len(records)}")
+        raise SystemExit(
+            f"error: {args.versions} × {args.facts} facts need {need} records, {args.records} has {len(records)}"
+        )
     tmp = Path(tempfile.mkdtemp(prefix="lifelong-batches-"))
     batches = []
     for k in range(args.versions):
         path = tmp / f"batch{k}.json"
-        path.write_text(json.dumps(records[k * args.facts:(k + 1) * args.facts]))
+        path.write_text(json.dumps(records[k * args.facts : (k + 1) * args.facts]))
         batches.append(path)
     parts = []
     for way in args.ways.split(","):

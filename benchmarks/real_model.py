@@ -81,20 +81,24 @@ def reference_targets(handle, requests, config, templates):
             opt.zero_grad()
             nll = 0.0
             for ids, f in zip(rows, facts):
+
                 def add(h, f=f, delta=delta):
                     h = h.clone()
                     h[0, f] = h[0, f] + delta.to(h.dtype)
                     return h
+
                 with nethook.patch_output(model, layer, add):
                     logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)  # (T, V)
                 start = len(ids) - len(target)
                 nll = nll - logp[torch.arange(start, start + len(target)), torch.tensor(target)].sum() / len(target)
             loss = nll / len(rows) + config.v_weight_decay * delta.norm() / h0.norm() ** 2
             if config.kl_factor > 0:
+
                 def add_kl(h, kl_fact=kl_fact, delta=delta):
                     h = h.clone()
                     h[0, kl_fact] = h[0, kl_fact] + delta.to(h.dtype)
                     return h
+
                 with nethook.patch_output(model, layer, add_kl):
                     lp = torch.log_softmax(model(input_ids=torch.tensor([kl_ids])).logits[0, kl_fact].float(), -1)
                 if kl_init is None:
@@ -118,8 +122,9 @@ def speed_rows(handle, requests_rows, config, sizes) -> list[str]:
     from editflow import memit
     from editflow.requests import parse_requests
 
-    templates = memit.context_templates(handle.model, handle.tokenizer, config.context_templates,
-                                        config.context_template_length, config.seed)
+    templates = memit.context_templates(
+        handle.model, handle.tokenizer, config.context_templates, config.context_template_length, config.seed
+    )
     out = []
     for n in sizes:
         reqs = parse_requests(requests_rows[:n])
@@ -147,11 +152,25 @@ def edit_run(model: str, rows: list[dict], hparams: dict, stats_tokens: int) -> 
 
     facts = Path(tempfile.mkdtemp(prefix="real-model-")) / "facts.json"
     facts.write_text(json.dumps(rows))
-    out = run_edit(EditJob(requests=str(facts), model=model, registered_model="smollm2-bench", hparams=hparams,
-                           stats_tokens=stats_tokens, promote="never", fluency=True,
-                           thresholds=GateThresholds(min_efficacy=0.0, max_specificity_drop=100.0,
-                                                     max_ppl_increase=1e9, min_retention=0.0,
-                                                     max_ppl_increase_root=1e9, max_specificity_drop_root=100.0)))
+    out = run_edit(
+        EditJob(
+            requests=str(facts),
+            model=model,
+            registered_model="smollm2-bench",
+            hparams=hparams,
+            stats_tokens=stats_tokens,
+            promote="never",
+            fluency=True,
+            thresholds=GateThresholds(
+                min_efficacy=0.0,
+                max_specificity_drop=100.0,
+                max_ppl_increase=1e9,
+                min_retention=0.0,
+                max_ppl_increase_root=1e9,
+                max_specificity_drop_root=100.0,
+            ),
+        )
+    )
     from mlflow import MlflowClient
 
     m = MlflowClient().get_run(out.run_id).data.metrics
@@ -161,8 +180,10 @@ def edit_run(model: str, rows: list[dict], hparams: dict, stats_tokens: int) -> 
 def quality_row(label: str, n: int, m: dict) -> str:
     f = lambda k: f"{m[k]:.1f}" if k in m else "—"  # noqa: E731
     ppl = f"{100 * m['post/drift_ppl_rel']:+.1f} %" if "post/drift_ppl_rel" in m else "—"
-    return (f"| {label} | {n} | {f('pre/efficacy')} → {f('post/efficacy')} | {f('pre/paraphrase')} → "
-            f"{f('post/paraphrase')} | {f('pre/neighborhood')} → {f('post/neighborhood')} | {ppl} |")
+    return (
+        f"| {label} | {n} | {f('pre/efficacy')} → {f('post/efficacy')} | {f('pre/paraphrase')} → "
+        f"{f('post/paraphrase')} | {f('pre/neighborhood')} → {f('post/neighborhood')} | {ppl} |"
+    )
 
 
 def main() -> None:
@@ -194,12 +215,15 @@ def main() -> None:
 
         handle = load_gguf(args.model, device="cpu")
         config = default_config(handle.adapter.model_type, handle.adapter.n_layers)
-        parts.append(markdown_table(
-            f"Target optimisation on {Path(args.model).name}, {args.threads} CPU threads, published Llama "
-            f"defaults (layers {list(config.layers)}, {config.v_num_grad_steps} steps, "
-            f"{config.context_templates} context templates)",
-            ["requests", "editflow (s)", "reference compute_z (s)", "speed-up", "max ‖Δz‖/‖z‖"],
-            speed_rows(handle, rows_all, config, sizes)))
+        parts.append(
+            markdown_table(
+                f"Target optimisation on {Path(args.model).name}, {args.threads} CPU threads, published Llama "
+                f"defaults (layers {list(config.layers)}, {config.v_num_grad_steps} steps, "
+                f"{config.context_templates} context templates)",
+                ["requests", "editflow (s)", "reference compute_z (s)", "speed-up", "max ‖Δz‖/‖z‖"],
+                speed_rows(handle, rows_all, config, sizes),
+            )
+        )
         del handle
     results = {}
     if "quality" in tables or "phases" in tables:
@@ -210,21 +234,30 @@ def main() -> None:
             for n in sizes:
                 results[(label, n)] = edit_run(args.model, rows_all[:n], hp, args.stats_tokens)
     if "quality" in tables:
-        parts.append(markdown_table(f"Quality on {Path(args.model).name} (bundled CounterFact records "
-                                    f"{FIRST_RECORD}–, one batch; pre → post)",
-                                    ["settings", "edits", "efficacy", "paraphrase", "neighbourhood",
-                                     "held-out perplexity"],
-                                    [quality_row(label, n, m) for (label, n), m in results.items()]))
+        parts.append(
+            markdown_table(
+                f"Quality on {Path(args.model).name} (bundled CounterFact records "
+                f"{FIRST_RECORD}–, one batch; pre → post)",
+                ["settings", "edits", "efficacy", "paraphrase", "neighbourhood", "held-out perplexity"],
+                [quality_row(label, n, m) for (label, n), m in results.items()],
+            )
+        )
     if "phases" in tables:
         phases = ("load", "stats", "eval_pre", "edit_targets", "edit_solve", "eval_post")
         rows = []
         for (label, n), m in results.items():
             total = sum(m.get(f"time/{p}", 0.0) for p in phases)
             evals = m.get("time/eval_pre", 0.0) + m.get("time/eval_post", 0.0)
-            rows.append(f"| {label} | {n} | " + " | ".join(f"{m.get(f'time/{p}', 0.0):.0f}" for p in phases)
-                        + f" | {100 * evals / total:.0f} % |")
-        parts.append(markdown_table("Phase wall times (s) of one edit run", ["settings", "edits", *phases,
-                                                                              "evaluation share"], rows))
+            rows.append(
+                f"| {label} | {n} | "
+                + " | ".join(f"{m.get(f'time/{p}', 0.0):.0f}" for p in phases)
+                + f" | {100 * evals / total:.0f} % |"
+            )
+        parts.append(
+            markdown_table(
+                "Phase wall times (s) of one edit run", ["settings", "edits", *phases, "evaluation share"], rows
+            )
+        )
     publish("real_model.md", "\n\n".join(parts))
 
 

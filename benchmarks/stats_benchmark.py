@@ -42,12 +42,20 @@ DEFAULT_MODEL = Path(editflow.__file__).parent / "assets" / "default_model"
 
 # ----------------------------------------------------------------------------- the reference structure
 
+
 class _Stop(Exception):
     pass
 
 
-def reference_layer_stats(model: torch.nn.Module, tokenizer: object, module_name: str, texts: Sequence[str],
-                          max_length: int, batch_tokens: int, group: int = 100) -> torch.Tensor:
+def reference_layer_stats(
+    model: torch.nn.Module,
+    tokenizer: object,
+    module_name: str,
+    texts: Sequence[str],
+    max_length: int,
+    batch_tokens: int,
+    group: int = 100,
+) -> torch.Tensor:
     """Σ aᵀa / n for one layer, structured as MEMIT's ``layer_stats`` (one pass, stop after the module)."""
     ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]  # type: ignore[operator]
     module = model.get_submodule(module_name)
@@ -62,7 +70,7 @@ def reference_layer_stats(model: torch.nn.Module, tokenizer: object, module_name
     try:
         with torch.no_grad():
             for start in range(0, len(ids), group):
-                for batch_ids in _length_collation(ids[start:start + group], batch_tokens):
+                for batch_ids in _length_collation(ids[start : start + group], batch_tokens):
                     batch = pad_right(batch_ids, pad_id(tokenizer))
                     try:
                         model(**batch.model_inputs())
@@ -88,6 +96,7 @@ def _length_collation(ids: list[list[int]], batch_tokens: int) -> list[list[list
 
 
 # ----------------------------------------------------------------------------- measurement helpers
+
 
 class PeakRSS:
     """Largest RSS increase (bytes) over the RSS at entry, sampled every 10 ms."""
@@ -131,8 +140,9 @@ def _param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
 
 
-def forward_flops(model: torch.nn.Module, adapter: Adapter, layer: int, include_rewrite: bool,
-                  mean_len: float) -> float:
+def forward_flops(
+    model: torch.nn.Module, adapter: Adapter, layer: int, include_rewrite: bool, mean_len: float
+) -> float:
     """Matmul FLOPs per token of blocks 0..layer (embeddings are lookups; attention scores included)."""
     flops = 0.0
     for i in range(layer + 1):
@@ -153,9 +163,17 @@ class Row:
     ratio: float = 1.0
 
     def cells(self) -> list[str]:
-        return [self.setup, self.method, str(self.tokens), f"{self.seconds:.1f}", f"{self.ratio:.2f}x",
-                f"{self.tokens / self.seconds:,.0f}", f"{self.tokens / self.bound_seconds:,.0f}",
-                f"{100 * self.bound_seconds / self.seconds:.0f}%", f"{self.peak_mb:,.0f}"]
+        return [
+            self.setup,
+            self.method,
+            str(self.tokens),
+            f"{self.seconds:.1f}",
+            f"{self.ratio:.2f}x",
+            f"{self.tokens / self.seconds:,.0f}",
+            f"{self.tokens / self.bound_seconds:,.0f}",
+            f"{100 * self.bound_seconds / self.seconds:.0f}%",
+            f"{self.peak_mb:,.0f}",
+        ]
 
 
 HEADER = ["setup", "method", "tokens", "wall s", "speed-up", "tok/s", "bound tok/s", "of bound", "peak +MB"]
@@ -190,8 +208,17 @@ def timed(fn: Callable[[], object]) -> tuple[object, float, float]:
 
 # ----------------------------------------------------------------------------- one comparison
 
-def compare(setup: str, handle: ModelHandle, layers: list[int], texts: list[str], tokens: int, max_length: int,
-            batch_tokens: int, gflops: float) -> list[Row]:
+
+def compare(
+    setup: str,
+    handle: ModelHandle,
+    layers: list[int],
+    texts: list[str],
+    tokens: int,
+    max_length: int,
+    batch_tokens: int,
+    gflops: float,
+) -> list[Row]:
     model, tok, adapter = handle.model, handle.tokenizer, handle.adapter
     budget = Budget(tokens)
     sample = [texts[d.index] for d in budget.take(tokenize(texts, tok, max_length))]
@@ -201,19 +228,31 @@ def compare(setup: str, handle: ModelHandle, layers: list[int], texts: list[str]
     bound_single = n * (forward_flops(model, adapter, max(layers), False, mean_len) + len(layers) * cov_flops)
     bound_ref = n * sum(forward_flops(model, adapter, layer, True, mean_len) + cov_flops for layer in layers)
 
-    single, t_single, m_single = timed(lambda: {layer: s.mom2() for layer, s in collect(
-        model, tok, adapter, layers, sample, n, max_length, torch.float32, batch_tokens, progress=False)[0].items()})
-    ref, t_ref, m_ref = timed(lambda: {layer: reference_layer_stats(model, tok, adapter.rewrite(layer), sample,
-                                                                    max_length, batch_tokens)
-                                       for layer in layers})
+    single, t_single, m_single = timed(
+        lambda: {
+            layer: s.mom2()
+            for layer, s in collect(
+                model, tok, adapter, layers, sample, n, max_length, torch.float32, batch_tokens, progress=False
+            )[0].items()
+        }
+    )
+    ref, t_ref, m_ref = timed(
+        lambda: {
+            layer: reference_layer_stats(model, tok, adapter.rewrite(layer), sample, max_length, batch_tokens)
+            for layer in layers
+        }
+    )
     worst = max(float((single[l] - ref[l]).abs().max() / ref[l].abs().max()) for l in layers)  # type: ignore[index]
     print(f"[{setup}] max relative difference editflow vs reference: {worst:.2e}")
     assert worst < 1e-3, "editflow and the reference disagree"
-    return [Row(setup, "reference (1 pass/layer)", n, t_ref, bound_ref / gflops / 1e9, m_ref, 1.0),
-            Row(setup, "editflow (single pass)", n, t_single, bound_single / gflops / 1e9, m_single, t_ref / t_single)]
+    return [
+        Row(setup, "reference (1 pass/layer)", n, t_ref, bound_ref / gflops / 1e9, m_ref, 1.0),
+        Row(setup, "editflow (single pass)", n, t_single, bound_single / gflops / 1e9, m_single, t_ref / t_single),
+    ]
 
 
 # ----------------------------------------------------------------------------- inputs
+
 
 def corpus_texts(n_docs: int = 4000, seed: int = 0) -> tuple[list[str], str]:
     """The bundled corpus when present, else deterministic synthetic prose of mixed lengths."""
@@ -223,13 +262,17 @@ def corpus_texts(n_docs: int = 4000, seed: int = 0) -> tuple[list[str], str]:
         random.Random(seed).shuffle(docs)
         return docs, f"bundled ({path.name})"
     rng = random.Random(seed)
-    words = ("the of and in to a is was for on as by with from at that his her their which city river "
-             "village church school bridge market county century born known called built founded during "
-             "after before north south east west new old first second team album film series station").split()
+    words = (
+        "the of and in to a is was for on as by with from at that his her their which city river "
+        "village church school bridge market county century born known called built founded during "
+        "after before north south east west new old first second team album film series station"
+    ).split()
     docs = []
     for _ in range(n_docs):
-        sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 20))).capitalize() + "."
-                     for _ in range(rng.randint(1, 30))]
+        sentences = [
+            " ".join(rng.choice(words) for _ in range(rng.randint(6, 20))).capitalize() + "."
+            for _ in range(rng.randint(1, 30))
+        ]
         docs.append(" ".join(sentences))
     return docs, "synthetic prose"
 
@@ -250,8 +293,17 @@ def random_gpt2(n_layer: int, n_embd: int, n_head: int, vocab: int, tokenizer: o
 
     torch.manual_seed(0)
     eos = tokenizer.eos_token_id  # type: ignore[attr-defined]
-    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab,
-                                       n_positions=1024, bos_token_id=eos, eos_token_id=eos)).eval()
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_head=n_head,
+            vocab_size=vocab,
+            n_positions=1024,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        )
+    ).eval()
     return ModelHandle(model, tokenizer, detect_adapter(model), source=f"random gpt2 {n_layer}x{n_embd}")
 
 
@@ -268,8 +320,10 @@ def main() -> None:
     texts, corpus_name = corpus_texts()
     print(f"torch threads {torch.get_num_threads()}, fp32 matmul {gflops:.1f} GFLOP/s, corpus: {corpus_name}")
     rows: list[Row] = []
-    notes = [f"CPU fp32 matmul rate {gflops:.1f} GFLOP/s with {torch.get_num_threads()} thread(s); corpus: "
-             f"{corpus_name}; batch_tokens {args.batch_tokens} for both methods."]
+    notes = [
+        f"CPU fp32 matmul rate {gflops:.1f} GFLOP/s with {torch.get_num_threads()} thread(s); corpus: "
+        f"{corpus_name}; batch_tokens {args.batch_tokens} for both methods."
+    ]
 
     if (DEFAULT_MODEL / "config.json").is_file():
         small = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
@@ -292,15 +346,33 @@ def main() -> None:
         t = time.perf_counter()
         xl = random_gpt2(48, 1600, 25, 50257, tok)
         print(f"built GPT-2-XL shape in {time.perf_counter() - t:.0f} s")
-        rows += compare("random GPT-2-XL shape (48x1600, fp32), layers 13-17", xl, [13, 14, 15, 16, 17], texts,
-                        args.xl_tokens, 1024, args.batch_tokens, gflops)
+        rows += compare(
+            "random GPT-2-XL shape (48x1600, fp32), layers 13-17",
+            xl,
+            [13, 14, 15, 16, 17],
+            texts,
+            args.xl_tokens,
+            1024,
+            args.batch_tokens,
+            gflops,
+        )
 
-    table = "\n".join(["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-                      + ["| " + " | ".join(r.cells()) + " |" for r in rows])
-    text = f"# Layer statistics: single pass vs one pass per layer\n\n{table}\n\n" + "\n".join(
-        f"- {n}" for n in notes + [
-            "bound tok/s: tokens / (matmul FLOPs of the truncated forward + aᵀa updates at the measured rate).",
-            "peak +MB: largest RSS increase during the method (model weights excluded)."]) + "\n"
+    table = "\n".join(
+        ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        + ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    )
+    text = (
+        f"# Layer statistics: single pass vs one pass per layer\n\n{table}\n\n"
+        + "\n".join(
+            f"- {n}"
+            for n in notes
+            + [
+                "bound tok/s: tokens / (matmul FLOPs of the truncated forward + aᵀa updates at the measured rate).",
+                "peak +MB: largest RSS increase during the method (model weights excluded).",
+            ]
+        )
+        + "\n"
+    )
     print(text)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text)

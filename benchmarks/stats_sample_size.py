@@ -40,8 +40,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     handle = load_model(default_model_path(), device="cpu")
-    config = default_config(handle.adapter.model_type, handle.adapter.n_layers,
-                            handle.extra["model_defaults"].get("hparams", {}))
+    config = default_config(
+        handle.adapter.model_type, handle.adapter.n_layers, handle.extra["model_defaults"].get("hparams", {})
+    )
     records = json.loads((ROOT / "editflow/assets/counterfact/records.json").read_text())
     requests = parse_requests(records[: args.n])
     evaluator = Evaluator(handle, requests, heldout_texts=load_heldout_texts(), fluency=False)
@@ -56,14 +57,32 @@ def main() -> None:
         backup = memit.apply_deltas(handle.model, result.deltas)
         post = evaluator.post().metrics
         memit.restore(handle.model, backup)
-        rows.append(f"| {tokens:,} | {got:,} | {stats_s:.1f} | {post['efficacy']:.1f} | {post['paraphrase']:.1f} | "
-                    f"{post['neighborhood']:.1f} | {100 * post.get('drift_ppl_rel', float('nan')):+.1f} |")
+        rows.append(
+            f"| {tokens:,} | {got:,} | {stats_s:.1f} | {post['efficacy']:.1f} | {post['paraphrase']:.1f} | "
+            f"{post['neighborhood']:.1f} | {100 * post.get('drift_ppl_rel', float('nan')):+.1f} |"
+        )
         print(rows[-1], flush=True)
-    caption = (f"Default model, {args.n} CounterFact records in one batch, layers {list(config.layers)}, "
-               f"λ = {config.mom2_update_weight:g}")
-    publish("stats_sample_size.md", markdown_table(caption, [
-        "budget (tokens)", "tokens used", "stats time (s)", "efficacy", "paraphrase", "neighbourhood",
-        "held-out ppl change (%)"], rows))
+    caption = (
+        f"Default model, {args.n} CounterFact records in one batch, layers {list(config.layers)}, "
+        f"λ = {config.mom2_update_weight:g}"
+    )
+    publish(
+        "stats_sample_size.md",
+        markdown_table(
+            caption,
+            [
+                "budget (tokens)",
+                "tokens used",
+                "stats time (s)",
+                "efficacy",
+                "paraphrase",
+                "neighbourhood",
+                "held-out ppl change (%)",
+            ],
+            rows,
+        ),
+    )
+
 
 if __name__ == "__main__":
     main()

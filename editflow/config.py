@@ -128,14 +128,28 @@ def parse_layers(text: str) -> list[int]:
 PUBLISHED: dict[str, tuple[int, tuple[int, ...], dict[str, Any]]] = {
     "gpt2-xl": (48, (13, 14, 15, 16, 17), dict(mom2_update_weight=20000.0, v_num_grad_steps=20)),
     "gpt-j": (28, (3, 4, 5, 6, 7, 8), dict(mom2_update_weight=15000.0, v_num_grad_steps=25)),
-    "llama": (32, (4, 5, 6, 7, 8), dict(mom2_update_weight=15000.0, v_num_grad_steps=25,
-                                        v_weight_decay=1e-3, clamp_norm_factor=4.0)),
+    "llama": (
+        32,
+        (4, 5, 6, 7, 8),
+        dict(mom2_update_weight=15000.0, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4.0),
+    ),
 }
 #: Gemma 2/3, Qwen 3, Phi-3 and OLMo 2 are Llama-style decoders (RMSNorm, gated MLP, rotary) with no
 #: published MEMIT settings of their own: they take Llama's.
-FAMILY_OF_MODEL_TYPE = {"gpt2": "gpt2-xl", "gptj": "gpt-j", "gpt_neox": "gpt-j", "llama": "llama",
-                        "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma2": "llama",
-                        "gemma3_text": "llama", "gemma3": "llama", "phi3": "llama", "olmo2": "llama"}
+FAMILY_OF_MODEL_TYPE = {
+    "gpt2": "gpt2-xl",
+    "gptj": "gpt-j",
+    "gpt_neox": "gpt-j",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gemma2": "llama",
+    "gemma3_text": "llama",
+    "gemma3": "llama",
+    "phi3": "llama",
+    "olmo2": "llama",
+}
 
 
 def scaled_layers(ref_depth: int, ref_layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
@@ -148,8 +162,9 @@ def scaled_layers(ref_depth: int, ref_layers: tuple[int, ...], depth: int) -> tu
     return tuple(range(start, start + count))
 
 
-def default_config(model_type: str, n_layers: int, model_defaults: dict[str, Any] | None = None,
-                   **overrides: Any) -> MemitConfig:
+def default_config(
+    model_type: str, n_layers: int, model_defaults: dict[str, Any] | None = None, **overrides: Any
+) -> MemitConfig:
     """Published defaults for this architecture family, layers scaled to ``n_layers``.
 
     ``model_defaults`` (e.g. shipped with a model in ``editflow.json``) override the family defaults;

@@ -51,7 +51,9 @@ class LayerKeys:
         n, d_ff = keys.shape
         m = self.n_keys + n
         if self.gram_sum is None and m <= d_ff:
-            old = self.factor.to(torch.float64) if self.factor is not None else torch.zeros(d_ff, 0, dtype=torch.float64)
+            old = (
+                self.factor.to(torch.float64) if self.factor is not None else torch.zeros(d_ff, 0, dtype=torch.float64)
+            )
             return LayerKeys(factor=torch.cat([old, keys.T], dim=1), n_keys=m)  # (d_ff, m)
         return LayerKeys(gram_sum=self.gram(d_ff) + keys.T @ keys, n_keys=m)
 
@@ -96,8 +98,9 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def save_state(state: EditState, directory: str | os.PathLike, dtype: str = "float32",
-               parent_sha256: str | None = None) -> dict:
+def save_state(
+    state: EditState, directory: str | os.PathLike, dtype: str = "float32", parent_sha256: str | None = None
+) -> dict:
     """Write ``state`` as ``edit_state.safetensors`` in ``directory``; return its record for editflow.json."""
     from safetensors.torch import save_file
 
@@ -107,8 +110,15 @@ def save_state(state: EditState, directory: str | os.PathLike, dtype: str = "flo
     tensors = _tensors(state, DTYPES[dtype])
     counts = {f"layer.{layer}.n_keys": str(k.n_keys) for layer, k in state.layers.items()}
     save_file(tensors, str(path), metadata={"parent_sha256": parent_sha256 or "", **counts})
-    return {"file": STATE_FILE, "sha256": file_sha256(path), "bytes": path.stat().st_size, "dtype": dtype,
-            "layers": sorted(state.layers), "n_keys": state.n_keys, "parent_sha256": parent_sha256}
+    return {
+        "file": STATE_FILE,
+        "sha256": file_sha256(path),
+        "bytes": path.stat().st_size,
+        "dtype": dtype,
+        "layers": sorted(state.layers),
+        "n_keys": state.n_keys,
+        "parent_sha256": parent_sha256,
+    }
 
 
 def load_state(directory: str | os.PathLike, record: Mapping | None) -> EditState:
@@ -122,8 +132,10 @@ def load_state(directory: str | os.PathLike, record: Mapping | None) -> EditStat
         raise EditStateError(f"edit state {path.name} is missing from the version's artifacts")
     digest = file_sha256(path)
     if digest != record.get("sha256"):
-        raise EditStateError(f"edit state {path.name} is corrupt: SHA-256 {digest[:16]}… does not match the "
-                             f"recorded {str(record.get('sha256'))[:16]}…")
+        raise EditStateError(
+            f"edit state {path.name} is corrupt: SHA-256 {digest[:16]}… does not match the "
+            f"recorded {str(record.get('sha256'))[:16]}…"
+        )
     layers: dict[int, LayerKeys] = {}
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

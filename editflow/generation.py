@@ -26,8 +26,9 @@ def model_max_length(model: nn.Module, default: int = 1024) -> int:
     return model_positions(model) or default
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad: int,
-              side: str = "right") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, mask, offsets) of ``seqs`` padded on ``side``; ``offsets[i]`` = column of row i's first token.
 
     Left padding is right padding (:func:`editflow.tokens.pad_right`) of the reversed rows, flipped.
@@ -57,8 +58,15 @@ def next_token(logits: torch.Tensor, top_k: int | None, generator: torch.Generat
 
 
 @torch.no_grad()
-def _decode_batch(model: nn.Module, rows: Sequence[Sequence[int]], pad: int, steps: int, top_k: int | None,
-                  generator: torch.Generator | None, bar: object) -> list[list[int]]:
+def _decode_batch(
+    model: nn.Module,
+    rows: Sequence[Sequence[int]],
+    pad: int,
+    steps: int,
+    top_k: int | None,
+    generator: torch.Generator | None,
+    bar: object,
+) -> list[list[int]]:
     """``steps`` new tokens for each of ``rows`` (one left-padded batch, KV cache)."""
     device = next(model.parameters()).device
     ids, mask, _ = pad_batch(rows, pad, "left")
@@ -66,7 +74,7 @@ def _decode_batch(model: nn.Module, rows: Sequence[Sequence[int]], pad: int, ste
     extra, cache_arg = _forward_kwargs(model), nethook.cache_kwarg(model)
     past, cur, new = None, ids, []
     for _ in range(steps):
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -cur.shape[1]:]  # (rows, cur_len)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -cur.shape[1] :]  # (rows, cur_len)
         res = model(input_ids=cur, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg: past}, **extra)
         past = getattr(res, cache_arg, None)
         past = res.past_key_values if past is None else past
@@ -77,8 +85,17 @@ def _decode_batch(model: nn.Module, rows: Sequence[Sequence[int]], pad: int, ste
     return torch.cat(new, 1).tolist() if new else [[] for _ in rows]
 
 
-def decode(model: nn.Module, prompts: Sequence[Sequence[int]], pad: int, new_tokens: int, *,
-           top_k: int | None = None, seed: int = 0, batch_rows: int = 32, desc: str = "decode") -> list[list[int]]:
+def decode(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    pad: int,
+    new_tokens: int,
+    *,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_rows: int = 32,
+    desc: str = "decode",
+) -> list[list[int]]:
     """New token ids after each prompt: greedy (``top_k`` None) or seeded top-k sampling.
 
     Batches of ``batch_rows`` prompts in input order; a batch gets min(``new_tokens``, context − its
@@ -90,7 +107,7 @@ def decode(model: nn.Module, prompts: Sequence[Sequence[int]], pad: int, new_tok
     out: list[list[int]] = []
     with progress.bar(total=len(prompts) * new_tokens, desc=desc, unit="tok") as bar:
         for start in range(0, len(prompts), rows):
-            part = prompts[start:start + rows]
+            part = prompts[start : start + rows]
             steps = max(0, min(new_tokens, limit - max(map(len, part))))
             out += _decode_batch(model, part, pad, steps, top_k, generator, bar)
     return out
@@ -102,11 +119,12 @@ def truncate_at(ids: Sequence[int], stop: int | None) -> list[int]:
     return ids[: ids.index(stop)] if stop is not None and stop in ids else ids
 
 
-def complete(model: nn.Module, tokenizer: object, prompts: Sequence[str], max_new_tokens: int = 8,
-             batch_rows: int = 32) -> list[str]:
+def complete(
+    model: nn.Module, tokenizer: object, prompts: Sequence[str], max_new_tokens: int = 8, batch_rows: int = 32
+) -> list[str]:
     """The greedy continuation of each prompt (without the prompt), up to the first EOS."""
     limit = model_max_length(model)
-    ids = [encode(tokenizer, p)[-max(1, limit - max_new_tokens):] for p in prompts]
+    ids = [encode(tokenizer, p)[-max(1, limit - max_new_tokens) :] for p in prompts]
     new = decode(model, ids, pad_id(tokenizer), max_new_tokens, batch_rows=batch_rows, desc="complete")
     eos = getattr(tokenizer, "eos_token_id", None)
     return [tokenizer.decode(truncate_at(n, eos), skip_special_tokens=True) for n in new]  # type: ignore[attr-defined]

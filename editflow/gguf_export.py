@@ -35,8 +35,13 @@ _GPT2_PRE = "gpt-2"
 _SMOLLM_PRE = "smollm"  # digits split one by one, then GPT-2's byte-level regex
 
 
-def export_gguf(model: Any, tokenizer: Any, out_path: str | os.PathLike, dtype: str = "f16",
-                source_gguf: str | os.PathLike | None = None) -> Path:
+def export_gguf(
+    model: Any,
+    tokenizer: Any,
+    out_path: str | os.PathLike,
+    dtype: str = "f16",
+    source_gguf: str | os.PathLike | None = None,
+) -> Path:
     """Write ``model`` and ``tokenizer`` as one GGUF file at ``out_path`` and return its path.
 
     ``dtype`` is ``"f16"`` or ``"f32"`` for matrices (norms and other 1-D tensors stay f32, as in
@@ -51,8 +56,10 @@ def export_gguf(model: Any, tokenizer: Any, out_path: str | os.PathLike, dtype: 
     arch = gguf_architecture(config)
     check_config(config)
     if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"unsupported GGUF dtype {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)} "
-                         "(quantise the exported file with llama.cpp's llama-quantize)")
+        raise ValueError(
+            f"unsupported GGUF dtype {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)} "
+            "(quantise the exported file with llama.cpp's llama-quantize)"
+        )
     vocab_size = _embedding_rows(model)
     if source_gguf is not None:
         metadata = metadata_from_gguf(source_gguf, arch)
@@ -61,8 +68,7 @@ def export_gguf(model: Any, tokenizer: Any, out_path: str | os.PathLike, dtype: 
         metadata = tokenizer_metadata(tokenizer, vocab_size)
         metadata.append((gguf.Keys.General.NAME, _model_name(config), gguf.GGUFValueType.STRING, None))
     tensors = list(gguf_tensors(model, arch, dtype))
-    return _write_atomically(Path(out_path), arch, _model_metadata(config, arch, vocab_size, dtype) + metadata,
-                             tensors)
+    return _write_atomically(Path(out_path), arch, _model_metadata(config, arch, vocab_size, dtype) + metadata, tensors)
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -72,8 +78,10 @@ def gguf_architecture(config: Any) -> str:
     """The GGUF architecture for a Hugging Face config, or ValueError naming the supported types."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"GGUF export does not support model type {model_type!r}; "
-                         f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+        raise ValueError(
+            f"GGUF export does not support model type {model_type!r}; "
+            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
     return SUPPORTED_ARCHITECTURES[model_type]
 
 
@@ -99,8 +107,10 @@ def check_config(config: Any) -> None:
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         problems.append(f"pretraining_tp={config.pretraining_tp}")
     if problems:
-        raise ValueError(f"GGUF export of this {config.model_type} model is not supported: {', '.join(problems)}; "
-                         "supported: plain rotary (rope_type 'default'), silu MLP without bias")
+        raise ValueError(
+            f"GGUF export of this {config.model_type} model is not supported: {', '.join(problems)}; "
+            "supported: plain rotary (rope_type 'default'), silu MLP without bias"
+        )
 
 
 def _rope_parameters(config: Any) -> dict:
@@ -189,8 +199,7 @@ def gguf_tensors(model: Any, arch: str, dtype: str) -> Iterator[tuple[str, np.nd
         if name is None:
             raise ValueError(f"no GGUF {arch} tensor name for {hf_name!r}")
         array = tensor.detach().to("cpu").float().numpy()
-        if arch in _PERMUTED_QK and name.endswith((".attn_q.weight", ".attn_k.weight", ".attn_q.bias",
-                                                    ".attn_k.bias")):
+        if arch in _PERMUTED_QK and name.endswith((".attn_q.weight", ".attn_k.weight", ".attn_q.bias", ".attn_k.bias")):
             n_head = config.num_attention_heads if ".attn_q." in name else _kv_heads(config)
             array = to_interleaved_rotary(array, n_head)
         yield name, _cast(array, dtype)
@@ -248,8 +257,10 @@ def tokenizer_metadata(tokenizer: Any, vocab_size: int) -> list[tuple]:
     for key, token_id in _special_ids(tokenizer).items():
         entries.append((f"tokenizer.ggml.{key}", token_id, vt.UINT32, None))
     add_bos, add_eos = _adds_bos_eos(tokenizer)
-    entries += [("tokenizer.ggml.add_bos_token", add_bos, vt.BOOL, None),
-                ("tokenizer.ggml.add_eos_token", add_eos, vt.BOOL, None)]
+    entries += [
+        ("tokenizer.ggml.add_bos_token", add_bos, vt.BOOL, None),
+        ("tokenizer.ggml.add_eos_token", add_eos, vt.BOOL, None),
+    ]
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
         entries.append(("tokenizer.chat_template", template, vt.STRING, None))
@@ -260,23 +271,27 @@ def _tokenizer_json(tokenizer: Any) -> dict:
     """The ``tokenizer.json`` of a fast tokenizer as a dict, or ValueError for a slow one."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError("GGUF export needs a fast (tokenizers-backed) byte-level BPE tokenizer; "
-                         f"got {type(tokenizer).__name__}")
+        raise ValueError(
+            f"GGUF export needs a fast (tokenizers-backed) byte-level BPE tokenizer; got {type(tokenizer).__name__}"
+        )
     return json.loads(backend.to_str())
 
 
 def _check_plain_bpe(spec: dict) -> None:
     """Raise ValueError for BPE options a GGUF ``gpt2`` tokenizer cannot express."""
     model, decoder = spec["model"], spec.get("decoder") or {}
-    problems = [option for option in ("continuing_subword_prefix", "end_of_word_suffix", "byte_fallback")
-                if model.get(option)]
+    problems = [
+        option for option in ("continuing_subword_prefix", "end_of_word_suffix", "byte_fallback") if model.get(option)
+    ]
     if spec.get("normalizer") is not None:
         problems.append("a normalizer")
     if decoder.get("type") != "ByteLevel":
         problems.append(f"decoder {decoder.get('type')!r}")
     if problems:
-        raise ValueError(f"GGUF export supports plain byte-level BPE tokenizers only (ByteLevel decoder, "
-                         f"no normalizer); this one has {', '.join(problems)}")
+        raise ValueError(
+            f"GGUF export supports plain byte-level BPE tokenizers only (ByteLevel decoder, "
+            f"no normalizer); this one has {', '.join(problems)}"
+        )
 
 
 def _pre_tokenizer_name(pre: dict | None) -> str:
@@ -285,16 +300,21 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and _plain_byte_level(steps[0], regex=True):
         return _GPT2_PRE
-    if (kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
-            and _plain_byte_level(steps[1], regex=True)):
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and _plain_byte_level(steps[1], regex=True)
+    ):
         return _SMOLLM_PRE
     if kinds == ["Split", "ByteLevel"] and _plain_byte_level(steps[1], regex=False):
         name = _split_regex_name((steps[0].get("pattern") or {}).get("Regex"))
         if name is not None and str(steps[0].get("behavior", "")).lower() == "isolated":
             return name
-    raise ValueError(f"GGUF export does not recognise the pre-tokenizer {kinds or None}; supported: "
-                     "ByteLevel (gpt-2), Digits+ByteLevel (smollm), or Split+ByteLevel with a regex "
-                     "transformers' GGUF reader knows (llama-bpe, qwen2, ...)")
+    raise ValueError(
+        f"GGUF export does not recognise the pre-tokenizer {kinds or None}; supported: "
+        "ByteLevel (gpt-2), Digits+ByteLevel (smollm), or Split+ByteLevel with a regex "
+        "transformers' GGUF reader knows (llama-bpe, qwen2, ...)"
+    )
 
 
 def _plain_byte_level(step: dict, regex: bool) -> bool:
@@ -326,8 +346,12 @@ def _token_table(spec: dict, vocab_size: int) -> tuple[list[str], list[int]]:
 
 def _special_ids(tokenizer: Any) -> dict[str, int]:
     """The bos/eos/unk/pad ids the tokenizer defines, under their GGUF key names."""
-    keys = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
-            "unknown_token_id": "unk_token_id", "padding_token_id": "pad_token_id"}
+    keys = {
+        "bos_token_id": "bos_token_id",
+        "eos_token_id": "eos_token_id",
+        "unknown_token_id": "unk_token_id",
+        "padding_token_id": "pad_token_id",
+    }
     ids = {key: getattr(tokenizer, attr, None) for key, attr in keys.items()}
     return {key: int(value) for key, value in ids.items() if isinstance(value, int)}
 
@@ -353,14 +377,15 @@ def metadata_from_gguf(source_gguf: str | os.PathLike, arch: str) -> list[tuple]
     if source_arch != arch:
         raise ValueError(f"source GGUF architecture {source_arch!r} does not match the model's {arch!r}")
     skip = {"general.architecture", "general.file_type", "general.quantization_version"}
-    return [(key, value, vtype, sub_type) for key, (value, vtype, sub_type) in fields.items()
-            if key.startswith(("tokenizer.", "general.")) and key not in skip
-            and sub_type != _ARRAY]  # nested arrays: no tokenizer or general key uses them
+    return [
+        (key, value, vtype, sub_type)
+        for key, (value, vtype, sub_type) in fields.items()
+        if key.startswith(("tokenizer.", "general.")) and key not in skip and sub_type != _ARRAY
+    ]  # nested arrays: no tokenizer or general key uses them
 
 
 #: struct formats of the fixed-size GGUF value types, by type id (spec: gguf.md, "GGUFValueType").
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                   12: "<d"}
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 
 
@@ -383,15 +408,14 @@ def read_gguf_fields(path: str | os.PathLike) -> dict[str, tuple[Any, Any, Any]]
             key, pos = _read_string(blob, pos)
             (vtype,) = struct.unpack_from("<I", blob, pos)
             value, sub_type, pos = _read_value(blob, pos + 4, vtype)
-            fields[key] = (value, gguf.GGUFValueType(vtype),
-                           None if sub_type is None else gguf.GGUFValueType(sub_type))
+            fields[key] = (value, gguf.GGUFValueType(vtype), None if sub_type is None else gguf.GGUFValueType(sub_type))
     return fields
 
 
 def _read_string(blob: Any, pos: int) -> tuple[str, int]:
     """A GGUF string (u64 byte length, then UTF-8) at ``pos``, and the position after it."""
     (length,) = struct.unpack_from("<Q", blob, pos)
-    return bytes(blob[pos + 8:pos + 8 + length]).decode("utf-8"), pos + 8 + length
+    return bytes(blob[pos + 8 : pos + 8 + length]).decode("utf-8"), pos + 8 + length
 
 
 def _read_value(blob: Any, pos: int, vtype: int) -> tuple[Any, int | None, int]:
@@ -420,8 +444,7 @@ def _read_value(blob: Any, pos: int, vtype: int) -> tuple[Any, int | None, int]:
 # --- writing -----------------------------------------------------------------------------------
 
 
-def _write_atomically(out_path: Path, arch: str, metadata: list[tuple],
-                      tensors: list[tuple[str, np.ndarray]]) -> Path:
+def _write_atomically(out_path: Path, arch: str, metadata: list[tuple], tensors: list[tuple[str, np.ndarray]]) -> Path:
     """Write the GGUF to a temporary file beside ``out_path``, then rename it into place."""
     import gguf
 

@@ -39,8 +39,14 @@ class GgufInfo:
 
     def tags(self) -> dict[str, str]:
         """The version tags (short values only; the full record goes into the card)."""
-        return {"source_format": "gguf", "gguf.sha256": self.sha256, "gguf.file_type": self.file_type,
-                "gguf.name": self.name, "gguf.architecture": self.architecture, "gguf.file": Path(self.path).name}
+        return {
+            "source_format": "gguf",
+            "gguf.sha256": self.sha256,
+            "gguf.file_type": self.file_type,
+            "gguf.name": self.name,
+            "gguf.architecture": self.architecture,
+            "gguf.file": Path(self.path).name,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,16 +109,19 @@ def inspect_gguf(path: str | os.PathLike) -> GgufInfo:
         tensors = reader.tensors
         end = max((int(t.data_offset) + int(t.n_bytes) for t in tensors), default=0)
     except Exception as exc:  # noqa: BLE001 - the reader fails in many ways on a damaged file
-        raise GgufError(f"{path.name} is not a valid GGUF file (truncated or corrupt): "
-                        f"{type(exc).__name__}: {str(exc)[:120]}") from None
+        raise GgufError(
+            f"{path.name} is not a valid GGUF file (truncated or corrupt): {type(exc).__name__}: {str(exc)[:120]}"
+        ) from None
     size = path.stat().st_size
     if not tensors or end > size:
         raise GgufError(f"{path.name} is truncated: its tensors need {end:,} bytes, the file has {size:,}")
     arch = str(_field(reader, "general.architecture") or "unknown")
     supported = supported_architectures()
     if arch not in supported:
-        raise GgufError(f"{path.name}: GGUF architecture {arch!r} cannot be loaded by transformers; "
-                        f"supported: {', '.join(supported)}")
+        raise GgufError(
+            f"{path.name}: GGUF architecture {arch!r} cannot be loaded by transformers; "
+            f"supported: {', '.join(supported)}"
+        )
     file_type = _field(reader, "general.file_type")
     try:
         file_type_name = LlamaFileType(int(file_type)).name if file_type is not None else "unknown"
@@ -121,9 +130,16 @@ def inspect_gguf(path: str | os.PathLike) -> GgufInfo:
     counts: dict[str, int] = {}
     for t in tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    return GgufInfo(path=str(path.resolve()), sha256=file_sha256(path), size=size, architecture=arch,
-                    name=str(_field(reader, "general.name") or path.stem), file_type=file_type_name,
-                    tensor_types=dict(sorted(counts.items())), n_tensors=len(tensors))
+    return GgufInfo(
+        path=str(path.resolve()),
+        sha256=file_sha256(path),
+        size=size,
+        architecture=arch,
+        name=str(_field(reader, "general.name") or path.stem),
+        file_type=file_type_name,
+        tensor_types=dict(sorted(counts.items())),
+        n_tensors=len(tensors),
+    )
 
 
 def _as_plain_model(model: Any) -> None:
@@ -134,8 +150,9 @@ def _as_plain_model(model: Any) -> None:
         quantizer.remove_quantization_config(model)
 
 
-def load_gguf(path: str | os.PathLike, device: str | None = None, dtype: str | None = None,
-              info: GgufInfo | None = None):
+def load_gguf(
+    path: str | os.PathLike, device: str | None = None, dtype: str | None = None, info: GgufInfo | None = None
+):
     """Load a GGUF model dequantised to ``dtype`` (default float32) as a :class:`~editflow.models.ModelHandle`.
 
     The handle's ``extra["gguf"]`` holds the :class:`GgufInfo` as a dict.
@@ -149,19 +166,32 @@ def load_gguf(path: str | os.PathLike, device: str | None = None, dtype: str | N
     info = info or inspect_gguf(path)
     folder, name = str(Path(info.path).parent), Path(info.path).name
     torch_dtype = resolve_dtype(dtype) or torch.float32
-    progress.note(f"loading {name} ({info.file_type}, {info.size / 2**20:.0f} MB), dequantising to "
-                  f"{str(torch_dtype).removeprefix('torch.')} …")
+    progress.note(
+        f"loading {name} ({info.file_type}, {info.size / 2**20:.0f} MB), dequantising to "
+        f"{str(torch_dtype).removeprefix('torch.')} …"
+    )
     with progress.bar(total=2, desc="load gguf", unit="step") as bar:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype, local_files_only=True,
-                                                     quantization_config=GgufConfig(dequantize=True))
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            gguf_file=name,
+            dtype=torch_dtype,
+            local_files_only=True,
+            quantization_config=GgufConfig(dequantize=True),
+        )
         _as_plain_model(model)
         bar.update(1)
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True))
         bar.update(1)
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
-        raise GgufError(f"{name}: dequantised weights are not finite in {len(bad)} tensor(s), e.g. {bad[0]} "
-                        "(corrupt tensor data)")
+        raise GgufError(
+            f"{name}: dequantised weights are not finite in {len(bad)} tensor(s), e.g. {bad[0]} (corrupt tensor data)"
+        )
     model.to(device or default_device()).eval()
-    return ModelHandle(model=model, tokenizer=tokenizer, adapter=detect_adapter(model), source=info.path,
-                       extra={"model_defaults": {}, "gguf": info.to_dict()})
+    return ModelHandle(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=detect_adapter(model),
+        source=info.path,
+        extra={"model_defaults": {}, "gguf": info.to_dict()},
+    )

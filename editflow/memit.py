@@ -114,8 +114,14 @@ def context_templates(model: nn.Module, tokenizer: object, n: int, length: int, 
         torch.manual_seed(seed)
         for i in range(n):
             ids = torch.tensor([encode(tokenizer, TEMPLATE_SEEDS[i % len(TEMPLATE_SEEDS)])], device=device)
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 top_k=5, max_new_tokens=length, pad_token_id=pad_id(tokenizer))
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=5,
+                max_new_tokens=length,
+                pad_token_id=pad_id(tokenizer),
+            )
             text = tokenizer.decode(gen[0], skip_special_tokens=True)  # type: ignore[attr-defined]
             out.append(text.replace("{", " ").replace("}", " ") + ". {}")
     return ["{}"] + out
@@ -133,8 +139,12 @@ class _Rows:
     owner: list[int]  # request index of each row
 
 
-def _prompt_rows(tokenizer: object, requests: Sequence[EditRequest], templates: Sequence[str],
-                 suffix_ids: Callable[[int], list[int]] | None = None) -> _Rows:
+def _prompt_rows(
+    tokenizer: object,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    suffix_ids: Callable[[int], list[int]] | None = None,
+) -> _Rows:
     """One row per (request, template): the templated prompt (+ optional suffix ids per request)."""
     rows = _Rows([], [], [])
     for i, r in enumerate(requests):
@@ -156,8 +166,9 @@ def _pad_shifted(sequences: Sequence[Sequence[int]], shifts: Sequence[int], pad:
     return batch
 
 
-def check_lengths(model: nn.Module, tokenizer: object, requests: Sequence[EditRequest],
-                  templates: Sequence[str]) -> None:
+def check_lengths(
+    model: nn.Module, tokenizer: object, requests: Sequence[EditRequest], templates: Sequence[str]
+) -> None:
     """Raise ``ValueError`` naming the first request whose longest row (context template, prompt and
     target) exceeds the model's ``max_position_embeddings``, before any work is done."""
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -167,8 +178,10 @@ def check_lengths(model: nn.Module, tokenizer: object, requests: Sequence[EditRe
     for ids, owner in zip(rows.ids, rows.owner):
         if len(ids) > limit:
             r = requests[owner]
-            raise ValueError(f"request {owner} (subject {r.subject!r}, prompt {r.prompt!r}): {len(ids)} tokens "
-                             f"with a context template and the target, more than the model's {limit} positions")
+            raise ValueError(
+                f"request {owner} (subject {r.subject!r}, prompt {r.prompt!r}): {len(ids)} tokens "
+                f"with a context template and the target, more than the model's {limit} positions"
+            )
 
 
 def _chunks(n: int, size: int | None) -> list[range]:
@@ -176,9 +189,15 @@ def _chunks(n: int, size: int | None) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _rewrite_inputs_and_block_outputs(model: nn.Module, tokenizer: object, adapter: Adapter,
-                                      rows: _Rows, rewrite_layer: int | None, block_layer: int,
-                                      batch_rows: int = 256) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _rewrite_inputs_and_block_outputs(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: Adapter,
+    rows: _Rows,
+    rewrite_layer: int | None,
+    block_layer: int,
+    batch_rows: int = 256,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """At each row's fact token: the rewrite-module input of ``rewrite_layer`` and the output of block
     ``block_layer``, in batched forwards stopped after the deeper of the two."""
     device = next(model.parameters()).device
@@ -190,8 +209,12 @@ def _rewrite_inputs_and_block_outputs(model: nn.Module, tokenizer: object, adapt
         batch = pad_right([rows.ids[j] for j in part], pad_id(tokenizer)).to(device)
         idx = torch.tensor([rows.fact_idx[j] for j in part], device=device)
         arange = torch.arange(len(part), device=device)
-        with torch.no_grad(), nethook.capture(model, ins, outs, stop_after=stop,
-                                              transform=lambda _n, t, arange=arange, idx=idx: t[arange, idx]) as got:
+        with (
+            torch.no_grad(),
+            nethook.capture(
+                model, ins, outs, stop_after=stop, transform=lambda _n, t, arange=arange, idx=idx: t[arange, idx]
+            ) as got,
+        ):
             nethook.run_until_stopped(model, **batch.model_inputs())
         if ins:
             keys.append(got[ins[0]].float())
@@ -234,10 +257,16 @@ class _Cached(nn.Module):
         return self.output
 
 
-def compute_targets(model: nn.Module, tokenizer: object, adapter: Adapter,
-                    requests: Sequence[EditRequest], config: MemitConfig, templates: Sequence[str],
-                    requests_per_batch: int | None = 64,
-                    prefix_cache: bool = True) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
+def compute_targets(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: Adapter,
+    requests: Sequence[EditRequest],
+    config: MemitConfig,
+    templates: Sequence[str],
+    requests_per_batch: int | None = 64,
+    prefix_cache: bool = True,
+) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
     """Optimise one residual vector z per request at the last edited layer (step 2).
 
     Requests are optimised together, ``requests_per_batch`` at a time: each has its own δ and its own
@@ -253,12 +282,15 @@ def compute_targets(model: nn.Module, tokenizer: object, adapter: Adapter,
     order = sorted(range(len(requests)), key=lambda i: len(encode(tokenizer, requests[i].text)))
     zs, diags = [], []
     groups = _chunks(len(requests), requests_per_batch)
-    with frozen_weights(model), progress.bar(total=len(groups) * config.v_num_grad_steps, desc="targets",
-                                             unit="step") as bar:
+    with (
+        frozen_weights(model),
+        progress.bar(total=len(groups) * config.v_num_grad_steps, desc="targets", unit="step") as bar,
+    ):
         for part in groups:
             idx = [order[i] for i in part]
-            z, d = _optimise_group(model, tokenizer, adapter, [requests[i] for i in idx], config, templates,
-                                   prefix_cache, bar)
+            z, d = _optimise_group(
+                model, tokenizer, adapter, [requests[i] for i in idx], config, templates, prefix_cache, bar
+            )
             zs.append(z)
             diags.extend(d)
     inverse = torch.empty(len(order), dtype=torch.long)
@@ -309,11 +341,17 @@ class _TargetLayout:
 
     @property
     def kl_cols(self) -> torch.Tensor:
-        return self.fact_col[self.n_rw:]
+        return self.fact_col[self.n_rw :]
 
 
-def _target_layout(tokenizer: object, requests: Sequence[EditRequest], templates: Sequence[str],
-                   config: MemitConfig, prefix_cache: bool, device: torch.device) -> _TargetLayout:
+def _target_layout(
+    tokenizer: object,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    config: MemitConfig,
+    prefix_cache: bool,
+    device: torch.device,
+) -> _TargetLayout:
     """Tokenise one group's rows once and lay them out for the optimisation loop."""
     n = len(requests)
     targets = [encode_target(tokenizer, r.target_new) for r in requests]
@@ -339,13 +377,20 @@ def _target_layout(tokenizer: object, requests: Sequence[EditRequest], templates
         t_cols.extend(range(start, start + len(tgt)))
         t_ids.extend(tgt)
     return _TargetLayout(
-        batch=batch, p=p, fact_col=fact_col, owner=torch.tensor(rw.owner + kl.owner, device=device), n_rw=n_rw,
-        targets=targets, t_rows=torch.tensor(t_rows, device=device), t_cols=torch.tensor(t_cols, device=device),
+        batch=batch,
+        p=p,
+        fact_col=fact_col,
+        owner=torch.tensor(rw.owner + kl.owner, device=device),
+        n_rw=n_rw,
+        targets=targets,
+        t_rows=torch.tensor(t_rows, device=device),
+        t_cols=torch.tensor(t_cols, device=device),
         t_ids=torch.tensor(t_ids, device=device),
         tok_weight=torch.tensor([1.0 / len(targets[rw.owner[r]]) for r in t_rows], device=device),
         rows_per_req=torch.bincount(torch.tensor(rw.owner, device=device), minlength=n).float(),
         kl_rows=torch.arange(n_rw, n_rw + len(kl.ids), device=device),
-        bare_rows=torch.tensor([rw.owner.index(i) for i in range(n)], device=device))
+        bare_rows=torch.tensor([rw.owner.index(i) for i in range(n)], device=device),
+    )
 
 
 @dataclass
@@ -359,8 +404,9 @@ class _PrefixState:
     positions: torch.Tensor  # (rows, width) positions that ignore the left padding
 
 
-def _prefix_state(model: nn.Module, adapter: Adapter, layout: _TargetLayout, layer: int,
-                  prefix_cache: bool) -> _PrefixState:
+def _prefix_state(
+    model: nn.Module, adapter: Adapter, layout: _TargetLayout, layer: int, prefix_cache: bool
+) -> _PrefixState:
     """One no-grad forward of the group's rows (every layer when caching the prefix)."""
     batch, p = layout.batch, layout.p
     positions = (batch.attention_mask.cumsum(1) - 1).clamp_min(0)  # (rows, width)
@@ -375,15 +421,27 @@ def _prefix_state(model: nn.Module, adapter: Adapter, layout: _TargetLayout, lay
     return _PrefixState(block_out, hidden, nethook.cache_prefix(cache, p), positions)
 
 
-def _logp_at(model: nn.Module, adapter: Adapter, layout: _TargetLayout, prefix: _PrefixState, layer: int,
-             delta: torch.Tensor, sel: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-             prefix_cache: bool) -> torch.Tensor:
+def _logp_at(
+    model: nn.Module,
+    adapter: Adapter,
+    layout: _TargetLayout,
+    prefix: _PrefixState,
+    layer: int,
+    delta: torch.Tensor,
+    sel: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    prefix_cache: bool,
+) -> torch.Tensor:
     """Log-probabilities (len(rows), vocab) at (``rows`` indexing ``sel``, ``cols``) for the batch rows
     ``sel``, with δ added to block L's output at their fact tokens."""
     batch, p = layout.batch, layout.p
     width = int(batch.lengths[sel].max())
-    inputs = {"input_ids": batch.input_ids[sel, p:width], "attention_mask": batch.attention_mask[sel, :width],
-              "use_cache": prefix_cache}
+    inputs = {
+        "input_ids": batch.input_ids[sel, p:width],
+        "attention_mask": batch.attention_mask[sel, :width],
+        "use_cache": prefix_cache,
+    }
     at = (torch.arange(len(sel), device=sel.device), layout.fact_col[sel] - p)
 
     def add_delta(h: torch.Tensor) -> torch.Tensor:
@@ -393,18 +451,26 @@ def _logp_at(model: nn.Module, adapter: Adapter, layout: _TargetLayout, prefix: 
 
     stand_ins: dict[str, nn.Module] = {}
     if prefix_cache:  # columns < p come from the KV cache; blocks 0..L return their cached output
-        inputs |= {"position_ids": prefix.positions[sel, p:width],
-                   nethook.cache_kwarg(model.base_model): nethook.new_cache(
-                       [(k[sel], v[sel]) for k, v in prefix.prefix_kv])}
-        cached = nethook.replace_first_tensor(prefix.block_out, prefix.hidden[sel, :width - p])
+        inputs |= {
+            "position_ids": prefix.positions[sel, p:width],
+            nethook.cache_kwarg(model.base_model): nethook.new_cache([(k[sel], v[sel]) for k, v in prefix.prefix_kv]),
+        }
+        cached = nethook.replace_first_tensor(prefix.block_out, prefix.hidden[sel, : width - p])
         stand_ins = {adapter.layer(i): _Cached(cached) for i in range(layer + 1)}
     with nethook.replace_modules(model, stand_ins), nethook.patch_output(model, adapter.layer(layer), add_delta):
         return _logits_at(model, inputs, rows, cols - p)
 
 
-def _step_loss(layout: _TargetLayout, logp: torch.Tensor, t_on: torch.Tensor, k_on: torch.Tensor,
-               delta: torch.Tensor, init_norm: torch.Tensor, config: MemitConfig,
-               kl_init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _step_loss(
+    layout: _TargetLayout,
+    logp: torch.Tensor,
+    t_on: torch.Tensor,
+    k_on: torch.Tensor,
+    delta: torch.Tensor,
+    init_norm: torch.Tensor,
+    config: MemitConfig,
+    kl_init: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-request loss (n,): mean NLL of the target tokens over the request's rows (each divided by
     the target length), + weight decay ‖δ‖/‖h‖², + ``kl_factor`` · KL(p_δ ‖ p₀) at ``"{subject} is a"``;
     and the reference distribution p₀ (taken at the first step)."""
@@ -413,15 +479,17 @@ def _step_loss(layout: _TargetLayout, logp: torch.Tensor, t_on: torch.Tensor, k_
     logp_kl = logp[n_t:]  # (KL rows on, vocab)
     tok_lp = logp[:n_t].gather(1, layout.t_ids[t_on][:, None]).squeeze(1)  # (target tokens on,)
     row_nll = torch.zeros(layout.n_rw, device=device).index_add(
-        0, layout.t_rows[t_on], -tok_lp * layout.tok_weight[t_on])  # (rewriting rows,)
-    nll = torch.zeros(n, device=device).index_add(0, layout.owner[:layout.n_rw], row_nll) / layout.rows_per_req
+        0, layout.t_rows[t_on], -tok_lp * layout.tok_weight[t_on]
+    )  # (rewriting rows,)
+    nll = torch.zeros(n, device=device).index_add(0, layout.owner[: layout.n_rw], row_nll) / layout.rows_per_req
     loss = nll + config.v_weight_decay * delta.norm(dim=1) / init_norm**2  # (n,)
     if config.kl_factor > 0:
         if kl_init is None:
             kl_init = logp_kl.detach().clone()
         # KL(p_delta || p_0), as in the ROME/MEMIT papers (and the MEMIT code's kl_div call).
         kl_term = torch.zeros(n, device=device).index_add(
-            0, layout.owner[layout.kl_rows[k_on]], (logp_kl.exp() * (logp_kl - kl_init[k_on])).sum(-1))
+            0, layout.owner[layout.kl_rows[k_on]], (logp_kl.exp() * (logp_kl - kl_init[k_on])).sum(-1)
+        )
         loss = loss + config.kl_factor * kl_term
     return loss, kl_init
 
@@ -434,10 +502,16 @@ def _clamp_(delta: torch.Tensor, init_norm: torch.Tensor, factor: float) -> None
     delta.mul_(scale[:, None])
 
 
-def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
-                    requests: Sequence[EditRequest], config: MemitConfig,
-                    templates: Sequence[str], prefix_cache: bool,
-                    bar: object | None = None) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
+def _optimise_group(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: Adapter,
+    requests: Sequence[EditRequest],
+    config: MemitConfig,
+    templates: Sequence[str],
+    prefix_cache: bool,
+    bar: object | None = None,
+) -> tuple[torch.Tensor, list[RequestDiagnostics]]:
     """Optimise δ for one group of requests together; ``bar`` advances one step per optimiser step
     (and by the steps left when every request stops early)."""
     device = next(model.parameters()).device
@@ -462,9 +536,18 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
         remap = torch.full((layout.n_rows,), -1, dtype=torch.long, device=device)
         remap[sel] = torch.arange(len(sel), device=device)
         t_on, k_on = row_on[layout.t_rows], row_on[layout.kl_rows]
-        logp = _logp_at(model, adapter, layout, prefix, layer, delta, sel,
-                        torch.cat([remap[layout.t_rows[t_on]], remap[layout.kl_rows[k_on]]]),
-                        torch.cat([layout.t_cols[t_on], layout.kl_cols[k_on]]), prefix_cache)
+        logp = _logp_at(
+            model,
+            adapter,
+            layout,
+            prefix,
+            layer,
+            delta,
+            sel,
+            torch.cat([remap[layout.t_rows[t_on]], remap[layout.kl_rows[k_on]]]),
+            torch.cat([layout.t_cols[t_on], layout.kl_cols[k_on]]),
+            prefix_cache,
+        )
         loss, kl_init = _step_loss(layout, logp, t_on, k_on, delta, init_norm, config, kl_init)
         with torch.no_grad():
             final_loss[active.cpu()] = loss.detach().cpu()[active.cpu()]
@@ -485,20 +568,45 @@ def _optimise_group(model: nn.Module, tokenizer: object, adapter: Adapter,
 
     mean_lp = _bare_target_logprob(model, adapter, layout, prefix, layer, delta, prefix_cache)
     z = (target_init + delta).detach()
-    diags = [RequestDiagnostics(r.subject, r.target_new, float(final_loss[i]), float(mean_lp[i].exp()),
-                                float(delta[i].detach().norm()), int(steps[i]))
-             for i, r in enumerate(requests)]
+    diags = [
+        RequestDiagnostics(
+            r.subject,
+            r.target_new,
+            float(final_loss[i]),
+            float(mean_lp[i].exp()),
+            float(delta[i].detach().norm()),
+            int(steps[i]),
+        )
+        for i, r in enumerate(requests)
+    ]
     return z, diags
 
 
-def _bare_target_logprob(model: nn.Module, adapter: Adapter, layout: _TargetLayout, prefix: _PrefixState,
-                         layer: int, delta: torch.Tensor, prefix_cache: bool) -> torch.Tensor:
+def _bare_target_logprob(
+    model: nn.Module,
+    adapter: Adapter,
+    layout: _TargetLayout,
+    prefix: _PrefixState,
+    layer: int,
+    delta: torch.Tensor,
+    prefix_cache: bool,
+) -> torch.Tensor:
     """Per request (n,), the mean log-probability of its target tokens on the bare prompt, with δ."""
     device = delta.device
     with torch.no_grad():
         bare_tok = torch.isin(layout.t_rows, layout.bare_rows)
-        logp = _logp_at(model, adapter, layout, prefix, layer, delta, torch.arange(layout.n_rows, device=device),
-                        layout.t_rows[bare_tok], layout.t_cols[bare_tok], prefix_cache)
+        logp = _logp_at(
+            model,
+            adapter,
+            layout,
+            prefix,
+            layer,
+            delta,
+            torch.arange(layout.n_rows, device=device),
+            layout.t_rows[bare_tok],
+            layout.t_cols[bare_tok],
+            prefix_cache,
+        )
         lp = logp.gather(1, layout.t_ids[bare_tok][:, None]).squeeze(1)
         owners = layout.owner[layout.t_rows[bare_tok]]
         lengths = torch.tensor([len(t) for t in layout.targets], device=device)
@@ -510,16 +618,20 @@ def _show_step(bar: object | None, losses: torch.Tensor, still: int, n: int) -> 
     many of the ``n`` are still optimising after it."""
     if bar is None:
         return
-    bar.set_postfix(optimising=f"{still}/{n}", loss=f"{float(losses.mean()):.3f}",  # type: ignore[attr-defined]
-                    refresh=False)
+    bar.set_postfix(
+        optimising=f"{still}/{n}",
+        loss=f"{float(losses.mean()):.3f}",  # type: ignore[attr-defined]
+        refresh=False,
+    )
     bar.update(1)  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- step 3: the solve
 
 
-def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float,
-                 preserved: torch.Tensor | None = None) -> torch.Tensor:
+def memit_update(
+    keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float, preserved: torch.Tensor | None = None
+) -> torch.Tensor:
     """ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ in float64, with K (d_ff × n), R (d × n), C (d_ff × d_ff); -> (d × d_ff).
 
     With ``preserved`` = K_p K_pᵀ of earlier edits (MEMIT's sequential setting, Meng et al. 2023 §3:
@@ -540,8 +652,9 @@ def nullspace_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
     return u @ u.T
 
 
-def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor,
-                     preserved: torch.Tensor, alpha: float) -> torch.Tensor:
+def alphaedit_update(
+    keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor, preserved: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹ (AlphaEdit), in float64; -> (d × d_ff)."""
     k, r, p = keys.double(), resid.double(), projector.to(keys.device).double()
     kp = preserved.to(keys.device).double()
@@ -550,8 +663,9 @@ def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.T
     return sol.T
 
 
-def post_norm_output_delta(m: torch.Tensor, normed: torch.Tensor, resid: torch.Tensor,
-                           gain: torch.Tensor) -> torch.Tensor:
+def post_norm_output_delta(
+    m: torch.Tensor, normed: torch.Tensor, resid: torch.Tensor, gain: torch.Tensor
+) -> torch.Tensor:
     """Δm such that norm(m + Δm) = norm(m) + r, for a post-MLP RMS norm norm(x) = g ⊙ x / rms(x).
 
     ``m`` (n, d): the rewrite-module output at the fact token; ``normed`` (n, d): norm(m) as the
@@ -598,8 +712,15 @@ def key_weights(n_templates: int) -> torch.Tensor:
     return torch.cat([torch.tensor([0.5]), rest])
 
 
-def compute_keys(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
-                 layer: int, templates: Sequence[str], block_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_keys(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: Adapter,
+    requests: Sequence[EditRequest],
+    layer: int,
+    templates: Sequence[str],
+    block_layer: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K (n × d_ff, template-averaged rewrite inputs) and h (n × d, block output at the bare prompt)."""
     rows = _prompt_rows(tokenizer, requests, templates)
     ks, hs = _rewrite_inputs_and_block_outputs(model, tokenizer, adapter, rows, layer, block_layer)
@@ -609,8 +730,14 @@ def compute_keys(model: nn.Module, tokenizer: object, adapter: Adapter, requests
     return keys, hs.view(n, t, -1)[:, 0]
 
 
-def rewrite_outputs(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
-                    layer: int, batch_rows: int = 256) -> torch.Tensor:
+def rewrite_outputs(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: Adapter,
+    requests: Sequence[EditRequest],
+    layer: int,
+    batch_rows: int = 256,
+) -> torch.Tensor:
     """m (n × d): the rewrite module's output at the fact token of each bare prompt (float32)."""
     device = next(model.parameters()).device
     rows = _prompt_rows(tokenizer, requests, ["{}"])
@@ -620,8 +747,10 @@ def rewrite_outputs(model: nn.Module, tokenizer: object, adapter: Adapter, reque
         batch = pad_right([rows.ids[j] for j in part], pad_id(tokenizer)).to(device)
         idx = torch.tensor([rows.fact_idx[j] for j in part], device=device)
         at = (torch.arange(len(part), device=device), idx)
-        with torch.no_grad(), nethook.capture(model, outputs_of=[name], stop_after=name,
-                                              transform=lambda _n, t, at=at: t[at]) as got:
+        with (
+            torch.no_grad(),
+            nethook.capture(model, outputs_of=[name], stop_after=name, transform=lambda _n, t, at=at: t[at]) as got,
+        ):
             nethook.run_until_stopped(model, **batch.model_inputs())
         out.append(got[name].float())  # (len(part), d)
     return torch.cat(out)
@@ -633,8 +762,14 @@ def post_norm_gain(norm: nn.Module, d: int, like: torch.Tensor) -> torch.Tensor:
         return norm(torch.ones(1, d, dtype=like.dtype, device=like.device)).float()[0]  # (d,)
 
 
-def _module_output_change(model: nn.Module, tokenizer: object, adapter: Adapter,
-                          requests: Sequence[EditRequest], layer: int, resid: torch.Tensor) -> torch.Tensor:
+def _module_output_change(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: Adapter,
+    requests: Sequence[EditRequest],
+    layer: int,
+    resid: torch.Tensor,
+) -> torch.Tensor:
     """What the rewrite module's output must change by (d × n) for the residual stream to change by
     ``resid`` (d × n): ``resid`` itself on pre-norm blocks, :func:`post_norm_output_delta` behind a
     post-MLP norm."""
@@ -654,10 +789,17 @@ def _weight_layout(delta: torch.Tensor, conv1d: bool) -> torch.Tensor:
     return delta.T if conv1d else delta
 
 
-def solve_layers(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
-                 z: torch.Tensor, covs: Mapping[int, torch.Tensor], config: MemitConfig,
-                 templates: Sequence[str], state: _SolveState | None = None,
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def solve_layers(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: Adapter,
+    requests: Sequence[EditRequest],
+    z: torch.Tensor,
+    covs: Mapping[int, torch.Tensor],
+    config: MemitConfig,
+    templates: Sequence[str],
+    state: _SolveState | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Step 3: spread z − h_L (``z``: n × d) over ``config.layers``, each layer's update added to the
     model before the next layer's keys; returns the deltas (stored layout) and their norms.
 
@@ -687,17 +829,25 @@ def solve_layers(model: nn.Module, tokenizer: object, adapter: Adapter, requests
     return deltas, norms
 
 
-def _memit_chunk(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
-                 covs: Mapping[int, torch.Tensor], config: MemitConfig, templates: Sequence[str],
-                 state: _SolveState, timings: dict[str, float], requests_per_batch: int | None,
-                 prefix_cache: bool) -> tuple[dict[int, torch.Tensor], list[RequestDiagnostics], dict[str, float]]:
+def _memit_chunk(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: Adapter,
+    requests: Sequence[EditRequest],
+    covs: Mapping[int, torch.Tensor],
+    config: MemitConfig,
+    templates: Sequence[str],
+    state: _SolveState,
+    timings: dict[str, float],
+    requests_per_batch: int | None,
+    prefix_cache: bool,
+) -> tuple[dict[int, torch.Tensor], list[RequestDiagnostics], dict[str, float]]:
     """One MEMIT (or AlphaEdit) call over ``requests``; the model holds the update afterwards.
 
     Returns each layer's keys of ``requests`` on the updated model (n × d_ff: what later edits must
     preserve), the diagnostics and the update norms."""
     t0 = time.perf_counter()
-    z, diags = compute_targets(model, tokenizer, adapter, requests, config, templates, requests_per_batch,
-                               prefix_cache)
+    z, diags = compute_targets(model, tokenizer, adapter, requests, config, templates, requests_per_batch, prefix_cache)
     timings["targets"] = timings.get("targets", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
     _, norms = solve_layers(model, tokenizer, adapter, requests, z, covs, config, templates, state)
@@ -717,16 +867,26 @@ def check_module_overrides(adapter: Adapter, config: MemitConfig) -> None:
     for key, used in (("layer_tmp", adapter.layer_tmp), ("rewrite_tmp", adapter.rewrite_tmp)):
         wanted = getattr(config, key)
         if wanted is not None and wanted != used:
-            raise ValueError(f"config.{key} is {wanted!r} but the adapter edits {used!r}; build the adapter "
-                             "with editflow.models.with_module_overrides(handle, config.layer_tmp, "
-                             "config.rewrite_tmp)")
+            raise ValueError(
+                f"config.{key} is {wanted!r} but the adapter edits {used!r}; build the adapter "
+                "with editflow.models.with_module_overrides(handle, config.layer_tmp, "
+                "config.rewrite_tmp)"
+            )
 
 
-def edit(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequence[EditRequest],
-         covs: Mapping[int, torch.Tensor], config: MemitConfig,
-         on_chunk: Callable[[int, Sequence[EditRequest], list[RequestDiagnostics]], None] | None = None,
-         requests_per_batch: int | None = 64, keep_applied: bool = False,
-         prefix_cache: bool = True, preserved: Mapping[int, torch.Tensor] | None = None) -> EditResult:
+def edit(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: Adapter,
+    requests: Sequence[EditRequest],
+    covs: Mapping[int, torch.Tensor],
+    config: MemitConfig,
+    on_chunk: Callable[[int, Sequence[EditRequest], list[RequestDiagnostics]], None] | None = None,
+    requests_per_batch: int | None = 64,
+    keep_applied: bool = False,
+    prefix_cache: bool = True,
+    preserved: Mapping[int, torch.Tensor] | None = None,
+) -> EditResult:
     """Edit ``requests`` into the model with MEMIT or AlphaEdit, in batch or sequential mode.
 
     ``covs[layer]`` is C = E[k kᵀ] of the rewrite-module input. In sequential mode the requests go in
@@ -754,8 +914,9 @@ def edit(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequen
     params = dict(model.named_parameters())
     original = {n: params[n].detach().clone() for n in names}
     timings: dict[str, float] = {}
-    templates = context_templates(model, tokenizer, config.context_templates,
-                                  config.context_template_length, config.seed)
+    templates = context_templates(
+        model, tokenizer, config.context_templates, config.context_template_length, config.seed
+    )
     check_lengths(model, tokenizer, requests, templates)
     state = _solve_state(model, adapter, covs, config, preserved)
     size = config.chunk_size if config.mode == "sequential" else len(requests)
@@ -765,8 +926,19 @@ def edit(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequen
     try:
         for c, part in enumerate(_chunks(len(requests), size)):
             chunk = [requests[i] for i in part]
-            keys, diags, chunk_norms = _memit_chunk(model, tokenizer, adapter, chunk, covs, config, templates,
-                                                    state, timings, requests_per_batch, prefix_cache)
+            keys, diags, chunk_norms = _memit_chunk(
+                model,
+                tokenizer,
+                adapter,
+                chunk,
+                covs,
+                config,
+                templates,
+                state,
+                timings,
+                requests_per_batch,
+                prefix_cache,
+            )
             for layer, k in keys.items():
                 written[layer].append(k.cpu())
             for d in diags:
@@ -781,24 +953,42 @@ def edit(model: nn.Module, tokenizer: object, adapter: Adapter, requests: Sequen
         if not keep_applied:
             restore(model, original)
         model.train(was_training)
-    return EditResult(deltas=deltas, diagnostics=diagnostics, layer_update_norms=norms,
-                      timings=timings, context_templates=list(templates),
-                      keys={layer: torch.cat(ks) for layer, ks in written.items()})
+    return EditResult(
+        deltas=deltas,
+        diagnostics=diagnostics,
+        layer_update_norms=norms,
+        timings=timings,
+        context_templates=list(templates),
+        keys={layer: torch.cat(ks) for layer, ks in written.items()},
+    )
 
 
-def _solve_state(model: nn.Module, adapter: Adapter, covs: Mapping[int, torch.Tensor], config: MemitConfig,
-                 preserved: Mapping[int, torch.Tensor] | None) -> _SolveState:
+def _solve_state(
+    model: nn.Module,
+    adapter: Adapter,
+    covs: Mapping[int, torch.Tensor],
+    config: MemitConfig,
+    preserved: Mapping[int, torch.Tensor] | None,
+) -> _SolveState:
     """Projectors for AlphaEdit; the preserved K_p K_pᵀ (given, else zeros) when the method keeps it."""
     device = next(model.parameters()).device
     projectors = None
     if config.algorithm == "alphaedit":
-        projectors = {layer: nullspace_projector(covs[layer].to(device), config.nullspace_threshold)
-                      for layer in config.layers}
+        projectors = {
+            layer: nullspace_projector(covs[layer].to(device), config.nullspace_threshold) for layer in config.layers
+        }
     keep = config.algorithm == "alphaedit" or config.preserve_edits
     if not keep:
         return _SolveState(projectors, None)
     given = preserved or {}
-    return _SolveState(projectors, {
-        layer: (given[layer].to(device, torch.float64) if layer in given
-                else torch.zeros(adapter.d_ff, adapter.d_ff, dtype=torch.float64, device=device))
-        for layer in config.layers})
+    return _SolveState(
+        projectors,
+        {
+            layer: (
+                given[layer].to(device, torch.float64)
+                if layer in given
+                else torch.zeros(adapter.d_ff, adapter.d_ff, dtype=torch.float64, device=device)
+            )
+            for layer in config.layers
+        },
+    )

@@ -27,8 +27,14 @@ from editflow import nethook
 #: input projection is one fused ``gate_up_proj``; d_ff is read from ``down_proj``).
 KNOWN_MLP_OUT = ("mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h", "mlp.down_proj")
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,9 @@ def _in_out(module: nn.Module) -> tuple[int, int, bool]:
 
 def _find_block_list(model: nn.Module, n_layers: int | None) -> str:
     """Name of the ModuleList holding the transformer blocks (the longest one, matching the config)."""
-    candidates = [(name, len(mod)) for name, mod in model.named_modules()
-                  if isinstance(mod, nn.ModuleList) and len(mod) > 0]
+    candidates = [
+        (name, len(mod)) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0
+    ]
     if n_layers is not None:
         matching = [c for c in candidates if c[1] == n_layers]
         candidates = matching or candidates
@@ -142,16 +149,18 @@ def _check_rewrite_modules(model: nn.Module, layer_tmp: str, rewrite_tmp: str, n
     for i in range(n_layers):
         name = rewrite_tmp.format(i)
         if not name.startswith(layer_tmp.format(i) + "."):
-            raise ValueError(f"rewrite_tmp {rewrite_tmp!r} must name a module inside block "
-                             f"{layer_tmp.format(i)!r} (layer_tmp {layer_tmp!r})")
+            raise ValueError(
+                f"rewrite_tmp {rewrite_tmp!r} must name a module inside block "
+                f"{layer_tmp.format(i)!r} (layer_tmp {layer_tmp!r})"
+            )
         mod = _module(model, name, "rewrite_tmp", rewrite_tmp)
         if not _is_projection(mod):
-            raise ValueError(f"rewrite_tmp {rewrite_tmp!r}: {name!r} is a {type(mod).__name__}, "
-                             "not a Linear or Conv1D projection")
+            raise ValueError(
+                f"rewrite_tmp {rewrite_tmp!r}: {name!r} is a {type(mod).__name__}, not a Linear or Conv1D projection"
+            )
         shapes.add(_in_out(mod))
     if len(shapes) > 1:
-        raise ValueError(f"rewrite_tmp {rewrite_tmp!r}: the modules differ in shape across layers "
-                         f"{sorted(shapes)}")
+        raise ValueError(f"rewrite_tmp {rewrite_tmp!r}: the modules differ in shape across layers {sorted(shapes)}")
 
 
 def _input_of(args: tuple, kwargs: dict) -> object:
@@ -177,8 +186,7 @@ def _stop(*_args: object) -> None:
     raise nethook.StopForward
 
 
-def _first_consumer(model: nn.Module, layer_tmp: str,
-                    rewrite_tmp: str) -> tuple[str, nn.Module, torch.Tensor] | None:
+def _first_consumer(model: nn.Module, layer_tmp: str, rewrite_tmp: str) -> tuple[str, nn.Module, torch.Tensor] | None:
     """The first module of block 0 that takes the rewrite module's output as its input, skipping
     modules that pass it on unchanged (dropout in eval mode): ``(name in the block, module, input)``.
 
@@ -203,11 +211,11 @@ def _first_consumer(model: nn.Module, layer_tmp: str,
             else:
                 found.append((name, mod, x))
                 raise nethook.StopForward
+
         return fn
 
     handles = [model.get_submodule(rewrite_tmp.format(0)).register_forward_hook(on_rewrite)]
-    handles += [m.register_forward_hook(on_module(n), with_kwargs=True)
-                for n, m in block.named_modules() if n]
+    handles += [m.register_forward_hook(on_module(n), with_kwargs=True) for n, m in block.named_modules() if n]
     handles.append(block.register_forward_hook(_stop))
     device = next(model.parameters()).device
     vocab = int(getattr(model.config, "vocab_size", 2) or 2)
@@ -233,8 +241,9 @@ def _find_post_mlp_norm(model: nn.Module, layer_tmp: str, rewrite_tmp: str) -> s
     try:
         consumer = _first_consumer(model, layer_tmp, rewrite_tmp)
     except Exception as exc:  # a model that cannot run a few tokens on its own is treated as pre-norm
-        warnings.warn(f"could not trace block 0 to look for a post-MLP norm ({exc}); treating it as pre-norm",
-                      stacklevel=3)
+        warnings.warn(
+            f"could not trace block 0 to look for a post-MLP norm ({exc}); treating it as pre-norm", stacklevel=3
+        )
         return None
     if consumer is None:
         return None
@@ -243,14 +252,16 @@ def _find_post_mlp_norm(model: nn.Module, layer_tmp: str, rewrite_tmp: str) -> s
         if not _is_scale_invariant(module, x):
             return None
         if not _is_rms_norm(module, x):
-            warnings.warn(f"block output module {name!r} normalises the MLP output but is not an RMS norm; "
-                          "MEMIT treats the block as pre-norm", stacklevel=3)
+            warnings.warn(
+                f"block output module {name!r} normalises the MLP output but is not an RMS norm; "
+                "MEMIT treats the block as pre-norm",
+                stacklevel=3,
+            )
             return None
     return f"{layer_tmp}.{name}"
 
 
-def detect_adapter(model: nn.Module, layer_tmp: str | None = None,
-                   rewrite_tmp: str | None = None) -> Adapter:
+def detect_adapter(model: nn.Module, layer_tmp: str | None = None, rewrite_tmp: str | None = None) -> Adapter:
     """Describe ``model``'s blocks and rewrite modules from its structure (overrides win).
 
     ``layer_tmp``/``rewrite_tmp`` are module-name templates with one ``{}`` (``"model.layers.{}"``,
@@ -277,10 +288,17 @@ def detect_adapter(model: nn.Module, layer_tmp: str | None = None,
     if get_emb is not None:
         emb = get_emb()
         embed = next((n for n, m in model.named_modules() if m is emb), None)
-    return Adapter(layer_tmp=layer_tmp, rewrite_tmp=rewrite_tmp, n_layers=n_layers,
-                   d_model=d_out, d_ff=d_in, conv1d=conv1d,
-                   model_type=str(getattr(config, "model_type", "unknown")), embed=embed,
-                   post_mlp_norm_tmp=_find_post_mlp_norm(model, layer_tmp, rewrite_tmp))
+    return Adapter(
+        layer_tmp=layer_tmp,
+        rewrite_tmp=rewrite_tmp,
+        n_layers=n_layers,
+        d_model=d_out,
+        d_ff=d_in,
+        conv1d=conv1d,
+        model_type=str(getattr(config, "model_type", "unknown")),
+        embed=embed,
+        post_mlp_norm_tmp=_find_post_mlp_norm(model, layer_tmp, rewrite_tmp),
+    )
 
 
 def default_device() -> str:
@@ -312,8 +330,9 @@ class ModelHandle:
         return next(self.model.parameters()).device
 
 
-def with_module_overrides(handle: ModelHandle, layer_tmp: str | None = None,
-                          rewrite_tmp: str | None = None) -> ModelHandle:
+def with_module_overrides(
+    handle: ModelHandle, layer_tmp: str | None = None, rewrite_tmp: str | None = None
+) -> ModelHandle:
     """``handle`` with its adapter re-detected under module-path overrides (``MemitConfig.layer_tmp``,
     ``MemitConfig.rewrite_tmp``); the same handle when both are ``None``.
 
@@ -339,9 +358,13 @@ def is_local(name_or_path: str | os.PathLike) -> bool:
     return Path(name_or_path).expanduser().exists()
 
 
-def load_model(name_or_path: str | os.PathLike, device: str | None = None,
-               dtype: str | torch.dtype | None = None, layer_tmp: str | None = None,
-               rewrite_tmp: str | None = None) -> ModelHandle:
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    layer_tmp: str | None = None,
+    rewrite_tmp: str | None = None,
+) -> ModelHandle:
     """Load a causal LM and its tokenizer from a local directory or a Hugging Face hub id.
 
     Local paths never touch the network. A hub id is fetched only when ``HF_HUB_OFFLINE`` is not set.
@@ -357,12 +380,17 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None,
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **{
-        k: v for k, v in kwargs.items() if k == "local_files_only"}))
+    tokenizer = prepare_tokenizer(
+        AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "local_files_only"})
+    )
     model.to(device or default_device()).eval()
-    return ModelHandle(model=model, tokenizer=tokenizer,
-                       adapter=detect_adapter(model, layer_tmp, rewrite_tmp), source=source,
-                       extra={"model_defaults": read_model_defaults(source)})
+    return ModelHandle(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=detect_adapter(model, layer_tmp, rewrite_tmp),
+        source=source,
+        extra={"model_defaults": read_model_defaults(source)},
+    )
 
 
 def read_model_defaults(model_dir: str | os.PathLike) -> dict:

@@ -96,9 +96,7 @@ def capture(
 
 
 @contextlib.contextmanager
-def patch_output(
-    model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]
-) -> Iterator[None]:
+def patch_output(model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace the hidden output ``h`` of module ``name`` by ``fn(h)`` for the duration."""
 
     def hook(_module: nn.Module, _args: tuple, output: object) -> object:
@@ -140,8 +138,12 @@ def output_of(model: nn.Module, name: str, stop_after: str | None = None, **inpu
     def stop(_module: nn.Module, _args: tuple, _output: object) -> None:
         raise StopForward
 
-    with hooks([get_module(model, name).register_forward_hook(keep),
-                get_module(model, stop_after or name).register_forward_hook(stop)]):
+    with hooks(
+        [
+            get_module(model, name).register_forward_hook(keep),
+            get_module(model, stop_after or name).register_forward_hook(stop),
+        ]
+    ):
         run_until_stopped(model, **inputs)
     return got[0]
 

@@ -40,8 +40,16 @@ from editflow.tokens import model_positions
 
 PROMOTE_CHOICES = ("never", "if-better", "always")
 STORAGE_CHOICES = ("delta", "full")
-HEADLINE = ("efficacy", "paraphrase", "neighborhood", "neighborhood_auto", "heldout", "score", "drift_ppl_rel",
-            "retention")
+HEADLINE = (
+    "efficacy",
+    "paraphrase",
+    "neighborhood",
+    "neighborhood_auto",
+    "heldout",
+    "score",
+    "drift_ppl_rel",
+    "retention",
+)
 #: Figures logged with the version number as the step.
 LINEAGE_CURVE = ("efficacy", "paraphrase", "neighborhood", "heldout", "drift_ppl", "retention", "retention_top1")
 
@@ -220,8 +228,17 @@ def _run_phases(job: EditJob, run_id: str) -> EditOutcome:
     verdict = promotion.gate(metrics, job.thresholds, root)
     with timed("register", timings, f"registering a new version of {plan.name}"):
         state_record = _log_lineage(plan, result)
-        version = _register(job, plan.name, plan.base, plan.handle, plan.requests, plan.config, metrics,
-                            run_id, {**lineage.state_tags(state_record), **lineage.root_tags(root)})
+        version = _register(
+            job,
+            plan.name,
+            plan.base,
+            plan.handle,
+            plan.requests,
+            plan.config,
+            metrics,
+            run_id,
+            {**lineage.state_tags(state_record), **lineage.root_tags(root)},
+        )
     _log_lineage_curve(metrics, version)
     promoted, error = _promote(job, plan.name, version, verdict, run_id)
     _name_run(len(plan.requests), plan.name, version, promoted)
@@ -236,8 +253,12 @@ def _resolve(job: EditJob) -> _Plan:
     tokenizer = base.handle.tokenizer
     check_tokenizable(requests, tokenizer)
     config = resolve.config_for(base, job.hparams)
-    check_lengths(requests, tokenizer, model_positions(base.handle.model),
-                  context_template_allowance(config.context_templates, config.context_template_length))
+    check_lengths(
+        requests,
+        tokenizer,
+        model_positions(base.handle.model),
+        context_template_allowance(config.context_templates, config.context_template_length),
+    )
     base.handle = with_module_overrides(base.handle, config.layer_tmp, config.rewrite_tmp)
     name = job.registered_model or resolve.default_registered_name(base)
     _repair(name)
@@ -261,9 +282,15 @@ def _evaluator(job: EditJob, plan: _Plan) -> Any:
     """The evaluator of this batch, with the held-out facts the lineage's root base knows."""
     from editflow.evaluate import Evaluator, default_heldout_facts, load_heldout_texts
 
-    return Evaluator(plan.handle, plan.requests, heldout_texts=load_heldout_texts(),
-                     heldout_facts=default_heldout_facts(plan.requests), known_texts=_root_known_facts(plan),
-                     fluency=job.fluency, seed=plan.config.seed)
+    return Evaluator(
+        plan.handle,
+        plan.requests,
+        heldout_texts=load_heldout_texts(),
+        heldout_facts=default_heldout_facts(plan.requests),
+        known_texts=_root_known_facts(plan),
+        fluency=job.fluency,
+        seed=plan.config.seed,
+    )
 
 
 def _root_known_facts(plan: _Plan) -> list[str]:
@@ -309,8 +336,17 @@ def _edit(plan: _Plan, covs: dict[int, torch.Tensor], evaluator: Any) -> tuple[m
 
     adapter = plan.handle.adapter
     preserved = plan.state.preserved(list(plan.config.layers), adapter.d_ff) if plan.state.layers else None
-    result = memit.edit(plan.handle.model, plan.handle.tokenizer, adapter, plan.requests, covs, plan.config,
-                        on_chunk=on_chunk, keep_applied=True, preserved=preserved)
+    result = memit.edit(
+        plan.handle.model,
+        plan.handle.tokenizer,
+        adapter,
+        plan.requests,
+        covs,
+        plan.config,
+        on_chunk=on_chunk,
+        keep_applied=True,
+        preserved=preserved,
+    )
     return result, chunk_results
 
 
@@ -348,8 +384,9 @@ def _log_lineage_curve(metrics: dict[str, float], version: int) -> None:
     mlflow.log_metrics(curve, step=version)
 
 
-def _promote(job: EditJob, name: str, version: int, verdict: promotion.GateResult,
-             run_id: str) -> tuple[bool, str | None]:
+def _promote(
+    job: EditJob, name: str, version: int, verdict: promotion.GateResult, run_id: str
+) -> tuple[bool, str | None]:
     """Promote per ``job.promote`` and the gate; a failed promotion leaves production where it was."""
     import mlflow
 
@@ -361,8 +398,12 @@ def _promote(job: EditJob, name: str, version: int, verdict: promotion.GateResul
         except Exception as exc:  # the version stays a candidate; production is unchanged
             error = f"{type(exc).__name__}: {exc}"
             mlflow.set_tag(TAG + "promotion_error", error)
-    mlflow.set_tags({TAG + "gate": "passed" if verdict.passed else "failed: " + "; ".join(verdict.reasons),
-                     TAG + "promoted": str(promoted).lower()})
+    mlflow.set_tags(
+        {
+            TAG + "gate": "passed" if verdict.passed else "failed: " + "; ".join(verdict.reasons),
+            TAG + "promoted": str(promoted).lower(),
+        }
+    )
     return promoted, error
 
 
@@ -370,7 +411,9 @@ def _name_run(n_facts: int, name: str, version: int, promoted: bool) -> None:
     """A run name that says what happened, e.g. ``edit 10 facts → editflow-default v2 (production)``."""
     import mlflow
 
-    mlflow.set_tag("mlflow.runName", f"edit {n_facts} facts → {name} v{version}" + (" (production)" if promoted else ""))
+    mlflow.set_tag(
+        "mlflow.runName", f"edit {n_facts} facts → {name} v{version}" + (" (production)" if promoted else "")
+    )
 
 
 def _log_inputs(job: EditJob, base: VersionRef, config: MemitConfig, requests: list[EditRequest]) -> None:
@@ -378,15 +421,25 @@ def _log_inputs(job: EditJob, base: VersionRef, config: MemitConfig, requests: l
 
     params = {f"hp.{k}": (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in config.to_dict().items()}
     # Names are namespaced: `mlflow run` logs the raw project parameters under their own names.
-    params.update({"edit.algorithm": config.algorithm, "edit.mode": config.mode, "base.model": base.uri,
-                   "base.fingerprint": base.fingerprint, "stats.corpus": job.corpus,
-                   "stats.tokens": resolve.stats_tokens(base, job.stats_tokens),
-                   "requests.file": Path(job.requests).name, "requests.digest": requests_digest(requests),
-                   "requests.count": len(requests), "registry.storage": job.storage, "gate.promote": job.promote,
-                   "edit.device": str(base.handle.device),
-                   "gate.min_efficacy": job.thresholds.min_efficacy,
-                   "gate.max_specificity_drop": job.thresholds.max_specificity_drop,
-                   "gate.max_ppl_increase": job.thresholds.max_ppl_increase})
+    params.update(
+        {
+            "edit.algorithm": config.algorithm,
+            "edit.mode": config.mode,
+            "base.model": base.uri,
+            "base.fingerprint": base.fingerprint,
+            "stats.corpus": job.corpus,
+            "stats.tokens": resolve.stats_tokens(base, job.stats_tokens),
+            "requests.file": Path(job.requests).name,
+            "requests.digest": requests_digest(requests),
+            "requests.count": len(requests),
+            "registry.storage": job.storage,
+            "gate.promote": job.promote,
+            "edit.device": str(base.handle.device),
+            "gate.min_efficacy": job.thresholds.min_efficacy,
+            "gate.max_specificity_drop": job.thresholds.max_specificity_drop,
+            "gate.max_ppl_increase": job.thresholds.max_ppl_increase,
+        }
+    )
     mlflow.log_params({k: v for k, v in params.items() if v is not None and v != ""})  # unset: not logged
     mlflow.log_artifact(job.requests, "inputs")
     _log_dataset(job.requests, requests)
@@ -397,10 +450,15 @@ def _log_dataset(path: str, requests: list[EditRequest]) -> None:
     import mlflow
     import pandas as pd
 
-    frame = pd.DataFrame([{"subject": r.subject, "prompt": r.prompt, "target_new": r.target_new,
-                           "target_true": r.target_true or ""} for r in requests])
-    dataset = mlflow.data.from_pandas(frame, source=str(Path(path).resolve()), name=Path(path).name,
-                                      digest=requests_digest(requests)[:32])
+    frame = pd.DataFrame(
+        [
+            {"subject": r.subject, "prompt": r.prompt, "target_new": r.target_new, "target_true": r.target_true or ""}
+            for r in requests
+        ]
+    )
+    dataset = mlflow.data.from_pandas(
+        frame, source=str(Path(path).resolve()), name=Path(path).name, digest=requests_digest(requests)[:32]
+    )
     mlflow.log_input(dataset, context="edit")
 
 
@@ -415,12 +473,22 @@ def _covariances(job: EditJob, base: VersionRef, config: MemitConfig, run_id: st
     # C is a property of the unedited model (as in the MEMIT/AlphaEdit papers): an edited version's
     # rewrite weights are swapped back to the root base's for the pass, so the whole lineage shares
     # one cache entry per layer.
-    original = (flavor.read_tensors(base.base_artifact_uri, base.edited_tensors)
-                if base.edited_tensors and base.base_artifact_uri else {})
+    original = (
+        flavor.read_tensors(base.base_artifact_uri, base.edited_tensors)
+        if base.edited_tensors and base.base_artifact_uri
+        else {}
+    )
     backup = memit.set_weights(base.handle.model, original)
     try:
-        res = layer_covariances(base.handle, list(config.layers), spec, resolve.stats_tokens(base, job.stats_tokens),
-                                dtype=config.mom2_dtype, seed=config.seed, cache_dir=job.stats_cache)
+        res = layer_covariances(
+            base.handle,
+            list(config.layers),
+            spec,
+            resolve.stats_tokens(base, job.stats_tokens),
+            dtype=config.mom2_dtype,
+            seed=config.seed,
+            cache_dir=job.stats_cache,
+        )
     finally:
         memit.restore(base.handle.model, backup)
     with tempfile.TemporaryDirectory() as tmp:
@@ -429,8 +497,12 @@ def _covariances(job: EditJob, base: VersionRef, config: MemitConfig, run_id: st
             tag = f"{TAG}stats.{str(key)[:32]}"
             manifest = dict(entry.manifest)
             if entry.hit:
-                producer = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{tag}` = 'computed'",
-                                              max_results=1, output_format="list")
+                producer = mlflow.search_runs(
+                    search_all_experiments=True,
+                    filter_string=f"tags.`{tag}` = 'computed'",
+                    max_results=1,
+                    output_format="list",
+                )
                 manifest["produced_by_run"] = producer[0].info.run_id if producer else None
             else:
                 mlflow.set_tag(tag, "computed")
@@ -442,15 +514,18 @@ def _covariances(job: EditJob, base: VersionRef, config: MemitConfig, run_id: st
     return {layer: c for layer, c in res.covs.items()}
 
 
-def _log_artifacts(job: EditJob, requests: list[EditRequest], evaluator: Any, pre: Any, post: Any,
-                   result: memit.EditResult) -> None:
+def _log_artifacts(
+    job: EditJob, requests: list[EditRequest], evaluator: Any, pre: Any, post: Any, result: memit.EditResult
+) -> None:
     import mlflow
 
     from editflow.evaluate import fact_table, history_frame, plot_curve, plot_probabilities
 
     table = fact_table(requests, pre, post)
-    mlflow.log_table(table.reset_index(drop=True).astype({c: str for c in table.columns if table[c].dtype == object}),
-                     "eval/facts.json")
+    mlflow.log_table(
+        table.reset_index(drop=True).astype({c: str for c in table.columns if table[c].dtype == object}),
+        "eval/facts.json",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         table.to_csv(out / "facts.csv", index=False)
@@ -465,30 +540,71 @@ def _log_artifacts(job: EditJob, requests: list[EditRequest], evaluator: Any, pr
         mlflow.log_metric(f"update_norm/{name}", norm)
 
 
-def _register(job: EditJob, name: str, base: VersionRef, handle: Any, requests: list[EditRequest],
-              config: MemitConfig, metrics: dict[str, float], run_id: str, extra_tags: dict[str, str]) -> int:
+def _register(
+    job: EditJob,
+    name: str,
+    base: VersionRef,
+    handle: Any,
+    requests: list[EditRequest],
+    config: MemitConfig,
+    metrics: dict[str, float],
+    run_id: str,
+    extra_tags: dict[str, str],
+) -> int:
     from editflow.models import fingerprint
 
     digest = requests_digest(requests)
     edited = sorted(set(base.edited_tensors) | {handle.adapter.rewrite_weight(layer) for layer in config.layers})
-    lineage = {"base_version": base.base_version, "parent_version": base.version,
-               "base_artifact_uri": base.base_artifact_uri, "base_model_uri": f"models:/{name}/{base.base_version}",
-               "requests_digest": digest, "n_facts": len(requests), "run_id": run_id,
-               "hparams": config.to_dict(), "model_defaults": base.handle.extra.get("model_defaults", {})}
+    lineage = {
+        "base_version": base.base_version,
+        "parent_version": base.version,
+        "base_artifact_uri": base.base_artifact_uri,
+        "base_model_uri": f"models:/{name}/{base.base_version}",
+        "requests_digest": digest,
+        "n_facts": len(requests),
+        "run_id": run_id,
+        "hparams": config.to_dict(),
+        "model_defaults": base.handle.extra.get("model_defaults", {}),
+    }
     headline = {f"{TAG}metric.{k}": f"{metrics[f'post/{k}']:.2f}" for k in HEADLINE if f"post/{k}" in metrics}
-    tags = {TAG + "role": "edit", TAG + "parent_version": str(base.version), TAG + "base_version": str(base.base_version),
-            TAG + "requests_digest": digest, TAG + "n_facts": str(len(requests)), TAG + "algorithm": config.algorithm,
-            TAG + "mode": config.mode, TAG + "run_id": run_id, TAG + "storage": job.storage,
-            TAG + "fingerprint": fingerprint(handle.model), **headline, **extra_tags}
+    tags = {
+        TAG + "role": "edit",
+        TAG + "parent_version": str(base.version),
+        TAG + "base_version": str(base.base_version),
+        TAG + "requests_digest": digest,
+        TAG + "n_facts": str(len(requests)),
+        TAG + "algorithm": config.algorithm,
+        TAG + "mode": config.mode,
+        TAG + "run_id": run_id,
+        TAG + "storage": job.storage,
+        TAG + "fingerprint": fingerprint(handle.model),
+        **headline,
+        **extra_tags,
+    }
     description = job.description or (
         f"{len(requests)} facts edited into v{base.version} with {config.algorithm} ({config.mode}); "
-        + ", ".join(f"{k.split('.')[-1]} {v}" for k, v in headline.items()))
+        + ", ".join(f"{k.split('.')[-1]} {v}" for k, v in headline.items())
+    )
 
     def on_registered(version: int) -> None:
         set_alias(name, CANDIDATE, version)
         ledger.record_facts(name, version, requests, digest, run_id)
-        ledger.record_event(name, "register", version, parent_version=base.version, run_id=run_id,
-                            reason=f"{len(requests)} facts, {config.algorithm}/{config.mode}")
+        ledger.record_event(
+            name,
+            "register",
+            version,
+            parent_version=base.version,
+            run_id=run_id,
+            reason=f"{len(requests)} facts, {config.algorithm}/{config.mode}",
+        )
 
-    return log_and_register(name, handle, storage=job.storage, edited_tensors=edited if job.storage == "delta" else (),
-                            lineage=lineage, tags=tags, description=description, on_registered=on_registered)
+    return log_and_register(
+        name,
+        handle,
+        storage=job.storage,
+        edited_tensors=edited if job.storage == "delta" else (),
+        lineage=lineage,
+        tags=tags,
+        description=description,
+        on_registered=on_registered,
+    )

@@ -67,12 +67,19 @@ def bar(total: float | None = None, desc: str = "", unit: str = "it", **kwargs: 
     kwargs.setdefault("mininterval", 0.5 if terminal else LOG_INTERVAL)
     kwargs.setdefault("dynamic_ncols", terminal)
     kwargs.setdefault("disable", is_quiet())
-    return tqdm(total=total, desc=desc, unit=unit, leave=terminal,
-                file=sys.stderr if terminal else _LineWriter(sys.stderr), **kwargs)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        leave=terminal,
+        file=sys.stderr if terminal else _LineWriter(sys.stderr),
+        **kwargs,
+    )
 
 
-def track(iterable: Iterable[T], desc: str = "", total: float | None = None, unit: str = "it",
-          **kwargs: Any) -> Iterator[T]:
+def track(
+    iterable: Iterable[T], desc: str = "", total: float | None = None, unit: str = "it", **kwargs: Any
+) -> Iterator[T]:
     """Iterate with a progress bar (see :func:`bar`)."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]

@@ -80,6 +80,7 @@ class EditRequest:
 
 # ----------------------------------------------------------------------------- text checks
 
+
 def visible(text: str) -> str:
     """``text`` after normalisation: NFKC, invisible (format) characters removed, whitespace collapsed."""
     text = "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
@@ -87,8 +88,10 @@ def visible(text: str) -> str:
 
 
 #: Characters no request text may hold: C0/C1 controls (tab and newline allowed in prompts) and lone surrogates.
-_BAD_CHARS = {True: re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]"),
-              False: re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")}
+_BAD_CHARS = {
+    True: re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]"),
+    False: re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]"),
+}
 
 
 def _bad_char(text: str, multiline: bool) -> tuple[int, str] | None:
@@ -111,8 +114,9 @@ def _check_text(text: str, index: int, name: str, kind: str) -> str:
     """Validate one prompt, subject or target (``kind``): characters, visible content, special tokens."""
     _check_chars(text, index, name, multiline=kind == "prompt")
     if kind != "prompt" and not visible(text):
-        raise RequestError(f"is empty after normalisation (only whitespace or invisible characters): {safe(text)}",
-                           index, name)
+        raise RequestError(
+            f"is empty after normalisation (only whitespace or invisible characters): {safe(text)}", index, name
+        )
     special = SPECIAL_TOKEN_TEXT.search(text)
     if special:
         raise RequestError(f"contains the special token {safe(special.group())}: {safe(text)}", index, name)
@@ -121,8 +125,10 @@ def _check_text(text: str, index: int, name: str, kind: str) -> str:
 
 # ----------------------------------------------------------------------------- record fields
 
-def _str(record: dict, key: str, index: int, *, required: bool = True, where: str | None = None,
-         kind: str = "prompt") -> str | None:
+
+def _str(
+    record: dict, key: str, index: int, *, required: bool = True, where: str | None = None, kind: str = "prompt"
+) -> str | None:
     name = where or key
     value = record.get(key)
     if value is None:
@@ -153,8 +159,7 @@ def _str_list(record: dict, key: str, index: int) -> tuple[str, ...]:
 
 def _check_prompt(prompt: str, index: int, name: str) -> None:
     if prompt.count("{}") != 1 or prompt.replace("{}", "").count("{") or prompt.replace("{}", "").count("}"):
-        raise RequestError(f"must contain exactly one '{{}}' where the subject goes, got {safe(prompt)}",
-                           index, name)
+        raise RequestError(f"must contain exactly one '{{}}' where the subject goes, got {safe(prompt)}", index, name)
 
 
 def _check_targets(new: str, true: str | None, index: int, name: str) -> None:
@@ -173,12 +178,16 @@ def _from_counterfact(record: dict, index: int) -> EditRequest:
     _check_prompt(prompt, index, "requested_rewrite.prompt")
     _check_targets(new, true, index, "requested_rewrite.target_new")
     return EditRequest(
-        prompt=prompt, subject=subject, target_new=new, target_true=true,
+        prompt=prompt,
+        subject=subject,
+        target_new=new,
+        target_true=true,
         paraphrase_prompts=_str_list(record, "paraphrase_prompts", index),
         neighborhood_prompts=_str_list(record, "neighborhood_prompts", index),
         attribute_prompts=_str_list(record, "attribute_prompts", index),
         generation_prompts=_str_list(record, "generation_prompts", index),
-        source_format="counterfact", case_id=_case_id(record, index, index),
+        source_format="counterfact",
+        case_id=_case_id(record, index, index),
     )
 
 
@@ -209,11 +218,14 @@ def _from_zsre(record: dict, index: int) -> EditRequest:
     _check_targets(new, true, index, "alt")
     return EditRequest(
         prompt=src.replace("{", "{{").replace("}", "}}").replace(subject, "{}", 1),
-        subject=subject, target_new=new, target_true=true,
+        subject=subject,
+        target_new=new,
+        target_true=true,
         paraphrase_prompts=tuple(p for p in [_str(record, "rephrase", index, required=False)] if p),
         loc=_str(record, "loc", index, required=False),
         loc_ans=_str(record, "loc_ans", index, required=False, kind="target"),
-        source_format="zsre", case_id=_case_id(record, index, index),
+        source_format="zsre",
+        case_id=_case_id(record, index, index),
     )
 
 
@@ -225,11 +237,15 @@ def _from_plain(record: dict, index: int) -> EditRequest:
     _check_prompt(prompt, index, "prompt")
     _check_targets(new, true, index, "target_new")
     return EditRequest(
-        prompt=prompt, subject=subject, target_new=new, target_true=true,
+        prompt=prompt,
+        subject=subject,
+        target_new=new,
+        target_true=true,
         paraphrase_prompts=_str_list(record, "paraphrase_prompts", index),
         neighborhood_prompts=_str_list(record, "neighborhood_prompts", index),
         generation_prompts=_str_list(record, "generation_prompts", index),
-        source_format="plain", case_id=_case_id(record, index, None),
+        source_format="plain",
+        case_id=_case_id(record, index, None),
     )
 
 
@@ -255,7 +271,10 @@ def check_duplicates(requests: Sequence[EditRequest]) -> list[EditRequest]:
             if target != r.target_new:
                 raise RequestError(
                     f"conflicts with record {first}: same subject and prompt, target_new "
-                    f"{safe(target)} vs {safe(r.target_new)}", i, "target_new")
+                    f"{safe(target)} vs {safe(r.target_new)}",
+                    i,
+                    "target_new",
+                )
             continue
         seen[key] = (i, r.target_new)
         kept.append(r)
@@ -265,8 +284,9 @@ def check_duplicates(requests: Sequence[EditRequest]) -> list[EditRequest]:
 def check_count(n: int, max_requests: int | None) -> None:
     """Refuse more than ``max_requests`` requests (``None``: no limit)."""
     if max_requests is not None and n > max_requests:
-        raise RequestError(f"{n:,} requests or more, over the limit of {max_requests:,} per run "
-                           f"(pass max_requests to raise it)")
+        raise RequestError(
+            f"{n:,} requests or more, over the limit of {max_requests:,} per run (pass max_requests to raise it)"
+        )
 
 
 def parse_requests(records: Iterable[object], max_requests: int | None = None) -> list[EditRequest]:
@@ -277,6 +297,7 @@ def parse_requests(records: Iterable[object], max_requests: int | None = None) -
 
 
 # ----------------------------------------------------------------------------- decoding
+
 
 def decode_text(data: bytes) -> str:
     try:
@@ -328,8 +349,9 @@ def _looks_like_jsonl(stripped: str) -> bool:
         return False
 
 
-def parse_request_text(text: str, jsonl: bool | None = None,
-                       max_requests: int | None = MAX_REQUESTS) -> list[EditRequest]:
+def parse_request_text(
+    text: str, jsonl: bool | None = None, max_requests: int | None = MAX_REQUESTS
+) -> list[EditRequest]:
     """Parse a JSON array (or a single object, or ``{"requests": [...]}``) or JSON Lines."""
     stripped = text.lstrip()
     if not stripped:
@@ -343,6 +365,7 @@ def parse_request_text(text: str, jsonl: bool | None = None,
 
 
 # ----------------------------------------------------------------------------- files
+
 
 def _file_kind(mode: int) -> str:
     if stat.S_ISDIR(mode):
@@ -373,8 +396,10 @@ def _stat_request_file(p: Path) -> os.stat_result:
         raise RequestError(f"request file {name} cannot be read ({exc.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
         kind = _file_kind(st.st_mode)
-        raise RequestError(f"request file {name} is {kind}{'' if kind.startswith('not') else ', not a regular file'}"
-                           "; give a .json or .jsonl file")
+        raise RequestError(
+            f"request file {name} is {kind}{'' if kind.startswith('not') else ', not a regular file'}"
+            "; give a .json or .jsonl file"
+        )
     return st
 
 
@@ -395,16 +420,20 @@ def read_request_bytes(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES)
     return data
 
 
-def load_requests(path: str | os.PathLike, max_requests: int | None = MAX_REQUESTS,
-                  max_bytes: int = MAX_FILE_BYTES) -> list[EditRequest]:
+def load_requests(
+    path: str | os.PathLike, max_requests: int | None = MAX_REQUESTS, max_bytes: int = MAX_FILE_BYTES
+) -> list[EditRequest]:
     """Read a request file (``.json`` or ``.jsonl``; the content decides when the suffix is other)."""
     suffix = Path(path).suffix.lower()
-    return parse_request_text(decode_text(read_request_bytes(path, max_bytes)),
-                              jsonl=True if suffix == ".jsonl" else (False if suffix == ".json" else None),
-                              max_requests=max_requests)
+    return parse_request_text(
+        decode_text(read_request_bytes(path, max_bytes)),
+        jsonl=True if suffix == ".jsonl" else (False if suffix == ".json" else None),
+        max_requests=max_requests,
+    )
 
 
 # ----------------------------------------------------------------------------- tokenizer checks
+
 
 def _special_ids(tokenizer: object) -> dict[int, str]:
     """Special-token ids of ``tokenizer`` and their text."""
@@ -449,8 +478,9 @@ def check_tokenizable(requests: Sequence[EditRequest], tokenizer: object) -> Non
             if token is not None:
                 raise RequestError(f"contains the tokenizer's special token {safe(token)}: {safe(value)}", i, name)
             if name != "prompt" and not visible(decode(ids, skip_special_tokens=True)):
-                raise RequestError(f"{safe(value)} tokenises to nothing with this tokenizer (no visible token)",
-                                   i, name)
+                raise RequestError(
+                    f"{safe(value)} tokenises to nothing with this tokenizer (no visible token)", i, name
+                )
 
 
 def context_template_allowance(n_templates: int, template_length: int) -> int:
@@ -462,8 +492,14 @@ def context_template_allowance(n_templates: int, template_length: int) -> int:
 
 def template_allowance(tokenizer: object, templates: Sequence[str]) -> int:
     """Exactly the most tokens one of ``templates`` (``"... {}"`` strings) adds before a prompt."""
-    return max((len(tokenizer(t.replace("{}", ""), add_special_tokens=False)["input_ids"])  # type: ignore[operator]
-                for t in templates if t != "{}"), default=0)
+    return max(
+        (
+            len(tokenizer(t.replace("{}", ""), add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+            for t in templates
+            if t != "{}"
+        ),
+        default=0,
+    )
 
 
 def _longest_part(tokenizer: object, r: EditRequest, prompt_len: int, targets: dict[str, int]) -> str:
@@ -474,8 +510,9 @@ def _longest_part(tokenizer: object, r: EditRequest, prompt_len: int, targets: d
     return max(parts, key=parts.__getitem__)
 
 
-def check_lengths(requests: Sequence[EditRequest], tokenizer: object, max_positions: int | None,
-                  template_tokens: int = 0) -> None:
+def check_lengths(
+    requests: Sequence[EditRequest], tokenizer: object, max_positions: int | None, template_tokens: int = 0
+) -> None:
     """Reject a request whose prompt + target_new/target_true (+ ``template_tokens`` of context template)
     exceeds ``max_positions`` tokens, naming the record and the longest field. Evaluation prompts are
     not checked: scoring cuts long prefixes on the left."""
@@ -485,17 +522,24 @@ def check_lengths(requests: Sequence[EditRequest], tokenizer: object, max_positi
         return
     for i, r in enumerate(requests):
         prompt_len = len(encode(tokenizer, r.text))
-        targets = {name: len(encode_target(tokenizer, t))
-                   for name, t in (("target_new", r.target_new), ("target_true", r.target_true)) if t}
+        targets = {
+            name: len(encode_target(tokenizer, t))
+            for name, t in (("target_new", r.target_new), ("target_true", r.target_true))
+            if t
+        }
         target_len = max(targets.values())
         total = prompt_len + target_len + template_tokens
         if total > max_positions:
-            raise RequestError(f"{total} tokens (prompt {prompt_len}, target {target_len}, context template "
-                               f"allowance {template_tokens}) exceed the model's {max_positions} positions",
-                               i, _longest_part(tokenizer, r, prompt_len, targets))
+            raise RequestError(
+                f"{total} tokens (prompt {prompt_len}, target {target_len}, context template "
+                f"allowance {template_tokens}) exceed the model's {max_positions} positions",
+                i,
+                _longest_part(tokenizer, r, prompt_len, targets),
+            )
 
 
 # ----------------------------------------------------------------------------- automatic neighbours
+
 
 def neighbor_index(requests: Sequence[EditRequest], n: int) -> list[list[str]]:
     """For every request i, what ``evaluate.probes.auto_neighbor_texts(requests, i, n)`` returns: up to
@@ -516,16 +560,24 @@ def neighbor_index(requests: Sequence[EditRequest], n: int) -> list[list[str]]:
     for r in requests:
         edited.setdefault(r.prompt, set()).add(r.subject)
     distinct = len(set(subjects))
-    return [_neighbors_of(requests, i, n, runs, run_of, edited[requests[i].prompt], distinct)
-            for i in range(len(requests))]
+    return [
+        _neighbors_of(requests, i, n, runs, run_of, edited[requests[i].prompt], distinct) for i in range(len(requests))
+    ]
 
 
 def _subject_runs(subjects: Sequence[str]) -> list[int]:
     return [j for j in range(len(subjects)) if j == 0 or subjects[j] != subjects[j - 1]]
 
 
-def _neighbors_of(requests: Sequence[EditRequest], i: int, n: int, runs: list[int], run_of: list[int],
-                  excluded: set[str], distinct: int) -> list[str]:
+def _neighbors_of(
+    requests: Sequence[EditRequest],
+    i: int,
+    n: int,
+    runs: list[int],
+    run_of: list[int],
+    excluded: set[str],
+    distinct: int,
+) -> list[str]:
     """The walk of :func:`neighbor_index` for request i, over runs of one subject."""
     total, me = len(requests), requests[i]
     want = min(n, distinct - len(excluded))

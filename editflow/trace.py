@@ -26,8 +26,14 @@ from editflow.requests import EditRequest, parse_record
 from editflow.tokens import encode, encode_target
 
 #: Position buckets used to average traces over prompts of different lengths (as in ROME).
-BUCKETS = ("first subject token", "middle subject tokens", "last subject token",
-           "first subsequent token", "further tokens", "last token")
+BUCKETS = (
+    "first subject token",
+    "middle subject tokens",
+    "last subject token",
+    "first subsequent token",
+    "further tokens",
+    "last token",
+)
 
 
 @dataclass
@@ -73,10 +79,12 @@ def window_users(n_layers: int, window: int) -> list[list[int]]:
 
 def _set_rows(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``h -> h`` with ``h[rows, cols] = values`` (a copy)."""
+
     def fn(h: torch.Tensor) -> torch.Tensor:  # h: (B, T, D)
         out = h.clone()
         out[rows, cols] = values.to(out.dtype)
         return out
+
     return fn
 
 
@@ -88,6 +96,7 @@ def _add_noise(span: tuple[int, int], noise: torch.Tensor) -> Callable[[torch.Te
         out = h.clone()
         out[:, s0:s1] += noise.repeat(h.shape[0] // noise.shape[0], 1, 1).to(out.dtype)
         return out
+
     return fn
 
 
@@ -115,8 +124,9 @@ def _clean_states(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> tupl
     return probs, {l: got[n] for l, n in enumerate(blocks)}, {l: got[n] for l, n in enumerate(rewrites)}
 
 
-def _restore_hidden(model: nn.Module, adapter: Adapter, ids: torch.Tensor, target: int, clean: dict,
-                    samples: int) -> np.ndarray:
+def _restore_hidden(
+    model: nn.Module, adapter: Adapter, ids: torch.Tensor, target: int, clean: dict, samples: int
+) -> np.ndarray:
     """(L, T): P(target) with block l's clean output restored at position t, mean over noise samples."""
     T, device = ids.shape[1], ids.device
     pos = torch.arange(T, device=device).repeat_interleave(samples)  # (T·S,) position of each row
@@ -129,8 +139,16 @@ def _restore_hidden(model: nn.Module, adapter: Adapter, ids: torch.Tensor, targe
     return hidden
 
 
-def _restore_mlp(model: nn.Module, adapter: Adapter, ids: torch.Tensor, target: int, clean: dict, last: int,
-                 samples: int, window: int) -> np.ndarray:
+def _restore_mlp(
+    model: nn.Module,
+    adapter: Adapter,
+    ids: torch.Tensor,
+    target: int,
+    clean: dict,
+    last: int,
+    samples: int,
+    window: int,
+) -> np.ndarray:
     """(L,): P(target) with the rewrite outputs of the window around l restored at ``last`` (one forward)."""
     L, device = adapter.n_layers, ids.device
     with contextlib.ExitStack() as stack:
@@ -138,16 +156,26 @@ def _restore_mlp(model: nn.Module, adapter: Adapter, ids: torch.Tensor, target: 
             if users:
                 r = torch.cat([torch.arange(l * samples, (l + 1) * samples) for l in users]).to(device)
                 c = torch.full_like(r, last)
-                stack.enter_context(nethook.patch_output(model, adapter.rewrite(j),
-                                                         _set_rows(r, c, clean[j][last].expand(len(r), -1))))
+                stack.enter_context(
+                    nethook.patch_output(model, adapter.rewrite(j), _set_rows(r, c, clean[j][last].expand(len(r), -1)))
+                )
         p = _probs(model, ids.expand(L * samples, -1))[:, target]  # (L·S,)
     return p.view(L, samples).mean(1).cpu().numpy()
 
 
 @torch.no_grad()
-def trace_prompt(model: nn.Module, tok: object, adapter: Adapter, prompt: str, subject: str,
-                 target: str | None, noise_std: float, samples: int = 10, window: int = 1,
-                 seed: int = 0) -> TraceResult:
+def trace_prompt(
+    model: nn.Module,
+    tok: object,
+    adapter: Adapter,
+    prompt: str,
+    subject: str,
+    target: str | None,
+    noise_std: float,
+    samples: int = 10,
+    window: int = 1,
+    seed: int = 0,
+) -> TraceResult:
     """Trace one prompt (``prompt`` has one ``{}`` for ``subject``). ``target`` is scored with a leading
     space (its first token); ``None`` traces the clean model's own top-1 next token."""
     device = next(model.parameters()).device
@@ -169,9 +197,17 @@ def trace_prompt(model: nn.Module, tok: object, adapter: Adapter, prompt: str, s
         hidden = _restore_hidden(model, adapter, ids, t_id, clean_h, samples)
         mlp = _restore_mlp(model, adapter, ids, t_id, clean_m, span[1] - 1, samples, window)
 
-    return TraceResult(prompt=prompt, subject=subject, target=target or tok.decode([t_id]).strip(),
-                       tokens=tok.convert_ids_to_tokens(ids[0].tolist()), subject_range=span,
-                       p_clean=p_clean_all[t_id].item(), p_corrupt=p_corrupt, hidden=hidden, mlp=mlp)
+    return TraceResult(
+        prompt=prompt,
+        subject=subject,
+        target=target or tok.decode([t_id]).strip(),
+        tokens=tok.convert_ids_to_tokens(ids[0].tolist()),
+        subject_range=span,
+        p_clean=p_clean_all[t_id].item(),
+        p_corrupt=p_corrupt,
+        hidden=hidden,
+        mlp=mlp,
+    )
 
 
 # --------------------------------------------------------------------------- averages
@@ -181,8 +217,14 @@ def bucketed(result: TraceResult) -> np.ndarray:
     """Indirect effects (restored − corrupted) averaged into the :data:`BUCKETS` (layers × 6, NaN when absent)."""
     s0, s1 = result.subject_range
     T = result.hidden.shape[1]
-    groups = [[s0], list(range(s0 + 1, s1 - 1)), [s1 - 1], [s1] if s1 < T - 1 else [],
-              list(range(s1 + 1, T - 1)), [T - 1]]
+    groups = [
+        [s0],
+        list(range(s0 + 1, s1 - 1)),
+        [s1 - 1],
+        [s1] if s1 < T - 1 else [],
+        list(range(s1 + 1, T - 1)),
+        [T - 1],
+    ]
     eff = result.hidden - result.p_corrupt
     return np.stack([eff[:, g].mean(1) if g else np.full(eff.shape[0], np.nan) for g in groups], 1)
 
@@ -237,29 +279,52 @@ def summarise(results: Sequence[TraceResult], noise_std: float, samples: int, wi
         warnings.simplefilter("ignore", RuntimeWarning)
         hid = np.nanmean(np.stack([bucketed(r) for r in results]), 0)
     mlp = np.mean([mlp_effects(r) for r in results], 0)
-    return TraceSummary(n=len(results), noise_std=noise_std, samples=samples, window=window,
-                        p_clean=float(np.mean([r.p_clean for r in results])),
-                        p_corrupt=float(np.mean([r.p_corrupt for r in results])), buckets=list(BUCKETS),
-                        hidden_effect=np.nan_to_num(hid).tolist(), mlp_effect=mlp.tolist())
+    return TraceSummary(
+        n=len(results),
+        noise_std=noise_std,
+        samples=samples,
+        window=window,
+        p_clean=float(np.mean([r.p_clean for r in results])),
+        p_corrupt=float(np.mean([r.p_corrupt for r in results])),
+        buckets=list(BUCKETS),
+        hidden_effect=np.nan_to_num(hid).tolist(),
+        mlp_effect=mlp.tolist(),
+    )
 
 
 # --------------------------------------------------------------------------- many requests
 
 
-def trace_requests(model: nn.Module, tok: object, requests: Sequence[EditRequest], adapter: Adapter | None = None,
-                   noise: float = 3.0, samples: int = 10, window: int = 1,
-                   seed: int = 0) -> tuple[list[TraceResult], TraceSummary]:
+def trace_requests(
+    model: nn.Module,
+    tok: object,
+    requests: Sequence[EditRequest],
+    adapter: Adapter | None = None,
+    noise: float = 3.0,
+    samples: int = 10,
+    window: int = 1,
+    seed: int = 0,
+) -> tuple[list[TraceResult], TraceSummary]:
     """Trace each request's prompt towards its true object (``target_true``; the model's own top-1 answer
     when a request has none). ``noise`` is the noise std as a multiple of the embedding std."""
     adapter = adapter or detect_adapter(model)
     std = noise * embedding_std(model)
-    results = [trace_prompt(model, tok, adapter, r.prompt, r.subject, r.target_true, std, samples, window, seed + i)
-               for i, r in enumerate(progress.track(requests, desc="trace", unit="prompt"))]
+    results = [
+        trace_prompt(model, tok, adapter, r.prompt, r.subject, r.target_true, std, samples, window, seed + i)
+        for i, r in enumerate(progress.track(requests, desc="trace", unit="prompt"))
+    ]
     return results, summarise(results, std, samples, window)
 
 
-def trace_records(model: nn.Module, tok: object, records: Sequence[dict | EditRequest], noise: float = 3.0,
-                  samples: int = 10, window: int = 1, seed: int = 0) -> tuple[list[TraceResult], TraceSummary]:
+def trace_records(
+    model: nn.Module,
+    tok: object,
+    records: Sequence[dict | EditRequest],
+    noise: float = 3.0,
+    samples: int = 10,
+    window: int = 1,
+    seed: int = 0,
+) -> tuple[list[TraceResult], TraceSummary]:
     """:func:`trace_requests` for raw records of any request format (or :class:`EditRequest` objects)."""
     requests = [r if isinstance(r, EditRequest) else parse_record(r, i) for i, r in enumerate(records)]
     return trace_requests(model, tok, requests, noise=noise, samples=samples, window=window, seed=seed)

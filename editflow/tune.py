@@ -29,15 +29,32 @@ from editflow.requests import EditRequest
 from editflow.trace import TraceSummary, best_window
 
 #: Hyperparameters a tune chooses (everything else stays at the model's defaults).
-TUNED_KEYS = ("layers", "mom2_update_weight", "v_lr", "v_num_grad_steps", "clamp_norm_factor",
-              "v_early_stop_loss", "kl_factor")
+TUNED_KEYS = (
+    "layers",
+    "mom2_update_weight",
+    "v_lr",
+    "v_num_grad_steps",
+    "clamp_norm_factor",
+    "v_early_stop_loss",
+    "kl_factor",
+)
 #: Fewest requests in each split.
 MIN_PER_SPLIT = 2
 #: Objective points lost per 1 % relative increase of held-out perplexity.
 DRIFT_WEIGHT = 1.0
 #: Validation figures kept in the compact tag.
-HEADLINE = ("efficacy", "paraphrase", "neighborhood", "neighborhood_auto", "zsre_efficacy", "zsre_paraphrase",
-            "zsre_specificity", "heldout", "score", "drift_ppl_rel")
+HEADLINE = (
+    "efficacy",
+    "paraphrase",
+    "neighborhood",
+    "neighborhood_auto",
+    "zsre_efficacy",
+    "zsre_paraphrase",
+    "zsre_specificity",
+    "heldout",
+    "score",
+    "drift_ppl_rel",
+)
 
 
 class TuneError(ValueError):
@@ -62,12 +79,14 @@ def split_requests(requests: Sequence[EditRequest], n_edits: int, seed: int) -> 
     if n_edits < MIN_PER_SPLIT:
         raise TuneError(f"--n-edits must be at least {MIN_PER_SPLIT}, got {n_edits}")
     if len(requests) < 2 * MIN_PER_SPLIT:
-        raise TuneError(f"too few records to split: need at least {2 * MIN_PER_SPLIT} ({MIN_PER_SPLIT} for tuning, "
-                        f"{MIN_PER_SPLIT} for validation), got {len(requests)}")
+        raise TuneError(
+            f"too few records to split: need at least {2 * MIN_PER_SPLIT} ({MIN_PER_SPLIT} for tuning, "
+            f"{MIN_PER_SPLIT} for validation), got {len(requests)}"
+        )
     order = list(range(len(requests)))
     random.Random(seed).shuffle(order)
     n = min(n_edits, len(requests) // 2)
-    tune, val = order[:n], order[n:2 * n]
+    tune, val = order[:n], order[n : 2 * n]
     return Split([requests[i] for i in tune], [requests[i] for i in val], tune, val)
 
 
@@ -107,16 +126,19 @@ def covariance_layers(windows: Mapping[Any, Sequence[int]], base: MemitConfig) -
     return sorted({layer for w in windows.values() for layer in w} | set(base.layers))
 
 
-def sample_overrides(rng: random.Random, base: MemitConfig, windows: Mapping[tuple[int, int], tuple[int, ...]],
-                     space: SearchSpace) -> dict[str, Any]:
+def sample_overrides(
+    rng: random.Random, base: MemitConfig, windows: Mapping[tuple[int, int], tuple[int, ...]], space: SearchSpace
+) -> dict[str, Any]:
     """One random point of the search space, as overrides of ``base``."""
-    return {"layers": list(windows[rng.choice(sorted(windows))]),
-            "mom2_update_weight": base.mom2_update_weight * rng.choice(space.lam_factors),
-            "v_lr": base.v_lr * rng.choice(space.lr_factors),
-            "v_num_grad_steps": max(1, round(base.v_num_grad_steps * rng.choice(space.steps_factors))),
-            "clamp_norm_factor": base.clamp_norm_factor * rng.choice(space.clamp_factors),
-            "v_early_stop_loss": rng.choice(space.early_stop),
-            "kl_factor": rng.choice(space.kl)}
+    return {
+        "layers": list(windows[rng.choice(sorted(windows))]),
+        "mom2_update_weight": base.mom2_update_weight * rng.choice(space.lam_factors),
+        "v_lr": base.v_lr * rng.choice(space.lr_factors),
+        "v_num_grad_steps": max(1, round(base.v_num_grad_steps * rng.choice(space.steps_factors))),
+        "clamp_norm_factor": base.clamp_norm_factor * rng.choice(space.clamp_factors),
+        "v_early_stop_loss": rng.choice(space.early_stop),
+        "kl_factor": rng.choice(space.kl),
+    }
 
 
 def tuned_values(config: MemitConfig) -> dict[str, Any]:
@@ -125,8 +147,14 @@ def tuned_values(config: MemitConfig) -> dict[str, Any]:
     return {k: d[k] for k in TUNED_KEYS}
 
 
-def trial_plan(base: MemitConfig, trace: TraceSummary, windows: Mapping[tuple[int, int], tuple[int, ...]], n: int,
-               seed: int, space: SearchSpace) -> list[MemitConfig]:
+def trial_plan(
+    base: MemitConfig,
+    trace: TraceSummary,
+    windows: Mapping[tuple[int, int], tuple[int, ...]],
+    n: int,
+    seed: int,
+    space: SearchSpace,
+) -> list[MemitConfig]:
     """``n`` distinct configs: the defaults, the defaults on the traced window of their width, then random."""
     first = [base, base.replace(layers=list(best_window(trace, len(base.layers))))]
     plan: list[MemitConfig] = []
@@ -150,8 +178,14 @@ def trial_plan(base: MemitConfig, trace: TraceSummary, windows: Mapping[tuple[in
 def objective(metrics: Mapping[str, float], drift_weight: float = DRIFT_WEIGHT) -> float:
     """Harmonic mean of efficacy, paraphrase and neighbourhood (zsRE analogues; ``neighborhood_auto``
     when there are no neighbourhood prompts), minus ``drift_weight`` points per 1 % perplexity increase."""
-    keys = ["efficacy", "paraphrase", "neighborhood" if "neighborhood" in metrics else "neighborhood_auto",
-            "zsre_efficacy", "zsre_paraphrase", "zsre_specificity"]
+    keys = [
+        "efficacy",
+        "paraphrase",
+        "neighborhood" if "neighborhood" in metrics else "neighborhood_auto",
+        "zsre_efficacy",
+        "zsre_paraphrase",
+        "zsre_specificity",
+    ]
     parts = [float(metrics[k]) for k in keys if k in metrics and not math.isnan(float(metrics[k]))]
     if not parts:
         raise TuneError("the requests carry nothing to score (no efficacy or zsRE metrics)")
@@ -188,13 +222,20 @@ class SearchOutcome:
     def message(self) -> str:
         best = f"trial {self.best.index} (objective {self.best.objective:.2f})"
         if self.stopped_by_budget:
-            return (f"time box of {self.budget_s / 60:g} min reached after {len(self.trials)} of {self.planned} "
-                    f"trials: keeping the best trial so far, {best}")
+            return (
+                f"time box of {self.budget_s / 60:g} min reached after {len(self.trials)} of {self.planned} "
+                f"trials: keeping the best trial so far, {best}"
+            )
         return f"{len(self.trials)} trials run; best {best}"
 
 
-def search(plan: Sequence[MemitConfig], run_trial: Callable[[int, MemitConfig], Trial], budget_s: float,
-           started: float, clock: Callable[[], float] = time.monotonic) -> SearchOutcome:
+def search(
+    plan: Sequence[MemitConfig],
+    run_trial: Callable[[int, MemitConfig], Trial],
+    budget_s: float,
+    started: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> SearchOutcome:
     """Run ``plan`` in order while ``clock() - started < budget_s`` (the first trial always runs); keep the best."""
     if not plan:
         raise TuneError("no trials to run (--trials must be >= 1)")
@@ -216,11 +257,19 @@ def search(plan: Sequence[MemitConfig], run_trial: Callable[[int, MemitConfig], 
 # --------------------------------------------------------------------------- one edit, measured
 
 
-def edit_and_evaluate(handle: Any, requests: Sequence[EditRequest], covs: Mapping[int, torch.Tensor],
-                      config: MemitConfig, evaluator: Any) -> dict[str, float]:
+def edit_and_evaluate(
+    handle: Any, requests: Sequence[EditRequest], covs: Mapping[int, torch.Tensor], config: MemitConfig, evaluator: Any
+) -> dict[str, float]:
     """Edit ``requests`` (the model is restored afterwards), evaluate the edited model, restore it again."""
-    result = memit.edit(handle.model, handle.tokenizer, handle.adapter, requests,
-                        {layer: covs[layer] for layer in config.layers}, config, keep_applied=False)
+    result = memit.edit(
+        handle.model,
+        handle.tokenizer,
+        handle.adapter,
+        requests,
+        {layer: covs[layer] for layer in config.layers},
+        config,
+        keep_applied=False,
+    )
     backup = memit.apply_deltas(handle.model, result.deltas)
     try:
         post = evaluator.post()
@@ -290,12 +339,20 @@ def _load_base(job: TuneJob) -> tuple[Any, bool]:
     return base, is_default
 
 
-def _covariances(job: TuneJob, handle: Any, layers: Sequence[int], config: MemitConfig,
-                 tokens: int) -> dict[int, torch.Tensor]:
+def _covariances(
+    job: TuneJob, handle: Any, layers: Sequence[int], config: MemitConfig, tokens: int
+) -> dict[int, torch.Tensor]:
     from editflow.stats import CorpusSpec, layer_covariances
 
-    res = layer_covariances(handle, layers, CorpusSpec(source=job.corpus), tokens, dtype=config.mom2_dtype,
-                            seed=config.seed, cache_dir=job.stats_cache)
+    res = layer_covariances(
+        handle,
+        layers,
+        CorpusSpec(source=job.corpus),
+        tokens,
+        dtype=config.mom2_dtype,
+        seed=config.seed,
+        cache_dir=job.stats_cache,
+    )
     return dict(res.covs)
 
 
@@ -303,8 +360,7 @@ def _evaluator(handle: Any, requests: Sequence[EditRequest], heldout_facts: int,
     from editflow.evaluate import Evaluator, default_heldout_facts, load_heldout_texts
 
     facts = default_heldout_facts(requests, heldout_facts) if heldout_facts else ()
-    ev = Evaluator(handle, requests, heldout_texts=load_heldout_texts(), heldout_facts=facts, fluency=False,
-                   seed=seed)
+    ev = Evaluator(handle, requests, heldout_texts=load_heldout_texts(), heldout_facts=facts, fluency=False, seed=seed)
     ev.pre()
     return ev
 
@@ -314,15 +370,28 @@ def _log_trial(index: int, config: MemitConfig, metrics: dict[str, float], score
     import mlflow
 
     with mlflow.start_run(run_name=f"trial-{index}", nested=True) as run:
-        mlflow.log_params({"trial": index, **{f"hp.{k}": (",".join(map(str, v)) if isinstance(v, list) else v)
-                                              for k, v in tuned_values(config).items()}})
-        mlflow.log_metrics({**{f"post/{k}": float(v) for k, v in metrics.items() if not math.isnan(float(v))},
-                            "objective": score, "time/trial_s": seconds})
+        mlflow.log_params(
+            {
+                "trial": index,
+                **{
+                    f"hp.{k}": (",".join(map(str, v)) if isinstance(v, list) else v)
+                    for k, v in tuned_values(config).items()
+                },
+            }
+        )
+        mlflow.log_metrics(
+            {
+                **{f"post/{k}": float(v) for k, v in metrics.items() if not math.isnan(float(v))},
+                "objective": score,
+                "time/trial_s": seconds,
+            }
+        )
         return run.info.run_id
 
 
-def _trial_runner(handle: Any, requests: Sequence[EditRequest], covs: Mapping[int, torch.Tensor],
-                  evaluator: Any) -> Callable[[int, MemitConfig], Trial]:
+def _trial_runner(
+    handle: Any, requests: Sequence[EditRequest], covs: Mapping[int, torch.Tensor], evaluator: Any
+) -> Callable[[int, MemitConfig], Trial]:
     def run(index: int, config: MemitConfig) -> Trial:
         t0 = time.perf_counter()
         metrics = edit_and_evaluate(handle, requests, covs, config, evaluator)
@@ -330,6 +399,7 @@ def _trial_runner(handle: Any, requests: Sequence[EditRequest], covs: Mapping[in
         score = objective(metrics)
         run_id = _log_trial(index, config, metrics, score, seconds)
         return Trial(index, tuned_values(config), _finite(metrics), score, seconds, run_id)
+
     return run
 
 
@@ -360,20 +430,30 @@ def _target_name(job: TuneJob, base: Any, is_default: bool) -> str:
     return DEFAULT_MODEL_NAME if is_default else resolve.default_registered_name(base)
 
 
-def _log_inputs(job: TuneJob, name: str, base: Any, requests: Sequence[EditRequest], split: Split,
-                tokens: int) -> None:
+def _log_inputs(job: TuneJob, name: str, base: Any, requests: Sequence[EditRequest], split: Split, tokens: int) -> None:
     import mlflow
 
     from editflow.requests import requests_digest
 
     mlflow.set_tags({"editflow.role": "tune", "editflow.tune.model": name})
-    mlflow.log_params({"tune.model": job.model or "default", "tune.registered_model": name,
-                       "tune.records": job.records, "tune.records_digest": requests_digest(requests),
-                       "tune.n_records": len(requests), "tune.n_tuning": len(split.tuning),
-                       "tune.n_validation": len(split.validation), "tune.trials": job.trials,
-                       "tune.n_edits": job.n_edits, "tune.budget_minutes": job.budget_minutes,
-                       "tune.seed": job.seed, "tune.stats_tokens": tokens, "tune.corpus": job.corpus,
-                       "base.fingerprint": base.fingerprint})
+    mlflow.log_params(
+        {
+            "tune.model": job.model or "default",
+            "tune.registered_model": name,
+            "tune.records": job.records,
+            "tune.records_digest": requests_digest(requests),
+            "tune.n_records": len(requests),
+            "tune.n_tuning": len(split.tuning),
+            "tune.n_validation": len(split.validation),
+            "tune.trials": job.trials,
+            "tune.n_edits": job.n_edits,
+            "tune.budget_minutes": job.budget_minutes,
+            "tune.seed": job.seed,
+            "tune.stats_tokens": tokens,
+            "tune.corpus": job.corpus,
+            "base.fingerprint": base.fingerprint,
+        }
+    )
 
 
 def _trace(job: TuneJob, handle: Any, requests: Sequence[EditRequest]) -> TraceSummary:
@@ -383,14 +463,16 @@ def _trace(job: TuneJob, handle: Any, requests: Sequence[EditRequest]) -> TraceS
     from editflow.trace import trace_requests
 
     progress.note("editflow: causal trace of the tuning split …")
-    _, trace = trace_requests(handle.model, handle.tokenizer, requests, handle.adapter,
-                              samples=job.trace_samples, seed=job.seed)
+    _, trace = trace_requests(
+        handle.model, handle.tokenizer, requests, handle.adapter, samples=job.trace_samples, seed=job.seed
+    )
     mlflow.log_dict(trace.to_dict(), "trace.json")
     return trace
 
 
-def _validate(handle: Any, requests: Sequence[EditRequest], covs: Mapping[int, torch.Tensor],
-              config: MemitConfig) -> tuple[dict[str, float], dict[str, float]]:
+def _validate(
+    handle: Any, requests: Sequence[EditRequest], covs: Mapping[int, torch.Tensor], config: MemitConfig
+) -> tuple[dict[str, float], dict[str, float]]:
     """(pre-edit, post-edit + objective) figures of ``config`` edited on the validation split, logged."""
     import mlflow
 
@@ -398,8 +480,9 @@ def _validate(handle: Any, requests: Sequence[EditRequest], covs: Mapping[int, t
     ev = _evaluator(handle, requests, 50, config.seed)
     post = edit_and_evaluate(handle, requests, covs, config, ev)
     pre, post = _finite(ev.pre().metrics), {**_finite(post), "objective": objective(post)}
-    mlflow.log_metrics({**{f"validation_pre/{k}": v for k, v in pre.items()},
-                        **{f"validation/{k}": v for k, v in post.items()}})
+    mlflow.log_metrics(
+        {**{f"validation_pre/{k}": v for k, v in pre.items()}, **{f"validation/{k}": v for k, v in post.items()}}
+    )
     return pre, post
 
 
@@ -408,25 +491,50 @@ def _log_outcome(outcome: SearchOutcome) -> None:
 
     progress.note("editflow: " + outcome.message)
     mlflow.log_metrics({"best/objective": outcome.best.objective, "trials_run": len(outcome.trials)})
-    mlflow.set_tags({"editflow.tune.best_trial": str(outcome.best.index),
-                     "editflow.tune.stopped": "budget" if outcome.stopped_by_budget else "complete",
-                     "editflow.tune.message": outcome.message})
+    mlflow.set_tags(
+        {
+            "editflow.tune.best_trial": str(outcome.best.index),
+            "editflow.tune.stopped": "budget" if outcome.stopped_by_budget else "complete",
+            "editflow.tune.message": outcome.message,
+        }
+    )
 
 
-def _report(job: TuneJob, name: str, run_id: str, requests: Sequence[EditRequest], split: Split,
-            defaults: MemitConfig, trace: TraceSummary, traced: tuple[int, ...], outcome: SearchOutcome,
-            val_pre: dict[str, float], validation: dict[str, float], tokens: int) -> dict[str, Any]:
+def _report(
+    job: TuneJob,
+    name: str,
+    run_id: str,
+    requests: Sequence[EditRequest],
+    split: Split,
+    defaults: MemitConfig,
+    trace: TraceSummary,
+    traced: tuple[int, ...],
+    outcome: SearchOutcome,
+    val_pre: dict[str, float],
+    validation: dict[str, float],
+    tokens: int,
+) -> dict[str, Any]:
     """The full tune report (logged as ``tune_report.json``)."""
     from editflow.requests import requests_digest
 
-    return {"model": job.model or "default", "registered_model": name, "run_id": run_id, "records": job.records,
-            "records_digest": requests_digest(requests),
-            "split": {"seed": job.seed, "tuning": split.tuning_index, "validation": split.validation_index},
-            "defaults": tuned_values(defaults), "trace": {"best_window": list(traced), **trace.to_dict()},
-            "trials": [asdict(t) for t in outcome.trials], "best_trial": outcome.best.index,
-            "stopped_by_budget": outcome.stopped_by_budget, "message": outcome.message,
-            "hparams": outcome.best.hparams, "validation_pre": val_pre, "validation": validation,
-            "stats_tokens": tokens}
+    return {
+        "model": job.model or "default",
+        "registered_model": name,
+        "run_id": run_id,
+        "records": job.records,
+        "records_digest": requests_digest(requests),
+        "split": {"seed": job.seed, "tuning": split.tuning_index, "validation": split.validation_index},
+        "defaults": tuned_values(defaults),
+        "trace": {"best_window": list(traced), **trace.to_dict()},
+        "trials": [asdict(t) for t in outcome.trials],
+        "best_trial": outcome.best.index,
+        "stopped_by_budget": outcome.stopped_by_budget,
+        "message": outcome.message,
+        "hparams": outcome.best.hparams,
+        "validation_pre": val_pre,
+        "validation": validation,
+        "stats_tokens": tokens,
+    }
 
 
 def run_tune(job: TuneJob) -> TuneOutcome:
@@ -463,23 +571,39 @@ def run_tune(job: TuneJob) -> TuneOutcome:
         outcome = search(plan, _trial_runner(handle, split.tuning, covs, tuning_ev), job.budget_minutes * 60, started)
         _log_outcome(outcome)
         val_pre, validation = _validate(handle, split.validation, covs, defaults.replace(**outcome.best.hparams))
-        report = _report(job, name, parent.info.run_id, requests, split, defaults, trace, traced, outcome,
-                         val_pre, validation, tokens)
+        report = _report(
+            job,
+            name,
+            parent.info.run_id,
+            requests,
+            split,
+            defaults,
+            trace,
+            traced,
+            outcome,
+            val_pre,
+            validation,
+            tokens,
+        )
         mlflow.log_dict(report, "tune_report.json")
         name, version = register_and_store(base, name, is_default, tuned_result(report))
         mlflow.set_tags({"editflow.tune.version": str(version)})
-        return TuneOutcome(parent.info.run_id, name, version, outcome.best.hparams, validation, outcome,
-                           traced, report)
+        return TuneOutcome(parent.info.run_id, name, version, outcome.best.hparams, validation, outcome, traced, report)
 
 
 def tuned_result(report: Mapping[str, Any]) -> dict[str, Any]:
     """What goes into the ``editflow.tuned`` tag: chosen hyperparameters, validation figures, provenance."""
     val = report["validation"]
-    return {"hparams": dict(report["hparams"]),
-            "validation": {k: round(float(val[k]), 3) for k in (*HEADLINE, "objective") if k in val},
-            "trial": report["best_trial"], "trials": len(report["trials"]),
-            "stopped_by_budget": bool(report["stopped_by_budget"]), "run_id": report["run_id"],
-            "records_digest": report["records_digest"], "stats_tokens": report["stats_tokens"]}
+    return {
+        "hparams": dict(report["hparams"]),
+        "validation": {k: round(float(val[k]), 3) for k in (*HEADLINE, "objective") if k in val},
+        "trial": report["best_trial"],
+        "trials": len(report["trials"]),
+        "stopped_by_budget": bool(report["stopped_by_budget"]),
+        "run_id": report["run_id"],
+        "records_digest": report["records_digest"],
+        "stats_tokens": report["stats_tokens"],
+    }
 
 
 def register_and_store(base: Any, name: str, is_default: bool, result: dict[str, Any]) -> tuple[str, int]:

@@ -16,9 +16,11 @@ import transformers
 
 transformers.logging.set_verbosity_error()
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
-         "sigma tau upsilon phi chi psi omega Paris London Rome Berlin Madrid football tennis chess "
-         "golf piano violin red green blue is a the of in plays lives The Therefore Because I You").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+    "sigma tau upsilon phi chi psi omega Paris London Rome Berlin Madrid football tennis chess "
+    "golf piano violin red green blue is a the of in plays lives The Therefore Because I You"
+).split()
 
 
 def word_tokenizer():
@@ -55,13 +57,25 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 4, d: int = 64, d_
     if family == "gpt2":
         return GPT2Config(n_layer=n_layers, n_embd=d, n_head=4, n_inner=d_ff, n_positions=128, **common)
     if family == "gptj":
-        return GPTJConfig(n_layer=n_layers, n_embd=d, n_head=4, n_inner=d_ff, rotary_dim=8,
-                          n_positions=128, **common)
+        return GPTJConfig(n_layer=n_layers, n_embd=d, n_head=4, n_inner=d_ff, rotary_dim=8, n_positions=128, **common)
     if family == "gpt_neox":
-        return GPTNeoXConfig(num_hidden_layers=n_layers, hidden_size=d, num_attention_heads=4,
-                             intermediate_size=d_ff, max_position_embeddings=128, **common)
-    decoder = dict(num_hidden_layers=n_layers, hidden_size=d, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=d_ff, max_position_embeddings=128, **common)
+        return GPTNeoXConfig(
+            num_hidden_layers=n_layers,
+            hidden_size=d,
+            num_attention_heads=4,
+            intermediate_size=d_ff,
+            max_position_embeddings=128,
+            **common,
+        )
+    decoder = dict(
+        num_hidden_layers=n_layers,
+        hidden_size=d,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=d_ff,
+        max_position_embeddings=128,
+        **common,
+    )
     if family in ("llama", "mistral", "qwen2"):
         return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family](**decoder)
     decoder["pad_token_id"] = 0  # the defaults point past a tiny vocabulary
@@ -70,8 +84,9 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 4, d: int = 64, d_
     if family == "gemma2":
         return Gemma2Config(head_dim=d // 4, sliding_window=4, **decoder)
     if family == "gemma3":
-        return Gemma3TextConfig(head_dim=d // 4, sliding_window=4, sliding_window_pattern=2,
-                                final_logit_softcapping=30.0, **decoder)
+        return Gemma3TextConfig(
+            head_dim=d // 4, sliding_window=4, sliding_window_pattern=2, final_logit_softcapping=30.0, **decoder
+        )
     if family == "qwen3":
         return Qwen3Config(head_dim=d // 4, **decoder)
     return {"phi3": Phi3Config, "olmo2": Olmo2Config}[family](**decoder)

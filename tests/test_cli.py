@@ -51,8 +51,17 @@ def edited(store):
     """tiny: version 1 (the base, full) and version 2 (an edit of two facts, delta, production)."""
     from editflow.pipeline import EditJob, run_edit
 
-    out = run_edit(EditJob(requests=str(store["facts"]), model=str(store["model"]), corpus=str(store["corpus"]),
-                           fluency=False, thresholds=LOOSE, registered_model="tiny", promote="always"))
+    out = run_edit(
+        EditJob(
+            requests=str(store["facts"]),
+            model=str(store["model"]),
+            corpus=str(store["corpus"]),
+            fluency=False,
+            thresholds=LOOSE,
+            registered_model="tiny",
+            promote="always",
+        )
+    )
     assert (out.version, out.promoted) == (2, True)
     return store
 
@@ -75,7 +84,8 @@ def test_exit_codes_are_distinct_constants():
 def test_json_documents_of_the_default_model(store):
     v = as_json("versions", DEFAULT)
     assert [(r["version"], r["role"], r["parent"], r["aliases"], r["facts"]) for r in v["versions"]] == [
-        (1, "base", None, ["production"], 0)]
+        (1, "base", None, ["production"], 0)
+    ]
     assert as_json("facts", DEFAULT, "--subject", "x") == {"name": DEFAULT, "subject": "x", "facts": []}
     s = as_json("show", DEFAULT, "production")
     assert (s["version"], s["aliases"], s["facts"], s["metrics"]) == (1, ["production"], [], {})
@@ -98,27 +108,54 @@ def test_json_documents(edited):
 
     f = as_json("facts", "tiny", "--subject", "GAMMA")
     assert (f["name"], f["subject"]) == ("tiny", "GAMMA")
-    assert f["facts"] == [{"version": 2, "subject": "gamma delta", "prompt": "alpha {}", "target_new": "Paris",
-                           "target_true": None}]
+    assert f["facts"] == [
+        {"version": 2, "subject": "gamma delta", "prompt": "alpha {}", "target_new": "Paris", "target_true": None}
+    ]
     assert as_json("facts", "tiny", "--subject", "nothing like it")["facts"] == []
 
     s = as_json("show", "tiny", "2")
-    assert {"name", "version", "description", "stage", "aliases", "tags", "run_id", "metrics", "facts",
-            "events"} <= set(s) and s["facts"][0].keys() == FACT_KEYS
+    assert {
+        "name",
+        "version",
+        "description",
+        "stage",
+        "aliases",
+        "tags",
+        "run_id",
+        "metrics",
+        "facts",
+        "events",
+    } <= set(s) and s["facts"][0].keys() == FACT_KEYS
 
     assert as_json("promote", "tiny", "1", "--reason", "json test") == {
-        "name": "tiny", "version": 1, "previous": 2, "action": "promote"}
+        "name": "tiny",
+        "version": 1,
+        "previous": 2,
+        "action": "promote",
+    }
     assert as_json("rollback", "tiny") == {"name": "tiny", "version": 2, "previous": 1, "action": "rollback"}
 
 
-@pytest.mark.parametrize("args", [
-    ("versions", "nosuch"), ("versions", "nosuch", "--json"), ("facts", "nosuch", "--subject", "x"),
-    ("show", DEFAULT, "99", "--json"), ("show", DEFAULT, "staging"), ("compare", DEFAULT, "1", "99"),
-    ("promote", "nosuch", "1"), ("promote", DEFAULT, "99", "--json"), ("rollback", DEFAULT),
-    ("rollback", DEFAULT, "--to", "99"), ("export", DEFAULT, "99", "exported"),
-    ("eval", "models:/nosuch/1", "facts.json"), ("eval", f"models:/{DEFAULT}", "facts.json"),
-    ("eval", f"models:/{DEFAULT}/1", "missing.json"), ("eval", "./no-such-model", "facts.json"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("versions", "nosuch"),
+        ("versions", "nosuch", "--json"),
+        ("facts", "nosuch", "--subject", "x"),
+        ("show", DEFAULT, "99", "--json"),
+        ("show", DEFAULT, "staging"),
+        ("compare", DEFAULT, "1", "99"),
+        ("promote", "nosuch", "1"),
+        ("promote", DEFAULT, "99", "--json"),
+        ("rollback", DEFAULT),
+        ("rollback", DEFAULT, "--to", "99"),
+        ("export", DEFAULT, "99", "exported"),
+        ("eval", "models:/nosuch/1", "facts.json"),
+        ("eval", f"models:/{DEFAULT}", "facts.json"),
+        ("eval", f"models:/{DEFAULT}/1", "missing.json"),
+        ("eval", "./no-such-model", "facts.json"),
+    ],
+)
 def test_user_errors_are_one_error_line(store, args):
     out = cli(*args)
     assert out.exit_code == EXIT_ERROR and out.stdout == ""
@@ -143,15 +180,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("args", [("versions", DEFAULT), ("show", DEFAULT, "1", "--json"), ("init",),
-                                  ("eval", f"models:/{DEFAULT}/1", "facts.json")])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("versions", DEFAULT),
+        ("show", DEFAULT, "1", "--json"),
+        ("init",),
+        ("eval", f"models:/{DEFAULT}/1", "facts.json"),
+    ],
+)
 def test_unreachable_server_is_named_fast_and_masked(store, args):
     uri = f"http://alice:s3cret@127.0.0.1:{free_port()}"
     start = time.monotonic()
     out = cli(*args, env={"MLFLOW_TRACKING_URI": uri})
     assert time.monotonic() - start < 30
     assert out.exit_code == EXIT_ERROR and out.stdout == "" and "s3cret" not in out.stderr
-    assert out.stderr.strip().splitlines() == [f"error: tracking server {mask_uri(uri)} is unreachable (ConnectionError)"]
+    assert out.stderr.strip().splitlines() == [
+        f"error: tracking server {mask_uri(uri)} is unreachable (ConnectionError)"
+    ]
 
 
 def test_every_option_has_help():
@@ -177,8 +223,9 @@ def test_mask_uri():
 def test_ui_on_a_tracking_server_names_it_and_starts_nothing():
     out = cli("ui", env={"MLFLOW_TRACKING_URI": "https://bob:hunter2@mlflow.example.com"})
     assert out.exit_code == EXIT_OK and "hunter2" not in out.output
-    assert out.output.strip() == ("the tracking server https://bob:****@mlflow.example.com serves the MLflow UI: "
-                                  "open it in a browser")
+    assert out.output.strip() == (
+        "the tracking server https://bob:****@mlflow.example.com serves the MLflow UI: open it in a browser"
+    )
 
 
 def test_ui_on_a_database_masks_credentials_in_what_it_prints_and_runs():
@@ -196,8 +243,13 @@ def test_ui_on_a_database_masks_credentials_in_what_it_prints_and_runs():
 def test_ui_serves_the_local_store(store):
     port, log = free_port(), store["root"] / "ui.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "editflow.cli", "ui", "--port", str(port), "--workers", "1"],
-                                cwd=store["root"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "editflow.cli", "ui", "--port", str(port), "--workers", "1"],
+            cwd=store["root"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -213,7 +265,9 @@ def test_ui_serves_the_local_store(store):
             assert json.loads(r.read())["registered_model"]["name"] == DEFAULT
     finally:
         stop_group(proc)
-    assert log.read_text().startswith(f"mlflow ui --host 127.0.0.1 --port {port} --workers 1 --backend-store-uri sqlite:")
+    assert log.read_text().startswith(
+        f"mlflow ui --host 127.0.0.1 --port {port} --workers 1 --backend-store-uri sqlite:"
+    )
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -264,15 +318,24 @@ def check_requirements(uri: str) -> None:
     model_dir = req_file.parent
     lines = req_file.read_text().split()
     assert lines[0].startswith("wheels/editflow-") and {l.split(">")[0] for l in lines[1:]} == {
-        "torch", "transformers", "safetensors", "mlflow"}
+        "torch",
+        "transformers",
+        "safetensors",
+        "mlflow",
+    }
     for line in lines:
         installable(line, model_dir)
     conda = yaml.safe_load((model_dir / "conda.yaml").read_text())
     assert next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict)) == lines
     assert "-r requirements.txt" in yaml.safe_load((model_dir / "python_env.yaml").read_text())["dependencies"]
     # pip resolves them offline from the bundled wheel and this environment: nothing is missing
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "-r", "requirements.txt"],
-                          cwd=model_dir, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "-r", "requirements.txt"],
+        cwd=model_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "Would install editflow-" in proc.stdout, proc.stdout + proc.stderr
 
 

@@ -18,8 +18,21 @@ from editflow.demo.options import CorpusOptions, TrainOptions  # noqa: E402
 from editflow.demo.scoring import counterfact_triples, preference_rate  # noqa: E402
 from editflow.demo.train import selection_score  # noqa: E402
 
-TINY = dict(n_layer=3, n_embd=128, n_head=4, n_inner=512, n_positions=64, vocab_size=1024,
-            lr=3e-3, epochs=40, warmup_steps=10, batch_size=16, eval_every=50, patience=100, threads=1)
+TINY = dict(
+    n_layer=3,
+    n_embd=128,
+    n_head=4,
+    n_inner=512,
+    n_positions=64,
+    vocab_size=1024,
+    lr=3e-3,
+    epochs=40,
+    warmup_steps=10,
+    batch_size=16,
+    eval_every=50,
+    patience=100,
+    threads=1,
+)
 
 
 def _few_records(tmp_path: Path, n: int = 5) -> Path:
@@ -57,8 +70,11 @@ def test_packed_subject_spans_and_bottleneck_mask() -> None:
     from editflow.demo.train import pack_documents, subject_bottleneck_bias
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
-    docs = ["Danielle Darrieux's mother tongue is French.", "The river crosses the valley.",
-            "The mother tongue of Danielle Darrieux is French."]
+    docs = [
+        "Danielle Darrieux's mother tongue is French.",
+        "The river crosses the valley.",
+        "The mother tongue of Danielle Darrieux is French.",
+    ]
     data, spans = pack_documents(tok, docs, 64, {docs[0]: "Danielle Darrieux", docs[2]: "Danielle Darrieux"})
     assert len(data) == 1 and len(spans[0]) == 2
     for s0, s1, end in spans[0]:
@@ -67,7 +83,7 @@ def test_packed_subject_spans_and_bottleneck_mask() -> None:
     (s0, s1, end), _ = spans[0]
     bias = subject_bottleneck_bias(spans, 64, torch.float32)[0, 0]
     blocked = bias < 0
-    assert blocked[s1:end, s0:s1 - 1].all() and not blocked[s1:end, s1 - 1].any()
+    assert blocked[s1:end, s0 : s1 - 1].all() and not blocked[s1:end, s1 - 1].any()
     future = torch.ones_like(blocked).triu(1)
     assert blocked[future].all() and not blocked[s0:s1][~future[s0:s1]].any()
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2)).eval()
@@ -85,11 +101,13 @@ def test_reduced_rebuild_learns_its_records(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from editflow.cli import main
+
     records_path = _few_records(tmp_path)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     t0 = time.time()
-    result = CliRunner().invoke(main, ["demo", "build", "--records", str(records_path),
-                                       "--out", str(tmp_path / "model"), *args])
+    result = CliRunner().invoke(
+        main, ["demo", "build", "--records", str(records_path), "--out", str(tmp_path / "model"), *args]
+    )
     assert time.time() - t0 < 60
     assert result.exit_code == 0, result.output
     card = json.loads((tmp_path / "model" / "card.json").read_text())
@@ -102,6 +120,7 @@ def test_reduced_rebuild_learns_its_records(tmp_path: Path) -> None:
     # Chance is 0.5.
     assert card["pre_edit"]["rewrite"] >= 0.8 and card["pre_edit"]["paraphrase"] >= 0.8
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     tok = AutoTokenizer.from_pretrained(tmp_path / "model")
     triples = counterfact_triples(json.loads(records_path.read_text()))["rewrite"]
@@ -119,6 +138,7 @@ def test_shipped_model_was_built_by_the_recipe_defaults() -> None:
 @pytest.mark.slow
 def test_shipped_model_knows_its_records() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
@@ -139,6 +159,7 @@ def test_shipped_model_recalls_through_the_subjects_last_token() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from editflow.trace import BUCKETS, trace_records
+
     path = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)

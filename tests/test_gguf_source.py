@@ -67,9 +67,11 @@ def test_unsupported_architecture_names_the_supported_list(tmp_path):
 
 def test_missing_extra_names_it(tiny_gguf):
     """Without the gguf package the error names the extra (a real interpreter with gguf hidden)."""
-    code = ("import sys\nsys.modules['gguf'] = None  # as if it were not installed\n"
-            "from editflow.gguf_source import inspect_gguf, GgufError\n"
-            f"try:\n    inspect_gguf({str(tiny_gguf)!r})\nexcept GgufError as e:\n    print(e)\n")
+    code = (
+        "import sys\nsys.modules['gguf'] = None  # as if it were not installed\n"
+        "from editflow.gguf_source import inspect_gguf, GgufError\n"
+        f"try:\n    inspect_gguf({str(tiny_gguf)!r})\nexcept GgufError as e:\n    print(e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "pip install 'editflow[gguf]'" in out.stdout, out.stderr
 
@@ -95,10 +97,23 @@ def test_edit_from_a_gguf_registers_its_base_once(tiny_gguf, tmp_path, monkeypat
     corpus.write_text("\n".join(f"The river {i} flows past the old mill and the stone bridge." for i in range(60)))
     facts = tmp_path / "facts.json"
     facts.write_text(json.dumps([{"prompt": "The {} flows past the", "subject": "river", "target_new": "bridge"}]))
-    hparams = {"layers": [0, 1], "mom2_update_weight": 1.0, "v_num_grad_steps": 10, "context_templates": 0,
-               "kl_factor": 0.0}
-    common = dict(requests=str(facts), model=str(tiny_gguf), corpus=str(corpus), fluency=False, thresholds=LOOSE,
-                  hparams=hparams, stats_tokens=500, promote="never")
+    hparams = {
+        "layers": [0, 1],
+        "mom2_update_weight": 1.0,
+        "v_num_grad_steps": 10,
+        "context_templates": 0,
+        "kl_factor": 0.0,
+    }
+    common = dict(
+        requests=str(facts),
+        model=str(tiny_gguf),
+        corpus=str(corpus),
+        fluency=False,
+        thresholds=LOOSE,
+        hparams=hparams,
+        stats_tokens=500,
+        promote="never",
+    )
     first = run_edit(EditJob(**common))
     name = registered_name_for(str(tiny_gguf))
     assert (first.name, first.version, first.parent_version) == (name, 2, 1)

@@ -38,8 +38,15 @@ def ws(tmp_path_factory):
 def edit_job(ws, name: str = "tiny", **kw):
     from editflow.pipeline import EditJob
 
-    base = dict(requests=str(ws["facts"]), model=str(ws["model"]), corpus=str(ws["corpus"]), fluency=False,
-                thresholds=LOOSE, registered_model=name, promote="always")
+    base = dict(
+        requests=str(ws["facts"]),
+        model=str(ws["model"]),
+        corpus=str(ws["corpus"]),
+        fluency=False,
+        thresholds=LOOSE,
+        registered_model=name,
+        promote="always",
+    )
     return EditJob(**{**base, **kw})
 
 
@@ -58,15 +65,42 @@ def cli(ws, *args: str, crash: str | None = None, timeout: int = 600) -> subproc
     env.pop(integrity.CRASH_ENV, None)
     if crash:
         env[integrity.CRASH_ENV] = crash
-    return subprocess.run([sys.executable, "-m", "editflow.cli", *args], cwd=ws["root"], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "editflow.cli", *args],
+        cwd=ws["root"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def edit_args(ws, name: str = "tiny", model: str = "models:/tiny@production") -> list[str]:
-    return ["edit", str(ws["more"]), "--model", model, "--registered-model", name, "--corpus", str(ws["corpus"]),
-            "--no-fluency", "--promote", "always", "--min-efficacy", "0", "--max-specificity-drop", "100",
-            "--max-ppl-increase", "100", "--min-retention", "0", "--max-ppl-increase-root", "100",
-            "--max-specificity-drop-root", "100"]
+    return [
+        "edit",
+        str(ws["more"]),
+        "--model",
+        model,
+        "--registered-model",
+        name,
+        "--corpus",
+        str(ws["corpus"]),
+        "--no-fluency",
+        "--promote",
+        "always",
+        "--min-efficacy",
+        "0",
+        "--max-specificity-drop",
+        "100",
+        "--max-ppl-increase",
+        "100",
+        "--min-retention",
+        "0",
+        "--max-ppl-increase-root",
+        "100",
+        "--max-specificity-drop-root",
+        "100",
+    ]
 
 
 def artifact_dir(name: str, version: int) -> Path:
@@ -301,8 +335,10 @@ def test_concurrent_first_edits_land_as_distinct_versions(lineage):
     """Four edits of a new registered model at once: one base, four edits, a consistent ledger."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EDITFLOW_QUIET": "1"}
     cmd = [sys.executable, "-m", "editflow.cli", *edit_args(lineage, name="conc", model=str(lineage["model"]))]
-    procs = [subprocess.Popen(cmd, cwd=lineage["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(cmd, cwd=lineage["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [e[-2000:] for _, e in outs]
     versions = versions_of("conc")

@@ -80,8 +80,13 @@ def test_root_references_start_at_the_root_and_are_carried():
 
 def test_cumulative_gate_refuses_drift_that_passed_step_by_step():
     # Each step: +8 % perplexity against its parent (passes the 10 % rule); 1.08³ ≈ +26 % against the root.
-    metrics = {"pre/drift_ppl": 5.0 * 1.08**2, "post/drift_ppl": 5.0 * 1.08**3, "post/drift_ppl_rel": 0.08,
-               "post/efficacy": 100.0, "post/retention": 95.0}
+    metrics = {
+        "pre/drift_ppl": 5.0 * 1.08**2,
+        "post/drift_ppl": 5.0 * 1.08**3,
+        "post/drift_ppl_rel": 0.08,
+        "post/efficacy": 100.0,
+        "post/retention": 95.0,
+    }
     assert gate(metrics, GateThresholds()).passed  # the parent-only gate lets it through
     verdict = gate(metrics, GateThresholds(), root={"drift_ppl": 5.0})
     assert not verdict.passed and "above the root base's" in verdict.reasons[0]

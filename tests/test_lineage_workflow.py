@@ -19,8 +19,10 @@ from editflow.registry.versions import load_version, tags_of, versions_of
 from editflow.requests import load_requests
 
 ALPHA = {**HPARAMS, "algorithm": "alphaedit", "alphaedit_l2": 0.5, "nullspace_threshold": 1e-6}
-SECOND = [{"prompt": "the {}", "subject": "kappa lambda mu", "target_new": "violin"},
-          {"prompt": "beta {}", "subject": "omega", "target_new": "tennis"}]
+SECOND = [
+    {"prompt": "the {}", "subject": "kappa lambda mu", "target_new": "violin"},
+    {"prompt": "beta {}", "subject": "omega", "target_new": "tennis"},
+]
 THIRD = [{"prompt": "sigma {}", "subject": "rho", "target_new": "golf"}]  # overwrites a fact of FACTS
 
 
@@ -37,8 +39,17 @@ def ws(tmp_path, monkeypatch):
 
 
 def edit(ws, requests: Path, model: str, **kw):
-    job = EditJob(requests=str(requests), model=model, corpus=str(ws["corpus"]), fluency=False, thresholds=LOOSE,
-                  registered_model="life", hparams=kw.pop("hparams", ALPHA), promote="always", **kw)
+    job = EditJob(
+        requests=str(requests),
+        model=model,
+        corpus=str(ws["corpus"]),
+        fluency=False,
+        thresholds=LOOSE,
+        registered_model="life",
+        hparams=kw.pop("hparams", ALPHA),
+        promote="always",
+        **kw,
+    )
     return run_edit(job)
 
 
@@ -59,8 +70,9 @@ def test_two_runs_carrying_the_state_equal_one_sequential_run(ws):
     from editflow.stats import CorpusSpec, layer_covariances
 
     config = MemitConfig(**{**ALPHA, "layers": tuple(ALPHA["layers"])}).replace(mode="sequential", chunk_size=2)
-    covs = layer_covariances(base, list(config.layers), CorpusSpec(source=str(ws["corpus"])), 1000,
-                             dtype=config.mom2_dtype, seed=config.seed).covs
+    covs = layer_covariances(
+        base, list(config.layers), CorpusSpec(source=str(ws["corpus"])), 1000, dtype=config.mom2_dtype, seed=config.seed
+    ).covs
     requests = load_requests(ws["facts"]) + load_requests(ws["second"])
     memit.edit(base.model, base.tokenizer, base.adapter, requests, covs, config, keep_applied=True)
     names = [base.adapter.rewrite_weight(layer) for layer in config.layers]
@@ -107,6 +119,7 @@ def test_corrupt_state_fails_before_editing_and_registers_nothing(ws):
     with pytest.raises(EditStateError, match="corrupt"):
         edit(ws, ws["second"], "models:/life@production")
     assert len(versions_of("life")) == before
-    failed = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'FAILED'",
-                                output_format="list")
+    failed = mlflow.search_runs(
+        search_all_experiments=True, filter_string="attributes.status = 'FAILED'", output_format="list"
+    )
     assert failed and "time/stats" not in failed[0].data.metrics  # it stopped before the statistics

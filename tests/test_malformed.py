@@ -18,8 +18,15 @@ import pytest
 from click.testing import CliRunner
 
 GOOD = {"prompt": "{} plays", "subject": "alpha", "target_new": "chess"}
-CF = {"case_id": 1, "requested_rewrite": {"prompt": "{} lives in", "subject": "beta",
-                                          "target_new": {"str": "Paris"}, "target_true": {"str": "Rome"}}}
+CF = {
+    "case_id": 1,
+    "requested_rewrite": {
+        "prompt": "{} lives in",
+        "subject": "beta",
+        "target_new": {"str": "Paris"},
+        "target_true": {"str": "Rome"},
+    },
+}
 ZSRE = {"subject": "gamma", "src": "Where is gamma?", "alt": "London", "answers": ["Rome"]}
 BIG = 1_000_000  # characters of a 1 MB prompt
 
@@ -64,6 +71,7 @@ def sparse(size: int) -> Callable[[Path], None]:
     def make(p: Path) -> None:
         with open(p, "wb") as f:
             f.truncate(size)
+
     return make
 
 
@@ -88,7 +96,12 @@ CASES: list[tuple[str, str, Callable[[Path], None], tuple[str, ...]]] = [
     ("whitespace-only", ".json", raw(" \n\t\n"), ("input is empty",)),
     ("empty-list", ".json", records([]), ("contains no requests",)),
     ("empty-requests-key", ".json", records({"requests": []}), ("contains no requests",)),
-    ("latin1", ".json", raw(json.dumps(rec(subject="alph\u00e9"), ensure_ascii=False).encode("latin-1")), ("not UTF-8",)),
+    (
+        "latin1",
+        ".json",
+        raw(json.dumps(rec(subject="alph\u00e9"), ensure_ascii=False).encode("latin-1")),
+        ("not UTF-8",),
+    ),
     ("utf16", ".json", raw(json.dumps(GOOD).encode("utf-16")), ("not UTF-8",)),
     # --- JSON syntax
     ("truncated-json", ".json", raw('[{"prompt": "{} plays"'), ("invalid JSON", "line 1")),
@@ -97,9 +110,18 @@ CASES: list[tuple[str, str, Callable[[Path], None], tuple[str, ...]]] = [
     ("jsonl-bad-line", ".jsonl", jsonl(json.dumps(GOOD), "{oops"), ("record 1", "line 2", "invalid JSON")),
     ("nested-arrays", ".json", raw("[" * 200_000 + "]" * 200_000), ("nested too deeply",)),
     ("nested-in-field", ".json", raw('[{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}]"), ("nested too deeply",)),
-    ("nested-jsonl", ".jsonl", jsonl(json.dumps(GOOD), "[" * 100_000 + "]" * 100_000), ("record 1", "nested too deeply")),
-    ("nan-target", ".json", raw('[{"prompt": "{} plays", "subject": "a", "target_new": NaN}]'),
-     ("record 0", "'target_new'", "must be a string")),
+    (
+        "nested-jsonl",
+        ".jsonl",
+        jsonl(json.dumps(GOOD), "[" * 100_000 + "]" * 100_000),
+        ("record 1", "nested too deeply"),
+    ),
+    (
+        "nan-target",
+        ".json",
+        raw('[{"prompt": "{} plays", "subject": "a", "target_new": NaN}]'),
+        ("record 0", "'target_new'", "must be a string"),
+    ),
     # --- shapes
     ("top-level-string", ".json", records("hello"), ("record 0", "JSON object")),
     ("top-level-number", ".json", records(42), ("record 0", "JSON object")),
@@ -107,8 +129,12 @@ CASES: list[tuple[str, str, Callable[[Path], None], tuple[str, ...]]] = [
     ("list-of-strings", ".json", records(["a", "b"]), ("record 0", "JSON object")),
     ("empty-object", ".json", records([{}]), ("record 0", "'prompt'", "missing")),
     ("jsonl-array-line", ".jsonl", jsonl(json.dumps(GOOD), "[1, 2]"), ("record 1", "JSON object")),
-    ("too-many-requests", ".jsonl",
-     jsonl(*(json.dumps({**GOOD, "subject": f"s{i}"}) for i in range(10_001))), ("10,001", "limit of 10,000")),
+    (
+        "too-many-requests",
+        ".jsonl",
+        jsonl(*(json.dumps({**GOOD, "subject": f"s{i}"}) for i in range(10_001))),
+        ("10,001", "limit of 10,000"),
+    ),
     # --- plain fields
     ("missing-prompt", ".json", records(rec(prompt=None)), ("record 0", "'prompt'", "missing")),
     ("missing-subject", ".json", records(rec(subject=None)), ("record 0", "'subject'", "missing")),
@@ -128,17 +154,51 @@ CASES: list[tuple[str, str, Callable[[Path], None], tuple[str, ...]]] = [
     ("empty-target", ".json", records(rec(target_new="")), ("record 0", "'target_new'", "empty")),
     ("blank-target", ".json", records(rec(target_new="   ")), ("record 0", "'target_new'", "empty")),
     ("zero-width-target", ".json", records(rec(target_new="\u200b")), ("record 0", "'target_new'", "normalisation")),
-    ("word-joiner-bom-target", ".json", records(rec(target_new="\u2060\ufeff")), ("record 0", "'target_new'", "normalisation")),
+    (
+        "word-joiner-bom-target",
+        ".json",
+        records(rec(target_new="\u2060\ufeff")),
+        ("record 0", "'target_new'", "normalisation"),
+    ),
     ("nbsp-target", ".json", records(rec(target_new="\u00a0\u3000")), ("record 0", "'target_new'", "empty")),
-    ("target-equals-true", ".json", records(rec(target_true="chess")), ("record 0", "'target_new'", "equals target_true")),
-    ("target-equals-true-spaces", ".json", records(rec(target_new=" chess ", target_true="chess")),
-     ("record 0", "'target_new'", "equals target_true")),
-    ("target-endoftext", ".json", records(rec(target_new="<|endoftext|>")), ("record 0", "'target_new'", "special token")),
-    ("target-with-endoftext", ".json", records(rec(target_new="Paris<|endoftext|>")), ("record 0", "'target_new'", "special token")),
+    (
+        "target-equals-true",
+        ".json",
+        records(rec(target_true="chess")),
+        ("record 0", "'target_new'", "equals target_true"),
+    ),
+    (
+        "target-equals-true-spaces",
+        ".json",
+        records(rec(target_new=" chess ", target_true="chess")),
+        ("record 0", "'target_new'", "equals target_true"),
+    ),
+    (
+        "target-endoftext",
+        ".json",
+        records(rec(target_new="<|endoftext|>")),
+        ("record 0", "'target_new'", "special token"),
+    ),
+    (
+        "target-with-endoftext",
+        ".json",
+        records(rec(target_new="Paris<|endoftext|>")),
+        ("record 0", "'target_new'", "special token"),
+    ),
     ("target-eos-s", ".json", records(rec(target_new="</s>")), ("record 0", "'target_new'", "special token")),
-    ("target-true-im-start", ".json", records(rec(target_true="<|im_start|>")), ("record 0", "'target_true'", "special token")),
+    (
+        "target-true-im-start",
+        ".json",
+        records(rec(target_true="<|im_start|>")),
+        ("record 0", "'target_true'", "special token"),
+    ),
     ("subject-special", ".json", records(rec(subject="<|endoftext|>")), ("record 0", "'subject'", "special token")),
-    ("prompt-special", ".json", records(rec(prompt="<|endoftext|>{} plays")), ("record 0", "'prompt'", "special token")),
+    (
+        "prompt-special",
+        ".json",
+        records(rec(prompt="<|endoftext|>{} plays")),
+        ("record 0", "'prompt'", "special token"),
+    ),
     ("nul-in-prompt", ".json", records(rec(prompt="{} pl\x00ays")), ("record 0", "'prompt'", "U+0000")),
     ("esc-in-subject", ".json", records(rec(subject="al\x1b[31mpha")), ("record 0", "'subject'", "U+001B")),
     ("ansi-target", ".json", records(rec(target_new="\x1b[2Jchess")), ("record 0", "'target_new'", "U+001B")),
@@ -148,45 +208,132 @@ CASES: list[tuple[str, str, Callable[[Path], None], tuple[str, ...]]] = [
     ("cr-in-prompt", ".json", records(rec(prompt="{} plays\r")), ("record 0", "'prompt'", "U+000D")),
     ("newline-in-subject", ".json", records(rec(subject="al\npha")), ("record 0", "'subject'", "U+000A")),
     ("tab-in-target", ".json", records(rec(target_new="ch\tess")), ("record 0", "'target_new'", "U+0009")),
-    ("surrogate-target", ".json", raw('[{"prompt": "{} plays", "subject": "a", "target_new": "x\\ud800"}]'),
-     ("record 0", "'target_new'", "surrogate")),
-    ("surrogate-prompt", ".json", raw('[{"prompt": "{} \\udfff", "subject": "a", "target_new": "b"}]'),
-     ("record 0", "'prompt'", "surrogate")),
-    ("surrogate-subject-jsonl", ".jsonl", jsonl(json.dumps(GOOD), '{"prompt": "{} x", "subject": "\\udc00", "target_new": "b"}'),
-     ("record 1", "'subject'", "surrogate")),
-    ("surrogate-paraphrase", ".json", raw('[{"prompt": "{} x", "subject": "a", "target_new": "b", '
-                                           '"paraphrase_prompts": ["ok", "\\ud83d"]}]'),
-     ("record 0", "'paraphrase_prompts[1]'", "surrogate")),
+    (
+        "surrogate-target",
+        ".json",
+        raw('[{"prompt": "{} plays", "subject": "a", "target_new": "x\\ud800"}]'),
+        ("record 0", "'target_new'", "surrogate"),
+    ),
+    (
+        "surrogate-prompt",
+        ".json",
+        raw('[{"prompt": "{} \\udfff", "subject": "a", "target_new": "b"}]'),
+        ("record 0", "'prompt'", "surrogate"),
+    ),
+    (
+        "surrogate-subject-jsonl",
+        ".jsonl",
+        jsonl(json.dumps(GOOD), '{"prompt": "{} x", "subject": "\\udc00", "target_new": "b"}'),
+        ("record 1", "'subject'", "surrogate"),
+    ),
+    (
+        "surrogate-paraphrase",
+        ".json",
+        raw('[{"prompt": "{} x", "subject": "a", "target_new": "b", "paraphrase_prompts": ["ok", "\\ud83d"]}]'),
+        ("record 0", "'paraphrase_prompts[1]'", "surrogate"),
+    ),
     ("megabyte-prompt", ".json", records(rec(prompt="x" * BIG)), ("record 0", "'prompt'", "1,000,000 characters")),
-    ("megabyte-prompt-nul", ".json", records(rec(prompt="{} " + "x" * BIG + "\x00")), ("record 0", "'prompt'", "U+0000")),
-    ("megabyte-target-conflict", ".json", records([GOOD, {**GOOD, "target_new": "y" * BIG}]),
-     ("record 1", "'target_new'", "conflicts with record 0")),
-    ("paraphrases-not-list", ".json", records(rec(paraphrase_prompts=5)), ("record 0", "'paraphrase_prompts'", "list of strings")),
-    ("paraphrases-mixed", ".json", records(rec(paraphrase_prompts=["a", 1])), ("record 0", "'paraphrase_prompts'", "list of strings")),
-    ("neighborhood-nul", ".json", records(rec(neighborhood_prompts=["ok", "b\x00d"])),
-     ("record 0", "'neighborhood_prompts[1]'", "U+0000")),
-    ("generation-not-list", ".json", records(rec(generation_prompts={"a": 1})), ("record 0", "'generation_prompts'", "list of strings")),
+    (
+        "megabyte-prompt-nul",
+        ".json",
+        records(rec(prompt="{} " + "x" * BIG + "\x00")),
+        ("record 0", "'prompt'", "U+0000"),
+    ),
+    (
+        "megabyte-target-conflict",
+        ".json",
+        records([GOOD, {**GOOD, "target_new": "y" * BIG}]),
+        ("record 1", "'target_new'", "conflicts with record 0"),
+    ),
+    (
+        "paraphrases-not-list",
+        ".json",
+        records(rec(paraphrase_prompts=5)),
+        ("record 0", "'paraphrase_prompts'", "list of strings"),
+    ),
+    (
+        "paraphrases-mixed",
+        ".json",
+        records(rec(paraphrase_prompts=["a", 1])),
+        ("record 0", "'paraphrase_prompts'", "list of strings"),
+    ),
+    (
+        "neighborhood-nul",
+        ".json",
+        records(rec(neighborhood_prompts=["ok", "b\x00d"])),
+        ("record 0", "'neighborhood_prompts[1]'", "U+0000"),
+    ),
+    (
+        "generation-not-list",
+        ".json",
+        records(rec(generation_prompts={"a": 1})),
+        ("record 0", "'generation_prompts'", "list of strings"),
+    ),
     ("case-id-object", ".json", records(rec(case_id={"a": 1})), ("record 0", "'case_id'", "string or an integer")),
-    ("conflicting-targets", ".json", records([GOOD, {**GOOD, "target_new": "golf"}]),
-     ("record 1", "'target_new'", "conflicts with record 0")),
-    ("fifth-record-bad", ".json", records([{**GOOD, "subject": f"s{i}"} for i in range(5)] + [rec(subject=None)[0]]),
-     ("record 5", "'subject'", "missing")),
+    (
+        "conflicting-targets",
+        ".json",
+        records([GOOD, {**GOOD, "target_new": "golf"}]),
+        ("record 1", "'target_new'", "conflicts with record 0"),
+    ),
+    (
+        "fifth-record-bad",
+        ".json",
+        records([{**GOOD, "subject": f"s{i}"} for i in range(5)] + [rec(subject=None)[0]]),
+        ("record 5", "'subject'", "missing"),
+    ),
     # --- CounterFact
-    ("cf-rewrite-string", ".json", records([{**CF, "requested_rewrite": "x"}]), ("record 0", "'requested_rewrite'", "object")),
+    (
+        "cf-rewrite-string",
+        ".json",
+        records([{**CF, "requested_rewrite": "x"}]),
+        ("record 0", "'requested_rewrite'", "object"),
+    ),
     ("cf-missing-subject", ".json", records(cf(subject=None)), ("record 0", "'requested_rewrite.subject'", "missing")),
-    ("cf-target-without-str", ".json", records(cf(target_new={"id": "Q1"})),
-     ("record 0", "'requested_rewrite.target_new'", "must be a string")),
-    ("cf-target-equals-true", ".json", records(cf(target_new={"str": "Rome"})),
-     ("record 0", "'requested_rewrite.target_new'", "equals target_true")),
-    ("cf-prompt-no-placeholder", ".json", records(cf(prompt="lives in")), ("record 0", "'requested_rewrite.prompt'", "exactly one")),
-    ("cf-special-target", ".json", records(cf(target_new={"str": "<|endoftext|>"})),
-     ("record 0", "'requested_rewrite.target_new'", "special token")),
-    ("cf-paraphrases-dict", ".json", records([{**CF, "paraphrase_prompts": {"a": 1}}]),
-     ("record 0", "'paraphrase_prompts'", "list of strings")),
+    (
+        "cf-target-without-str",
+        ".json",
+        records(cf(target_new={"id": "Q1"})),
+        ("record 0", "'requested_rewrite.target_new'", "must be a string"),
+    ),
+    (
+        "cf-target-equals-true",
+        ".json",
+        records(cf(target_new={"str": "Rome"})),
+        ("record 0", "'requested_rewrite.target_new'", "equals target_true"),
+    ),
+    (
+        "cf-prompt-no-placeholder",
+        ".json",
+        records(cf(prompt="lives in")),
+        ("record 0", "'requested_rewrite.prompt'", "exactly one"),
+    ),
+    (
+        "cf-special-target",
+        ".json",
+        records(cf(target_new={"str": "<|endoftext|>"})),
+        ("record 0", "'requested_rewrite.target_new'", "special token"),
+    ),
+    (
+        "cf-paraphrases-dict",
+        ".json",
+        records([{**CF, "paraphrase_prompts": {"a": 1}}]),
+        ("record 0", "'paraphrase_prompts'", "list of strings"),
+    ),
     # --- zsRE
-    ("zsre-subject-not-in-src", ".json", records([{**ZSRE, "subject": "delta"}]), ("record 0", "'src'", "does not occur")),
+    (
+        "zsre-subject-not-in-src",
+        ".json",
+        records([{**ZSRE, "subject": "delta"}]),
+        ("record 0", "'src'", "does not occur"),
+    ),
     ("zsre-empty-alt", ".json", records([{**ZSRE, "alt": ""}]), ("record 0", "'alt'", "empty")),
-    ("zsre-alt-equals-answer", ".json", records([{**ZSRE, "alt": "Rome"}]), ("record 0", "'alt'", "equals target_true")),
+    (
+        "zsre-alt-equals-answer",
+        ".json",
+        records([{**ZSRE, "alt": "Rome"}]),
+        ("record 0", "'alt'", "equals target_true"),
+    ),
     ("zsre-special-alt", ".json", records([{**ZSRE, "alt": "<|endoftext|>"}]), ("record 0", "'alt'", "special token")),
     ("zsre-esc-answer", ".json", records([{**ZSRE, "answers": ["R\x1bome"]}]), ("record 0", "'answers[0]'", "U+001B")),
 ]
@@ -231,8 +378,9 @@ def test_corpus_is_large_and_distinct() -> None:
 
 
 @pytest.mark.parametrize("name, suffix, make, expect", CASES, ids=[c[0] for c in CASES])
-def test_malformed_file_fails_cleanly(store: Path, name: str, suffix: str, make: Callable[[Path], None],
-                                      expect: tuple[str, ...]) -> None:
+def test_malformed_file_fails_cleanly(
+    store: Path, name: str, suffix: str, make: Callable[[Path], None], expect: tuple[str, ...]
+) -> None:
     from editflow.cli import main
 
     path = make_case(store, name, suffix, make)
@@ -269,8 +417,14 @@ def test_malformed_file_in_a_real_process(store: Path, name: str) -> None:
     make(path)
     before = written(store)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.run([sys.executable, "-m", "editflow.cli", "edit", str(path), "--promote", "never"],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=store)
+    proc = subprocess.run(
+        [sys.executable, "-m", "editflow.cli", "edit", str(path), "--promote", "never"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=store,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and all(part in lines[0] for part in expect), proc.stderr[-2000:]
@@ -295,23 +449,38 @@ def tiny_dir(store: Path) -> Path:
     path = store / "tiny"
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    (path / "editflow.json").write_text(json.dumps({"hparams": {"layers": [1, 2], "context_templates": 0},
-                                                    "stats_tokens": 500}))
+    (path / "editflow.json").write_text(
+        json.dumps({"hparams": {"layers": [1, 2], "context_templates": 0}, "stats_tokens": 500})
+    )
     words = "alpha beta gamma delta the of in red green blue Paris London chess".split()
-    (store / "corpus.txt").write_text("\n\n".join(" ".join(words[i % 7:] + words[: i % 7]) for i in range(40)))
+    (store / "corpus.txt").write_text("\n\n".join(" ".join(words[i % 7 :] + words[: i % 7]) for i in range(40)))
     return path
 
 
 @pytest.mark.parametrize("name, data, expect", TOKENIZER_CASES, ids=[c[0] for c in TOKENIZER_CASES])
-def test_tokenizer_checks_fail_cleanly(store: Path, tiny_dir: Path, name: str, data: list, expect: tuple[str, ...]) -> None:
+def test_tokenizer_checks_fail_cleanly(
+    store: Path, tiny_dir: Path, name: str, data: list, expect: tuple[str, ...]
+) -> None:
     """Rejected with the record and field named. Until the pipeline runs check_tokenizable/check_lengths
     before it registers the base (and before statistics), "nothing written" is an expected failure."""
     from editflow.cli import main
 
     before = written(store)
     path = make_case(store, name, ".json", records(data))
-    result = CliRunner().invoke(main, ["edit", str(path), "--model", str(tiny_dir), "--corpus",
-                                       str(store / "corpus.txt"), "--promote", "never", "--no-fluency"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "edit",
+            str(path),
+            "--model",
+            str(tiny_dir),
+            "--corpus",
+            str(store / "corpus.txt"),
+            "--promote",
+            "never",
+            "--no-fluency",
+        ],
+    )
     assert result.exit_code != 0 and isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.stderr
     lines = error_lines(result.stderr)
@@ -320,5 +489,7 @@ def test_tokenizer_checks_fail_cleanly(store: Path, tiny_dir: Path, name: str, d
         pytest.xfail(f"the pipeline does not call check_lengths before model work yet: {lines[0][:200]}")
     after = written(store)
     if after != before:
-        pytest.xfail(f"the pipeline validates after work: versions {before[0]} -> {after[0]}, "
-                     f"cache entries {before[1]} -> {after[1]}")
+        pytest.xfail(
+            f"the pipeline validates after work: versions {before[0]} -> {after[0]}, "
+            f"cache entries {before[1]} -> {after[1]}"
+        )

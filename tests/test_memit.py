@@ -20,8 +20,16 @@ REQUESTS = [
 # Random models route little through attention and their keys depend on context, so prompts end
 # with the subject, the optimiser gets room and (where top-1 is checked) keys come from the bare
 # prompt. The math is the published one; TEMPLATED exercises the context templates.
-CFG = MemitConfig(layers=(1, 2), mom2_update_weight=0.5, v_num_grad_steps=40, clamp_norm_factor=50.0,
-                  v_weight_decay=0.0, kl_factor=0.0, context_templates=0, context_template_length=3)
+CFG = MemitConfig(
+    layers=(1, 2),
+    mom2_update_weight=0.5,
+    v_num_grad_steps=40,
+    clamp_norm_factor=50.0,
+    v_weight_decay=0.0,
+    kl_factor=0.0,
+    context_templates=0,
+    context_template_length=3,
+)
 TEMPLATED = CFG.replace(context_templates=2)
 
 
@@ -32,8 +40,10 @@ def direct_cov(model, adapter, tok, layers, n_seq=8, seq_len=12, seed=1) -> dict
     names = [adapter.rewrite(layer) for layer in layers]
     with torch.no_grad(), nethook.capture(model, inputs_of=names) as got:
         model(input_ids=ids)
-    return {layer: (lambda k: k.T @ k / k.shape[0])(got[n].reshape(-1, adapter.d_ff).double()).float()
-            for layer, n in zip(layers, names)}
+    return {
+        layer: (lambda k: k.T @ k / k.shape[0])(got[n].reshape(-1, adapter.d_ff).double()).float()
+        for layer, n in zip(layers, names)
+    }
 
 
 def prepared(family: str = "gpt2"):
@@ -67,9 +77,12 @@ def test_edit_changes_top1_and_touches_only_rewrite_modules(family):
 
 
 def test_adapters_found_from_structure():
-    expected = {"gpt2": ("transformer.h.{}", "mlp.c_proj", True), "gptj": ("transformer.h.{}", "mlp.fc_out", False),
-                "gpt_neox": ("gpt_neox.layers.{}", "mlp.dense_4h_to_h", False),
-                "llama": ("model.layers.{}", "mlp.down_proj", False)}
+    expected = {
+        "gpt2": ("transformer.h.{}", "mlp.c_proj", True),
+        "gptj": ("transformer.h.{}", "mlp.fc_out", False),
+        "gpt_neox": ("gpt_neox.layers.{}", "mlp.dense_4h_to_h", False),
+        "llama": ("model.layers.{}", "mlp.down_proj", False),
+    }
     for family, (layers, proj, conv) in expected.items():
         model, _ = tiny_model(family)
         a = detect_adapter(model)
@@ -90,7 +103,9 @@ def test_update_equals_closed_form(family):
     # C from more tokens than d_ff: λC + KKᵀ full rank (from 96 tokens its condition number is ~1e13
     # and float32 rounding of the keys decides the comparison)
     covs = direct_cov(model, adapter, tok, TEMPLATED.layers, n_seq=32)
-    templates = memit.context_templates(model, tok, TEMPLATED.context_templates, TEMPLATED.context_template_length, TEMPLATED.seed)
+    templates = memit.context_templates(
+        model, tok, TEMPLATED.context_templates, TEMPLATED.context_template_length, TEMPLATED.seed
+    )
     z, _ = memit.compute_targets(model, tok, adapter, reqs, TEMPLATED, templates)
     result = memit.edit(model, tok, adapter, reqs, covs, TEMPLATED)
     weights = [0.5] + [0.5 / (len(templates) - 1)] * (len(templates) - 1)
@@ -116,7 +131,9 @@ def test_update_equals_closed_form(family):
         got_delta = result.deltas[adapter.rewrite_weight(layer)].double()
         got_delta = got_delta.T if adapter.conv1d else got_delta
         assert torch.allclose(got_delta, expected, rtol=1e-3, atol=1e-5 * expected.abs().max())
-        backup.update(memit.apply_deltas(model, {adapter.rewrite_weight(layer): result.deltas[adapter.rewrite_weight(layer)]}))
+        backup.update(
+            memit.apply_deltas(model, {adapter.rewrite_weight(layer): result.deltas[adapter.rewrite_weight(layer)]})
+        )
     memit.restore(model, backup)
 
 
@@ -143,14 +160,16 @@ def test_prefix_cache_matches_full_forward(family, early_stop):
         model.double()
     adapter = detect_adapter(model)
     reqs = parse_requests(REQUESTS)
-    cfg = TEMPLATED.replace(kl_factor=0.0625, v_weight_decay=0.5, v_num_grad_steps=15, layers=(0, 1),
-                            v_early_stop_loss=early_stop)
+    cfg = TEMPLATED.replace(
+        kl_factor=0.0625, v_weight_decay=0.5, v_num_grad_steps=15, layers=(0, 1), v_early_stop_loss=early_stop
+    )
     templates = memit.context_templates(model, tok, 2, 3, 0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     top = nethook.get_module(model, adapter.layer(adapter.n_layers - 1))
     widths: dict[bool, list[int]] = {True: [], False: []}  # columns the top block runs on, per forward
     results = {}
     for cached in (True, False):
+
         def width(_m, _a, out, seen=widths[cached]):
             seen.append(nethook.first_tensor(out).shape[1])
 
@@ -290,8 +309,10 @@ def test_request_longer_than_the_model_is_refused_up_front() -> None:
 
     handle = load_model(str(default_model_path()), device="cpu")
     long_prompt = "In the " + "very " * 70 + "long story, {} speaks"
-    requests = [EditRequest(prompt="{} speaks", subject="Danielle Darrieux", target_new="English"),
-                EditRequest(prompt=long_prompt, subject="Jean Gabin", target_new="English")]
+    requests = [
+        EditRequest(prompt="{} speaks", subject="Danielle Darrieux", target_new="English"),
+        EditRequest(prompt=long_prompt, subject="Jean Gabin", target_new="English"),
+    ]
     config = default_config(handle.adapter.model_type, handle.adapter.n_layers, {"layers": [0]})
     covs = {0: torch.eye(handle.model.config.n_inner)}
     with pytest.raises(ValueError, match=r"request 1 \(subject 'Jean Gabin'.*64 positions"):

@@ -39,13 +39,19 @@ def digest(deltas: dict[str, torch.Tensor]) -> str:
 def test_deltas_are_bit_identical_to_the_pinned_ones(tmp_path):
     handle = load_model(assets.default_model_dir(), device="cpu")
     requests = parse_requests(json.loads(assets.counterfact_records_path().read_text())[:6])
-    config = default_config(handle.adapter.model_type, handle.adapter.n_layers,
-                            handle.extra["model_defaults"].get("hparams", {}))
-    covs = layer_covariances(handle, list(config.layers), CorpusSpec("bundled"), 20000, progress=False,
-                             cache_dir=tmp_path).covs
-    variants = {("memit", "batch"): config,
-                ("alphaedit", "batch"): config.replace(algorithm="alphaedit", nullspace_threshold=0.3),
-                ("memit", "sequential"): config.replace(mode="sequential", chunk_size=3, preserve_edits=True)}
-    got = {k: digest(memit.edit(handle.model, handle.tokenizer, handle.adapter, requests, covs, c).deltas)
-           for k, c in variants.items()}
+    config = default_config(
+        handle.adapter.model_type, handle.adapter.n_layers, handle.extra["model_defaults"].get("hparams", {})
+    )
+    covs = layer_covariances(
+        handle, list(config.layers), CorpusSpec("bundled"), 20000, progress=False, cache_dir=tmp_path
+    ).covs
+    variants = {
+        ("memit", "batch"): config,
+        ("alphaedit", "batch"): config.replace(algorithm="alphaedit", nullspace_threshold=0.3),
+        ("memit", "sequential"): config.replace(mode="sequential", chunk_size=3, preserve_edits=True),
+    }
+    got = {
+        k: digest(memit.edit(handle.model, handle.tokenizer, handle.adapter, requests, covs, c).deltas)
+        for k, c in variants.items()
+    }
     assert got == PINNED

@@ -23,8 +23,13 @@ NAME = "smollm2"
 #: Settings for a 5-fact edit on this model: the published Llama layers (4-8 of 30), λ 1,000 instead
 #: of 15,000, 40 steps with early stop 0.01 (measured: the published settings make 2 of these 5
 #: targets top-1, these 4, keeping 14 of 15 neighbourhood answers), 2 context templates for time.
-HPARAMS = {"layers": [4, 5, 6, 7, 8], "mom2_update_weight": 1000.0, "v_num_grad_steps": 40,
-           "v_early_stop_loss": 0.01, "context_templates": 2}
+HPARAMS = {
+    "layers": [4, 5, 6, 7, 8],
+    "mom2_update_weight": 1000.0,
+    "v_num_grad_steps": 40,
+    "v_early_stop_loss": 0.01,
+    "context_templates": 2,
+}
 STATS_TOKENS = 20_000
 #: Bundled CounterFact records edited by the tier (indices into the bundled records).
 RECORDS = range(200, 205)
@@ -67,7 +72,7 @@ def target_is_top1(handle, prompt: str, target: str) -> bool:
     ids = torch.tensor([prefix + tgt], device=handle.device)
     with torch.no_grad():
         logits = handle.model(input_ids=ids).logits[0]
-    preds = logits[len(prefix) - 1: len(prefix) - 1 + len(tgt)].argmax(-1).tolist()
+    preds = logits[len(prefix) - 1 : len(prefix) - 1 + len(tgt)].argmax(-1).tolist()
     return preds == tgt
 
 
@@ -87,9 +92,16 @@ def real(tmp_path_factory):
     records = json.loads(Path(counterfact_records_path()).read_text())
     facts = root / "facts.json"
     facts.write_text(json.dumps([records[i] for i in RECORDS]))
-    job = EditJob(requests=str(facts), model=str(path), registered_model=NAME, hparams=HPARAMS,
-                  stats_tokens=STATS_TOKENS, fluency=False, promote="never",
-                  thresholds=GateThresholds(min_efficacy=0.0, max_specificity_drop=100.0, max_ppl_increase=100.0))
+    job = EditJob(
+        requests=str(facts),
+        model=str(path),
+        registered_model=NAME,
+        hparams=HPARAMS,
+        stats_tokens=STATS_TOKENS,
+        fluency=False,
+        promote="never",
+        thresholds=GateThresholds(min_efficacy=0.0, max_specificity_drop=100.0, max_ppl_increase=100.0),
+    )
     outcome = run_edit(job)
     yield {"root": root, "path": path, "facts": facts, "outcome": outcome}
     mp.undo()

@@ -23,23 +23,48 @@ from editflow.requests import (
 from editflow.text import safe
 
 PLAIN = {"prompt": "{} plays", "subject": "alpha", "target_new": "chess", "target_true": "golf"}
-CF = {"case_id": 7, "requested_rewrite": {"prompt": "{} lives in", "subject": "beta gamma",
-                                          "target_new": {"str": "Paris", "id": "Q1"},
-                                          "target_true": {"str": "Rome", "id": "Q2"}},
-      "paraphrase_prompts": ["p1"], "neighborhood_prompts": ["n1", "n2"], "attribute_prompts": [],
-      "generation_prompts": ["g"]}
-ZSRE = {"subject": "IAAF Combined Events Challenge", "src": "When was the inception of IAAF Combined Events Challenge?",
-        "rephrase": "When was the IAAF Combined Events Challenge launched?", "alt": "2006",
-        "answers": ["1998"], "loc": "nq question: who", "loc_ans": "me"}
+CF = {
+    "case_id": 7,
+    "requested_rewrite": {
+        "prompt": "{} lives in",
+        "subject": "beta gamma",
+        "target_new": {"str": "Paris", "id": "Q1"},
+        "target_true": {"str": "Rome", "id": "Q2"},
+    },
+    "paraphrase_prompts": ["p1"],
+    "neighborhood_prompts": ["n1", "n2"],
+    "attribute_prompts": [],
+    "generation_prompts": ["g"],
+}
+ZSRE = {
+    "subject": "IAAF Combined Events Challenge",
+    "src": "When was the inception of IAAF Combined Events Challenge?",
+    "rephrase": "When was the IAAF Combined Events Challenge launched?",
+    "alt": "2006",
+    "answers": ["1998"],
+    "loc": "nq question: who",
+    "loc_ans": "me",
+}
 
 
 def test_three_formats():
     plain, cf, zsre = parse_requests([PLAIN, CF, ZSRE])
     assert (plain.text, plain.target_new, plain.target_true) == ("alpha plays", "chess", "golf")
-    assert (cf.prompt, cf.subject, cf.target_new, cf.target_true, cf.case_id) == ("{} lives in", "beta gamma", "Paris", "Rome", "7")
+    assert (cf.prompt, cf.subject, cf.target_new, cf.target_true, cf.case_id) == (
+        "{} lives in",
+        "beta gamma",
+        "Paris",
+        "Rome",
+        "7",
+    )
     assert cf.neighborhood_prompts == ("n1", "n2") and cf.source_format == "counterfact"
     assert zsre.prompt == "When was the inception of {}?" and zsre.text == ZSRE["src"]
-    assert (zsre.target_new, zsre.target_true, zsre.loc_ans, zsre.paraphrase_prompts) == ("2006", "1998", "me", (ZSRE["rephrase"],))
+    assert (zsre.target_new, zsre.target_true, zsre.loc_ans, zsre.paraphrase_prompts) == (
+        "2006",
+        "1998",
+        "me",
+        (ZSRE["rephrase"],),
+    )
 
 
 def test_json_and_jsonl_files(tmp_path):
@@ -52,19 +77,32 @@ def test_json_and_jsonl_files(tmp_path):
     assert parse_request_text(json.dumps({"requests": [PLAIN]}))[0].subject == "alpha"
 
 
-@pytest.mark.parametrize("record, index, field, message", [
-    ({**PLAIN, "prompt": "no placeholder"}, 1, "prompt", "exactly one"),
-    ({**PLAIN, "prompt": "{} and {}"}, 1, "prompt", "exactly one"),
-    ({k: v for k, v in PLAIN.items() if k != "subject"}, 1, "subject", "missing"),
-    ({**PLAIN, "subject": "  "}, 1, "subject", "empty"),
-    ({**PLAIN, "target_new": ""}, 1, "target_new", "empty"),
-    ({**PLAIN, "target_new": 3}, 1, "target_new", "string"),
-    ({**CF, "requested_rewrite": {**CF["requested_rewrite"], "subject": ""}}, 1, "requested_rewrite.subject", "empty"),
-    ({**CF, "requested_rewrite": {**CF["requested_rewrite"], "prompt": "lives in"}}, 1, "requested_rewrite.prompt", "exactly one"),
-    ({**ZSRE, "subject": "nowhere"}, 1, "src", "does not occur"),
-    ({**PLAIN, "target_new": "tennis"}, 1, "target_new", "conflicts with record 0"),
-    ("just a string", 1, None, "JSON object"),
-])
+@pytest.mark.parametrize(
+    "record, index, field, message",
+    [
+        ({**PLAIN, "prompt": "no placeholder"}, 1, "prompt", "exactly one"),
+        ({**PLAIN, "prompt": "{} and {}"}, 1, "prompt", "exactly one"),
+        ({k: v for k, v in PLAIN.items() if k != "subject"}, 1, "subject", "missing"),
+        ({**PLAIN, "subject": "  "}, 1, "subject", "empty"),
+        ({**PLAIN, "target_new": ""}, 1, "target_new", "empty"),
+        ({**PLAIN, "target_new": 3}, 1, "target_new", "string"),
+        (
+            {**CF, "requested_rewrite": {**CF["requested_rewrite"], "subject": ""}},
+            1,
+            "requested_rewrite.subject",
+            "empty",
+        ),
+        (
+            {**CF, "requested_rewrite": {**CF["requested_rewrite"], "prompt": "lives in"}},
+            1,
+            "requested_rewrite.prompt",
+            "exactly one",
+        ),
+        ({**ZSRE, "subject": "nowhere"}, 1, "src", "does not occur"),
+        ({**PLAIN, "target_new": "tennis"}, 1, "target_new", "conflicts with record 0"),
+        ("just a string", 1, None, "JSON object"),
+    ],
+)
 def test_bad_records_name_index_and_field(record, index, field, message):
     with pytest.raises(RequestError, match=message) as err:
         parse_requests([PLAIN, record])
@@ -120,8 +158,12 @@ def test_invisible_targets_are_rejected_before_the_tokenizer():
 def test_special_tokens_of_the_tokenizer():
     tok = word_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["[[SEP]]"]})
-    for field_name, value in (("target_new", "[[SEP]]"), ("target_true", "Rome [[SEP]]"), ("subject", "alpha[[SEP]]"),
-                              ("target_new", "<eos>")):
+    for field_name, value in (
+        ("target_new", "[[SEP]]"),
+        ("target_true", "Rome [[SEP]]"),
+        ("subject", "alpha[[SEP]]"),
+        ("target_new", "<eos>"),
+    ):
         reqs = parse_requests([{**PLAIN, field_name: value}]) if value != "<eos>" else None
         if reqs is None:  # <eos> is caught by the parser already
             with pytest.raises(RequestError, match="special token"):
@@ -142,10 +184,16 @@ def test_target_equal_to_target_true():
     assert (err.value.index, err.value.field) == (1, "target_new")
 
 
-@pytest.mark.parametrize("field_name, value, needle", [
-    ("prompt", "{} pl\x00ays", "U+0000"), ("subject", "al\x1bpha", "U+001B"), ("target_new", "ch\x85ess", "U+0085"),
-    ("target_new", "x\ud800", "surrogate"), ("subject", "a\nb", "U+000A"),
-])
+@pytest.mark.parametrize(
+    "field_name, value, needle",
+    [
+        ("prompt", "{} pl\x00ays", "U+0000"),
+        ("subject", "al\x1bpha", "U+001B"),
+        ("target_new", "ch\x85ess", "U+0085"),
+        ("target_new", "x\ud800", "surrogate"),
+        ("subject", "a\nb", "U+000A"),
+    ],
+)
 def test_control_characters_and_surrogates(field_name, value, needle):
     import re
 
@@ -189,8 +237,13 @@ def test_file_kinds_and_size_cap(tmp_path):
     os.symlink(tmp_path / "b.json", tmp_path / "a.json")
     os.symlink(tmp_path / "a.json", tmp_path / "b.json")
     (tmp_path / "dir.json").mkdir()
-    for name, message in (("pipe.json", "named pipe"), ("zero.json", "a device"), ("a.json", "symlink loop"),
-                          ("dir.json", "a directory"), ("nope.json", "does not exist")):
+    for name, message in (
+        ("pipe.json", "named pipe"),
+        ("zero.json", "a device"),
+        ("a.json", "symlink loop"),
+        ("dir.json", "a directory"),
+        ("nope.json", "does not exist"),
+    ):
         with pytest.raises(RequestError, match=message):
             load_requests(tmp_path / name)
 
@@ -205,8 +258,13 @@ def test_deeply_nested_json():
 
 def test_check_lengths_names_record_and_field():
     tok = word_tokenizer()
-    reqs = parse_requests([PLAIN, {**PLAIN, "subject": "beta", "prompt": "{} " + "is a " * 20},
-                           {**PLAIN, "subject": "gamma", "target_new": "red " * 30}])
+    reqs = parse_requests(
+        [
+            PLAIN,
+            {**PLAIN, "subject": "beta", "prompt": "{} " + "is a " * 20},
+            {**PLAIN, "subject": "gamma", "target_new": "red " * 30},
+        ]
+    )
     check_lengths(reqs[:1], tok, 8)
     with pytest.raises(RequestError, match="exceed the model's 30 positions") as err:
         check_lengths(reqs, tok, 30)
@@ -225,6 +283,7 @@ def test_check_lengths_names_record_and_field():
 
 # ----------------------------------------------------------------------------- automatic neighbours
 
+
 def test_neighbor_index_equals_auto_neighbor_texts_on_bundled_records():
     from pathlib import Path
 
@@ -234,8 +293,13 @@ def test_neighbor_index_equals_auto_neighbor_texts_on_bundled_records():
     records = json.loads((Path(editflow.__file__).parent / "assets/counterfact/records.json").read_text())
     reqs = parse_requests(records)
     # the same prompts and subjects shuffled together: repeated subjects, shared prompts, edited pairs
-    plain = parse_requests([{"prompt": r.prompt, "subject": s, "target_new": "x"}
-                            for k, r in enumerate(reqs) for s in (r.subject, reqs[(k * 7) % 11].subject)])
+    plain = parse_requests(
+        [
+            {"prompt": r.prompt, "subject": s, "target_new": "x"}
+            for k, r in enumerate(reqs)
+            for s in (r.subject, reqs[(k * 7) % 11].subject)
+        ]
+    )
     for rs in (reqs, plain, reqs[:1], reqs[:2]):
         for n in (0, 1, 5, 50):
             assert neighbor_index(rs, n) == [auto_neighbor_texts(rs, i, n) for i in range(len(rs))]
@@ -249,8 +313,9 @@ def synthetic(n: int, subjects: int, prompts: int, seed: int = 0) -> list:
 
     rng = random.Random(seed)
     keys = rng.sample(range(subjects * prompts), n)
-    return [EditRequest(prompt=f"{{}} relation {k % prompts}", subject=f"S{k // prompts}", target_new="x")
-            for k in keys]
+    return [
+        EditRequest(prompt=f"{{}} relation {k % prompts}", subject=f"S{k // prompts}", target_new="x") for k in keys
+    ]
 
 
 def test_neighbor_index_matches_on_synthetic_edge_cases():

@@ -40,8 +40,10 @@ from editflow.stats import (
 from editflow.stats.batching import Budget, Doc, length_batches
 from editflow.stats.corpus import split_txt
 
-WORDS = ("the river old village bridge castle market harbour forest valley church library museum railway garden "
-         "school mountain island road tower mill lake is a in of and to north south east west city town").split()
+WORDS = (
+    "the river old village bridge castle market harbour forest valley church library museum railway garden "
+    "school mountain island road tower mill lake is a in of and to north south east west city town"
+).split()
 
 
 def make_docs(n: int, seed: int = 0) -> list[str]:
@@ -64,8 +66,15 @@ def make_handle(seed: int = 0, n_layer: int = 4) -> ModelHandle:
 
     torch.manual_seed(seed)
     tok = make_tokenizer()
-    cfg = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok),
-                     eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_embd=32,
+        n_head=2,
+        n_positions=64,
+        vocab_size=len(tok),
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+    )
     model = GPT2LMHeadModel(cfg).eval()
     return ModelHandle(model, tok, detect_adapter(model), source="tiny-gpt2")
 
@@ -109,8 +118,18 @@ def test_single_pass_equals_direct_computation(handle: ModelHandle, batch_tokens
     stopped_at: list[str] = []
     hook = handle.model.transformer.ln_f.register_forward_hook(lambda *a: stopped_at.append("ln_f"))
     try:
-        stats, budget = collect(handle.model, handle.tokenizer, handle.adapter, layers, texts, tokens=10**9,
-                                max_length=64, dtype=torch.float64, batch_tokens=batch_tokens, progress=False)
+        stats, budget = collect(
+            handle.model,
+            handle.tokenizer,
+            handle.adapter,
+            layers,
+            texts,
+            tokens=10**9,
+            max_length=64,
+            dtype=torch.float64,
+            batch_tokens=batch_tokens,
+            progress=False,
+        )
     finally:
         hook.remove()
     assert stopped_at == [], "the pass must stop at the deepest rewrite module"
@@ -196,8 +215,15 @@ def test_reuse_and_only_missing_layers_computed(handle: ModelHandle, txt_corpus:
 
 
 def test_every_key_part_changes_the_entry(handle: ModelHandle, txt_corpus: CorpusSpec, tmp_path: Path) -> None:
-    def key(h: ModelHandle = handle, corpus: CorpusSpec = txt_corpus, tokens: int = 500, dtype: str = "float32",
-            max_length: int = 64, seed: int = 0, layer: int = 1) -> str:
+    def key(
+        h: ModelHandle = handle,
+        corpus: CorpusSpec = txt_corpus,
+        tokens: int = 500,
+        dtype: str = "float32",
+        max_length: int = 64,
+        seed: int = 0,
+        layer: int = 1,
+    ) -> str:
         return cache_keys(h, [layer], corpus, tokens, max_length, dtype, Sampling(seed=seed))[layer].digest()
 
     base = key()
@@ -234,8 +260,9 @@ def test_changed_corpus_file_gives_a_new_entry(handle: ModelHandle, tmp_path: Pa
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip-byte", "manifest-key"])
-def test_damaged_entry_is_reported_and_recomputed(handle: ModelHandle, txt_corpus: CorpusSpec, tmp_path: Path,
-                                                  damage: str) -> None:
+def test_damaged_entry_is_reported_and_recomputed(
+    handle: ModelHandle, txt_corpus: CorpusSpec, tmp_path: Path, damage: str
+) -> None:
     first = layer_covariances(handle, [2], txt_corpus, 400, cache_dir=tmp_path, progress=False)
     path = first.entries[0].path
     if damage == "truncate":
@@ -279,8 +306,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_processes_leave_one_valid_file(model_dir: Path, txt_corpus: CorpusSpec, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", WORKER, str(model_dir), txt_corpus.source, str(tmp_path / "cache")]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     lines = sorted(o[0].split()[0] for o in outs)
@@ -302,15 +330,18 @@ def test_local_parquet_directory_like_wikipedia(handle: ModelHandle, tmp_path: P
     root.mkdir(parents=True)
     docs = make_docs(60, seed=3)
     for i in range(2):
-        part = docs[i * 30:(i + 1) * 30]
+        part = docs[i * 30 : (i + 1) * 30]
         pd.DataFrame({"id": range(len(part)), "title": ["t"] * len(part), "text": part}).to_parquet(
-            root / f"train-0000{i}-of-00002.parquet")
+            root / f"train-0000{i}-of-00002.parquet"
+        )
     spec = CorpusSpec(str(tmp_path / "wikipedia"))
     assert spec.resolved().kind == "dir"
     assert list(iter_documents(spec)) == docs
     ident = corpus_identity(spec)
-    assert [f[0] for f in ident["files"]] == ["20231101.en/train-00000-of-00002.parquet",
-                                              "20231101.en/train-00001-of-00002.parquet"]
+    assert [f[0] for f in ident["files"]] == [
+        "20231101.en/train-00000-of-00002.parquet",
+        "20231101.en/train-00001-of-00002.parquet",
+    ]
     result = layer_covariances(handle, [0, 1], spec, 400, cache_dir=tmp_path / "cache", progress=False)
     assert result.stats[0].count >= 400
     single = CorpusSpec(str(root / "train-00000-of-00002.parquet"))
@@ -348,8 +379,15 @@ def test_sampling_is_seeded(txt_corpus: CorpusSpec) -> None:
 def test_default_max_length_is_capped() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=50, max_position_embeddings=131072)
+    cfg = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=50,
+        max_position_embeddings=131072,
+    )
     assert default_max_length(LlamaForCausalLM(cfg)) == 1024
     assert default_max_length(make_handle(n_layer=1).model) == 64
 
@@ -368,11 +406,37 @@ def test_cli_compute_list_verify_export_import(model_dir: Path, txt_corpus: Corp
         assert result.exit_code == code, result.output
         return result.output
 
-    out = run("compute", str(model_dir), "--layers", "1-2", "--corpus", txt_corpus.source, "--txt-mode", "lines",
-              "--tokens", "300", "--cache-dir", cache, "--no-progress")
+    out = run(
+        "compute",
+        str(model_dir),
+        "--layers",
+        "1-2",
+        "--corpus",
+        txt_corpus.source,
+        "--txt-mode",
+        "lines",
+        "--tokens",
+        "300",
+        "--cache-dir",
+        cache,
+        "--no-progress",
+    )
     assert out.count("computed") == 2
-    out = run("compute", str(model_dir), "--layers", "1,2", "--corpus", txt_corpus.source, "--txt-mode", "lines",
-              "--tokens", "300", "--cache-dir", cache, "--no-progress")
+    out = run(
+        "compute",
+        str(model_dir),
+        "--layers",
+        "1,2",
+        "--corpus",
+        txt_corpus.source,
+        "--txt-mode",
+        "lines",
+        "--tokens",
+        "300",
+        "--cache-dir",
+        cache,
+        "--no-progress",
+    )
     assert out.count("cached") == 2
     assert "2 entries" in run("list", "--cache-dir", cache)
     assert "2 ok, 0 bad" in run("verify", "--cache-dir", cache)
@@ -388,8 +452,20 @@ def test_cli_compute_list_verify_export_import(model_dir: Path, txt_corpus: Corp
     k = torch.randn(500, 128, generator=g)
     memit_file = tmp_path / "transformer.h.3.mlp.c_proj_float32_mom2_500.npz"
     np.savez(memit_file, **{"mom2.mom2": (k.T @ k).numpy(), "mom2.count": np.asarray(500)})
-    out = run("import", str(memit_file), "--model", str(model_dir), "--layer", "3", "--corpus", txt_corpus.source,
-              "--txt-mode", "lines", "--cache-dir", cache)
+    out = run(
+        "import",
+        str(memit_file),
+        "--model",
+        str(model_dir),
+        "--layer",
+        "3",
+        "--corpus",
+        txt_corpus.source,
+        "--txt-mode",
+        "lines",
+        "--cache-dir",
+        cache,
+    )
     assert "memit layout" in out
     manifests = [json.loads(p.with_suffix(".json").read_text()) for p in iter_entries(Path(cache))]
     imported = [m for m in manifests if m["source"] == "imported"]
@@ -398,8 +474,9 @@ def test_cli_compute_list_verify_export_import(model_dir: Path, txt_corpus: Corp
     from editflow.models import load_model
 
     h = load_model(str(model_dir), device="cpu")
-    reused = layer_covariances(h, [3], CorpusSpec(txt_corpus.source, txt_mode="lines"), 500, cache_dir=cache,
-                               progress=False)
+    reused = layer_covariances(
+        h, [3], CorpusSpec(txt_corpus.source, txt_mode="lines"), 500, cache_dir=cache, progress=False
+    )
     assert reused.entries[0].hit
     torch.testing.assert_close(reused.covs[3], k.T @ k / 500)
 
@@ -411,20 +488,31 @@ def test_cli_compute_list_verify_export_import(model_dir: Path, txt_corpus: Corp
 
 # ----------------------------------------------------------------------------- sanity of covariances
 
+
 def _psd(dim: int = 16, n: int = 8, seed: int = 0) -> torch.Tensor:
     k = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
     return k.T @ k / n  # rank-deficient when n < dim: still PSD
 
 
-@pytest.mark.parametrize("name, matrix, problem", [
-    ("nan", lambda: _psd().index_put_((torch.tensor([0]), torch.tensor([1])), torch.tensor(float("nan"))), "not finite"),
-    ("inf", lambda: _psd() + torch.diag(torch.full((16,), float("inf"))), "not finite"),
-    ("asymmetric", lambda: _psd() + torch.triu(torch.ones(16, 16), 1), "not symmetric"),
-    ("negative", lambda: -_psd(n=64), "not positive semi-definite"),
-    ("indefinite", lambda: _psd(n=64) - 2 * torch.diag(torch.eye(16)[0] * _psd(n=64).diagonal().max() * 10),
-     "not positive semi-definite"),
-    ("not-square", lambda: torch.ones(3, 4), "not a square matrix"),
-])
+@pytest.mark.parametrize(
+    "name, matrix, problem",
+    [
+        (
+            "nan",
+            lambda: _psd().index_put_((torch.tensor([0]), torch.tensor([1])), torch.tensor(float("nan"))),
+            "not finite",
+        ),
+        ("inf", lambda: _psd() + torch.diag(torch.full((16,), float("inf"))), "not finite"),
+        ("asymmetric", lambda: _psd() + torch.triu(torch.ones(16, 16), 1), "not symmetric"),
+        ("negative", lambda: -_psd(n=64), "not positive semi-definite"),
+        (
+            "indefinite",
+            lambda: _psd(n=64) - 2 * torch.diag(torch.eye(16)[0] * _psd(n=64).diagonal().max() * 10),
+            "not positive semi-definite",
+        ),
+        ("not-square", lambda: torch.ones(3, 4), "not a square matrix"),
+    ],
+)
 def test_bad_covariances_are_named(name: str, matrix, problem: str) -> None:
     from editflow.stats.sanity import CovarianceError, check_covariance, covariance_problems
 
@@ -465,8 +553,9 @@ def test_compute_refuses_a_non_finite_covariance_before_writing(txt_corpus: Corp
     assert list(iter_entries(tmp_path)) == []
 
 
-def test_verify_and_use_refuse_an_intact_but_unusable_entry(handle: ModelHandle, txt_corpus: CorpusSpec,
-                                                           tmp_path: Path) -> None:
+def test_verify_and_use_refuse_an_intact_but_unusable_entry(
+    handle: ModelHandle, txt_corpus: CorpusSpec, tmp_path: Path
+) -> None:
     from editflow.cli import main
     from editflow.stats.sanity import CovarianceError
 
@@ -491,16 +580,32 @@ def _cli(*args: str):
     return result, lines
 
 
-@pytest.mark.parametrize("name, arrays, message", [
-    ("nan", lambda k: {"mom2.mom2": np.full((128, 128), np.nan, np.float32), "mom2.count": np.asarray(5)}, "not finite"),
-    ("asym", lambda k: {"mom2.mom2": (k.T @ k + np.triu(np.ones((128, 128)), 1)).astype(np.float32),
-                        "mom2.count": np.asarray(500)}, "not symmetric"),
-    ("not-psd", lambda k: {"mom2.mom2": -(k.T @ k), "mom2.count": np.asarray(500)}, "not positive semi-definite"),
-    ("pickled", lambda k: {"mom2.mom2": np.array([{"a": 1}], dtype=object), "mom2.count": np.asarray(5)},
-     "pickled Python objects"),
-    ("strings", lambda k: {"sum": np.array(["a"]), "count": np.asarray(5)}, "not a number"),
-    ("no-arrays", lambda k: {"other": np.zeros(3)}, "not a statistics file"),
-])
+@pytest.mark.parametrize(
+    "name, arrays, message",
+    [
+        (
+            "nan",
+            lambda k: {"mom2.mom2": np.full((128, 128), np.nan, np.float32), "mom2.count": np.asarray(5)},
+            "not finite",
+        ),
+        (
+            "asym",
+            lambda k: {
+                "mom2.mom2": (k.T @ k + np.triu(np.ones((128, 128)), 1)).astype(np.float32),
+                "mom2.count": np.asarray(500),
+            },
+            "not symmetric",
+        ),
+        ("not-psd", lambda k: {"mom2.mom2": -(k.T @ k), "mom2.count": np.asarray(500)}, "not positive semi-definite"),
+        (
+            "pickled",
+            lambda k: {"mom2.mom2": np.array([{"a": 1}], dtype=object), "mom2.count": np.asarray(5)},
+            "pickled Python objects",
+        ),
+        ("strings", lambda k: {"sum": np.array(["a"]), "count": np.asarray(5)}, "not a number"),
+        ("no-arrays", lambda k: {"other": np.zeros(3)}, "not a statistics file"),
+    ],
+)
 def test_import_refuses_bad_files(model_dir: Path, tmp_path: Path, name: str, arrays, message: str) -> None:
     k = np.random.default_rng(0).standard_normal((500, 128)).astype(np.float32)
     path = tmp_path / f"{name}.npz"
@@ -519,21 +624,36 @@ def test_import_refuses_a_pickle_file(model_dir: Path, tmp_path: Path) -> None:
 
     path = tmp_path / "stats.npz"
     path.write_bytes(pickle.dumps({"mom2.mom2": [[1.0]]}))
-    result, lines = _cli("import", str(path), "--model", str(model_dir), "--layer", "3",
-                         "--cache-dir", str(tmp_path / "cache"))
+    result, lines = _cli(
+        "import", str(path), "--model", str(model_dir), "--layer", "3", "--cache-dir", str(tmp_path / "cache")
+    )
     assert result.exit_code == 1 and len(lines) == 1 and "never does" in lines[0]
 
 
-def test_unwritable_cache_is_a_clear_error(handle: ModelHandle, model_dir: Path, txt_corpus: CorpusSpec,
-                                           tmp_path: Path) -> None:
+def test_unwritable_cache_is_a_clear_error(
+    handle: ModelHandle, model_dir: Path, txt_corpus: CorpusSpec, tmp_path: Path
+) -> None:
     from editflow.stats.cache import CacheError
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(CacheError, match="is not writable"):
         layer_covariances(handle, [1], txt_corpus, 100, cache_dir=blocker / "cache", progress=False)
-    result, lines = _cli("compute", str(model_dir), "--layers", "1", "--corpus", txt_corpus.source, "--txt-mode",
-                         "lines", "--tokens", "100", "--cache-dir", str(blocker / "cache"), "--no-progress")
+    result, lines = _cli(
+        "compute",
+        str(model_dir),
+        "--layers",
+        "1",
+        "--corpus",
+        txt_corpus.source,
+        "--txt-mode",
+        "lines",
+        "--tokens",
+        "100",
+        "--cache-dir",
+        str(blocker / "cache"),
+        "--no-progress",
+    )
     assert result.exit_code == 1 and len(lines) == 1 and "not writable" in lines[0]
 
 

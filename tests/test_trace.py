@@ -28,8 +28,14 @@ from editflow.trace import (
 
 RECORDS = [
     {"prompt": "The {} plays", "subject": "alpha beta", "target_new": "chess", "target_true": "tennis"},
-    {"requested_rewrite": {"prompt": "{} lives in", "subject": "gamma delta epsilon",
-                           "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}}},
+    {
+        "requested_rewrite": {
+            "prompt": "{} lives in",
+            "subject": "gamma delta epsilon",
+            "target_new": {"str": "Rome"},
+            "target_true": {"str": "Paris"},
+        }
+    },
     {"subject": "kappa", "src": "the kappa is", "alt": "red", "answers": ["blue"]},
     {"prompt": "I {} is", "subject": "sigma", "target_new": "green"},  # no target_true: traces top-1
 ]
@@ -118,8 +124,11 @@ def test_mlp_window_restores_the_rewrite_output_of_a_single_layer_like_a_manual_
         h[:, s1 - 1] = clean[ad.rewrite(1)][0, s1 - 1]
         return h
 
-    with torch.no_grad(), nethook.patch_output(model, ad.embed, _add_noise((s0, s1), noise)), \
-            nethook.patch_output(model, ad.rewrite(1), restore):
+    with (
+        torch.no_grad(),
+        nethook.patch_output(model, ad.embed, _add_noise((s0, s1), noise)),
+        nethook.patch_output(model, ad.rewrite(1), restore),
+    ):
         p = torch.softmax(model(input_ids=ids.expand(2, -1)).logits[:, -1], -1)[:, target].mean().item()
     assert r.mlp[1] == pytest.approx(p, **TOL)
 
@@ -140,8 +149,17 @@ def test_window_users() -> None:
 
 
 def _summary(mlp: list[float]) -> TraceSummary:
-    return TraceSummary(n=1, noise_std=1.0, samples=1, window=1, p_clean=1.0, p_corrupt=0.0,
-                        buckets=list(BUCKETS), hidden_effect=[[0.0] * 6 for _ in mlp], mlp_effect=mlp)
+    return TraceSummary(
+        n=1,
+        noise_std=1.0,
+        samples=1,
+        window=1,
+        p_clean=1.0,
+        p_corrupt=0.0,
+        buckets=list(BUCKETS),
+        hidden_effect=[[0.0] * 6 for _ in mlp],
+        mlp_effect=mlp,
+    )
 
 
 def test_best_window_picks_the_highest_mean_consecutive_layers() -> None:
@@ -160,7 +178,7 @@ def test_best_window_of_one_result_uses_its_indirect_effects(traced) -> None:
     r = results[0]
     w = best_window(r, 2)
     eff = r.mlp - r.p_corrupt
-    assert len(w) == 2 and eff[list(w)].mean() == pytest.approx(max(eff[i:i + 2].mean() for i in range(len(eff) - 1)))
+    assert len(w) == 2 and eff[list(w)].mean() == pytest.approx(max(eff[i : i + 2].mean() for i in range(len(eff) - 1)))
     assert summarise([r], 1.0, 3, 3).mlp_effect == pytest.approx(list(eff))
 
 
@@ -169,8 +187,20 @@ def test_cli_on_a_model_directory(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS))
-    res = CliRunner().invoke(command, [str(tmp_path / "m"), "--records", str(tmp_path / "r.jsonl"), "--samples", "2",
-                                       "--width", "2", "--out", str(tmp_path / "out")])
+    res = CliRunner().invoke(
+        command,
+        [
+            str(tmp_path / "m"),
+            "--records",
+            str(tmp_path / "r.jsonl"),
+            "--samples",
+            "2",
+            "--width",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "out" / "trace.json").read_text())
     assert data["n"] == 4 and len(data["mlp_effect"]) == 4 and (tmp_path / "out" / "trace.png").stat().st_size > 0
@@ -212,8 +242,20 @@ def test_trace_cli_on_shipped_model(tmp_path: Path) -> None:
     0.267, and the last token recovers more with depth (0.094 -> 0.548 = clean − corrupted at the top)."""
     from editflow.demo import default_model_path, default_records_path
 
-    res = CliRunner().invoke(command, [str(default_model_path()), "--records", str(default_records_path()),
-                                       "--n", "10", "--samples", "5", "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        command,
+        [
+            str(default_model_path()),
+            "--records",
+            str(default_records_path()),
+            "--n",
+            "10",
+            "--samples",
+            "5",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "trace.json").read_text())
     hid, mlp = np.asarray(data["hidden_effect"]), np.asarray(data["mlp_effect"])

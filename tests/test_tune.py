@@ -26,14 +26,37 @@ from editflow.tune import (
     trial_plan,
 )
 
-HPARAMS = {"layers": [1, 2], "mom2_update_weight": 0.5, "v_num_grad_steps": 10, "clamp_norm_factor": 50.0,
-           "v_weight_decay": 0.0, "kl_factor": 0.0, "context_templates": 0}
+HPARAMS = {
+    "layers": [1, 2],
+    "mom2_update_weight": 0.5,
+    "v_num_grad_steps": 10,
+    "clamp_norm_factor": 50.0,
+    "v_weight_decay": 0.0,
+    "kl_factor": 0.0,
+    "context_templates": 0,
+}
 SUBJECTS = ["alpha", "beta gamma", "delta", "epsilon zeta", "eta", "theta iota", "kappa", "mu nu"]
-TARGETS = [("Paris", "London"), ("chess", "golf"), ("Rome", "Berlin"), ("piano", "violin"),
-           ("red", "blue"), ("tennis", "football"), ("Madrid", "Paris"), ("green", "red")]
-RECORDS = [{"prompt": "The {} is", "subject": s, "target_new": new, "target_true": true,
-            "paraphrase_prompts": [f"I {s} is"], "neighborhood_prompts": ["The omega is"]}
-           for s, (new, true) in zip(SUBJECTS, TARGETS)]
+TARGETS = [
+    ("Paris", "London"),
+    ("chess", "golf"),
+    ("Rome", "Berlin"),
+    ("piano", "violin"),
+    ("red", "blue"),
+    ("tennis", "football"),
+    ("Madrid", "Paris"),
+    ("green", "red"),
+]
+RECORDS = [
+    {
+        "prompt": "The {} is",
+        "subject": s,
+        "target_new": new,
+        "target_true": true,
+        "paraphrase_prompts": [f"I {s} is"],
+        "neighborhood_prompts": ["The omega is"],
+    }
+    for s, (new, true) in zip(SUBJECTS, TARGETS)
+]
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -63,14 +86,25 @@ def test_objective_is_the_harmonic_mean_minus_drift() -> None:
     assert objective({**m, "drift_ppl_rel": 0.05}) == pytest.approx(70.0)
     assert objective({**m, "drift_ppl_rel": -0.05}) == pytest.approx(75.0)  # less perplexity is no bonus
     assert objective({"efficacy": 100.0, "neighborhood_auto": 50.0}) == pytest.approx(200 / 3)
-    assert objective({"zsre_efficacy": 100.0, "zsre_paraphrase": 50.0, "zsre_specificity": 100.0}) == pytest.approx(75.0)
+    assert objective({"zsre_efficacy": 100.0, "zsre_paraphrase": 50.0, "zsre_specificity": 100.0}) == pytest.approx(
+        75.0
+    )
     with pytest.raises(TuneError, match="nothing to score"):
         objective({"heldout": 90.0})
 
 
 def _summary(mlp: list[float]) -> TraceSummary:
-    return TraceSummary(n=1, noise_std=1.0, samples=1, window=1, p_clean=1.0, p_corrupt=0.0, buckets=list(BUCKETS),
-                        hidden_effect=[[0.0] * 6 for _ in mlp], mlp_effect=mlp)
+    return TraceSummary(
+        n=1,
+        noise_std=1.0,
+        samples=1,
+        window=1,
+        p_clean=1.0,
+        p_corrupt=0.0,
+        buckets=list(BUCKETS),
+        hidden_effect=[[0.0] * 6 for _ in mlp],
+        mlp_effect=mlp,
+    )
 
 
 def test_trial_plan_starts_at_the_defaults_then_the_traced_window() -> None:
@@ -124,7 +158,7 @@ def ws(tmp_path_factory):
     tok.save_pretrained(root / "tiny")
     (root / "tiny" / "editflow.json").write_text(json.dumps({"hparams": HPARAMS, "stats_tokens": 1000}))
     words = "alpha beta gamma delta the of in red green blue Paris London chess kappa rho sigma".split()
-    (root / "corpus.txt").write_text("\n\n".join(" ".join(words[i % 7:] + words[: i % 7]) for i in range(80)))
+    (root / "corpus.txt").write_text("\n\n".join(" ".join(words[i % 7 :] + words[: i % 7]) for i in range(80)))
     (root / "records.json").write_text(json.dumps(RECORDS))
     (root / "three.json").write_text(json.dumps(RECORDS[:3]))
     (root / "corpus.csv").write_text("not a corpus")
@@ -134,25 +168,41 @@ def ws(tmp_path_factory):
 
 def tune(ws: Path, name: str, *args: str, model: str = ""):
     """``editflow tune`` through the real entry point (which silences library progress bars)."""
-    return CliRunner().invoke(main, ["tune", model or str(ws / "tiny"), "--records", str(ws / "records.json"),
-                                     "--n-edits", "3", "--corpus", str(ws / "corpus.txt"), "--trace-samples", "2",
-                                     "--registered-model", name, *args])
+    return CliRunner().invoke(
+        main,
+        [
+            "tune",
+            model or str(ws / "tiny"),
+            "--records",
+            str(ws / "records.json"),
+            "--n-edits",
+            "3",
+            "--corpus",
+            str(ws / "corpus.txt"),
+            "--trace-samples",
+            "2",
+            "--registered-model",
+            name,
+            *args,
+        ],
+    )
 
 
 def runs_of(parent_id: str) -> list:
     from mlflow import MlflowClient
 
     return MlflowClient().search_runs(
-        [MlflowClient().get_run(parent_id).info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+        [MlflowClient().get_run(parent_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
 
 
 def parent_of(name: str):
     from mlflow import MlflowClient
 
     c = MlflowClient()
-    runs = c.search_runs([e.experiment_id for e in c.search_experiments()],
-                         filter_string=f"tags.`editflow.tune.model` = '{name}'")
+    runs = c.search_runs(
+        [e.experiment_id for e in c.search_experiments()], filter_string=f"tags.`editflow.tune.model` = '{name}'"
+    )
     assert len(runs) == 1
     return runs[0]
 
@@ -214,8 +264,9 @@ def test_time_box_ends_the_search_keeps_the_best_and_says_so(ws: Path) -> None:
 def test_too_few_records_is_one_error_line_and_registers_nothing(ws: Path) -> None:
     from editflow.registry.versions import versions_of
 
-    res = CliRunner().invoke(main, ["tune", str(ws / "tiny"), "--records", str(ws / "three.json"),
-                                       "--registered-model", "tiny-c"])
+    res = CliRunner().invoke(
+        main, ["tune", str(ws / "tiny"), "--records", str(ws / "three.json"), "--registered-model", "tiny-c"]
+    )
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
     assert res.output.startswith("error: too few records to split: need at least 4")
     assert versions_of("tiny-c") == []
@@ -264,12 +315,16 @@ def test_store_and_read_tuned_round_trip(ws: Path) -> None:
     with mlflow.start_run(run_name="register"):
         base = resolve.ensure_registered_base(resolve.resolve_base(str(ws / "tiny"), device="cpu"), "tiny-f")
     assert read_tuned("tiny-f", base.version) is None
-    result = {"hparams": {"layers": [0, 1], "v_lr": 0.25}, "validation": {"efficacy": 97.5, "objective": 88.1},
-              "run_id": "abc"}
+    result = {
+        "hparams": {"layers": [0, 1], "v_lr": 0.25},
+        "validation": {"efficacy": 97.5, "objective": 88.1},
+        "run_id": "abc",
+    }
     store_tuned("tiny-f", base.version, result)
     assert read_tuned("tiny-f", base.version) == result
     assert client().get_model_version("tiny-f", str(base.version)).tags[TUNED_TAG] == json.dumps(
-        result, separators=(",", ":"), sort_keys=True)
+        result, separators=(",", ":"), sort_keys=True
+    )
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         store_tuned("tiny-f", base.version, {**result, "hparams": {"not_a_field": 1}})
     assert read_tuned("tiny-f", base.version) == result  # unchanged
@@ -285,9 +340,17 @@ def test_tuning_an_edited_version_tunes_and_stores_on_its_base(ws: Path) -> None
     from editflow.registry.versions import tags_of, versions_of
 
     (ws / "one.json").write_text(json.dumps(RECORDS[:1]))
-    out = run_edit(EditJob(requests=str(ws / "one.json"), model=str(ws / "tiny"), registered_model="tiny-g",
-                           corpus=str(ws / "corpus.txt"), fluency=False, promote="never",
-                           thresholds=GateThresholds(0.0, 100.0, 100.0)))
+    out = run_edit(
+        EditJob(
+            requests=str(ws / "one.json"),
+            model=str(ws / "tiny"),
+            registered_model="tiny-g",
+            corpus=str(ws / "corpus.txt"),
+            fluency=False,
+            promote="never",
+            thresholds=GateThresholds(0.0, 100.0, 100.0),
+        )
+    )
     assert (out.version, out.parent_version) == (2, 1)
     res = tune(ws, "", "--trials", "1", model="models:/tiny-g/2")
     assert res.exit_code == 0, res.output

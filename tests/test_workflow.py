@@ -22,15 +22,30 @@ from editflow.registry.report import compare_versions, version_rows
 from editflow.registry.versions import aliases_of, export_version, load_version, tags_of, versions_of
 from editflow.requests import RequestError
 
-HPARAMS = {"layers": [1, 2], "mom2_update_weight": 0.5, "v_num_grad_steps": 40, "clamp_norm_factor": 50.0,
-           "v_weight_decay": 0.0, "kl_factor": 0.0, "context_templates": 0}
-FACTS = [{"prompt": "alpha {}", "subject": "gamma delta", "target_new": "Paris"},
-         {"prompt": "sigma {}", "subject": "rho", "target_new": "chess"}]
+HPARAMS = {
+    "layers": [1, 2],
+    "mom2_update_weight": 0.5,
+    "v_num_grad_steps": 40,
+    "clamp_norm_factor": 50.0,
+    "v_weight_decay": 0.0,
+    "kl_factor": 0.0,
+    "context_templates": 0,
+}
+FACTS = [
+    {"prompt": "alpha {}", "subject": "gamma delta", "target_new": "Paris"},
+    {"prompt": "sigma {}", "subject": "rho", "target_new": "chess"},
+]
 MORE_FACTS = [{"prompt": "the {}", "subject": "kappa lambda mu", "target_new": "violin"}]
 #: A random tiny model's perplexity and known facts move a lot with any edit: the tests check the
 #: workflow, so the gate only asks for efficacy (its cumulative rules are tested in test_lineage.py).
-LOOSE = promotion.GateThresholds(min_efficacy=50.0, max_specificity_drop=100.0, max_ppl_increase=100.0,
-                                 min_retention=0.0, max_ppl_increase_root=100.0, max_specificity_drop_root=100.0)
+LOOSE = promotion.GateThresholds(
+    min_efficacy=50.0,
+    max_specificity_drop=100.0,
+    max_ppl_increase=100.0,
+    min_retention=0.0,
+    max_ppl_increase_root=100.0,
+    max_specificity_drop_root=100.0,
+)
 
 
 def make_workspace(root: Path) -> dict[str, Path]:
@@ -42,7 +57,7 @@ def make_workspace(root: Path) -> dict[str, Path]:
     (model_dir / "editflow.json").write_text(json.dumps({"hparams": HPARAMS, "stats_tokens": 1000}))
     words = "alpha beta gamma delta the of in red green blue Paris London chess kappa rho sigma".split()
     corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(words[i % 7:] + words[: i % 7]) for i in range(80)))
+    corpus.write_text("\n\n".join(" ".join(words[i % 7 :] + words[: i % 7]) for i in range(80)))
     facts, more = root / "facts.json", root / "more.jsonl"
     facts.write_text(json.dumps(FACTS))
     more.write_text("\n".join(json.dumps(r) for r in MORE_FACTS))
@@ -64,8 +79,14 @@ def ws(tmp_path_factory):
 
 
 def job(ws, **kw) -> EditJob:
-    base = dict(requests=str(ws["facts"]), model=str(ws["model"]), corpus=str(ws["corpus"]), fluency=False,
-                thresholds=LOOSE, registered_model="tiny")
+    base = dict(
+        requests=str(ws["facts"]),
+        model=str(ws["model"]),
+        corpus=str(ws["corpus"]),
+        fluency=False,
+        thresholds=LOOSE,
+        registered_model="tiny",
+    )
     return EditJob(**{**base, **kw})
 
 
@@ -102,10 +123,22 @@ def test_edit_run_registers_a_version_with_lineage(ws, first_edit):
     assert p["requests.count"] == "2" and len(p["requests.digest"]) == 64 and p["base.model"] == "models:/tiny/1"
     assert "base.fingerprint" in p and p["stats.tokens"] == "1000"
     m = run.data.metrics
-    assert {"pre/efficacy", "post/efficacy", "time/stats", "time/edit_targets", "time/edit_solve",
-            "time/eval_post", "memory/peak_rss_mb"} <= set(m)
+    assert {
+        "pre/efficacy",
+        "post/efficacy",
+        "time/stats",
+        "time/edit_targets",
+        "time/edit_solve",
+        "time/eval_post",
+        "memory/peak_rss_mb",
+    } <= set(m)
     artifacts = {a.path for a in MlflowClient().list_artifacts(out.run_id, "eval")}
-    assert {"eval/facts.csv", "eval/prob_new_pre_vs_post.png", "eval/layer_update_norms.json", "eval/facts.json"} <= artifacts
+    assert {
+        "eval/facts.csv",
+        "eval/prob_new_pre_vs_post.png",
+        "eval/layer_update_norms.json",
+        "eval/facts.json",
+    } <= artifacts
     stats = [a.path for a in MlflowClient().list_artifacts(out.run_id, "stats")]
     assert sum(s.endswith(".npz") for s in stats) == 2 and sum(s.endswith(".manifest.json") for s in stats) == 2
     tags = tags_of("tiny", 2)
@@ -128,7 +161,9 @@ def test_delta_version_stores_only_edited_tensors_and_reconstructs(ws, first_edi
     src = Path(download(client().get_model_version_download_uri("tiny", "2"), str(ws["root"] / "dl")))
     assert (src / "edited.safetensors").is_file() and not (src / "weights").exists()
     v1 = load_version("tiny", 1, device="cpu")
-    changed = {n for n, t in v2.handle.model.state_dict().items() if not torch.equal(t, v1.handle.model.state_dict()[n])}
+    changed = {
+        n for n, t in v2.handle.model.state_dict().items() if not torch.equal(t, v1.handle.model.state_dict()[n])
+    }
     assert changed == set(v2.edited_tensors)
 
 
@@ -147,7 +182,11 @@ def test_next_edit_builds_on_production_and_rollback_is_bit_identical(ws, first_
     assert manifest["produced_by_run"] == first_edit.run_id
     v3 = load_version("tiny", "@production", device="cpu")
     assert v3.version == 3 and top1(v3.handle, "the kappa lambda mu") == "violin"
-    assert set(ledger.held_facts("tiny", 3)) == {("gamma delta", "alpha {}"), ("rho", "sigma {}"), ("kappa lambda mu", "the {}")}
+    assert set(ledger.held_facts("tiny", 3)) == {
+        ("gamma delta", "alpha {}"),
+        ("rho", "sigma {}"),
+        ("kappa lambda mu", "the {}"),
+    }
     assert promotion.rollback("tiny")["version"] == 2  # default: the previous production
     assert state_hash(load_version("tiny", "@production", device="cpu").handle.model) == v2_hash
     assert promotion.rollback("tiny")["version"] == 1
@@ -158,13 +197,17 @@ def test_next_edit_builds_on_production_and_rollback_is_bit_identical(ws, first_
 
     stages = {int(v.version): v.current_stage for v in client().search_model_versions("name='tiny'")}
     assert stages[3] == "Production" and stages[1] == "Archived"
-    actions = [(e.action, e.version, e.previous_version, e.actor) for e in ledger.events("tiny") if e.action != "register"]
+    actions = [
+        (e.action, e.version, e.previous_version, e.actor) for e in ledger.events("tiny") if e.action != "register"
+    ]
     assert actions[-3:] == [("rollback", 2, 3, "tester"), ("rollback", 1, 2, "tester"), ("promote", 3, 1, "tester")]
     c = compare_versions("tiny", 2, 3)
     assert [f.subject for f in c["only_b"]] == ["kappa lambda mu"] and c["only_a"] == []
     assert c["metrics"]["efficacy"][1] is not None
     rows = version_rows("tiny")
-    assert [r["version"] for r in rows][:3] == [1, 2, 3] and rows[2]["facts"] == 3 and "production" in rows[2]["aliases"]
+    assert (
+        [r["version"] for r in rows][:3] == [1, 2, 3] and rows[2]["facts"] == 3 and "production" in rows[2]["aliases"]
+    )
 
 
 def test_gate_keeps_a_failing_edit_as_candidate(ws, first_edit):
@@ -187,8 +230,11 @@ def test_failures_leave_no_version(ws, first_edit, tmp_path):
         with pytest.raises(InjectedFailure):
             run_edit(job(ws, fail_after=phase))
     assert len(versions_of("tiny")) == n
-    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()],
-                                      order_by=["attributes.start_time DESC"], max_results=4)
+    runs = MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()],
+        order_by=["attributes.start_time DESC"],
+        max_results=4,
+    )
     assert [r.info.status for r in runs] == ["FAILED"] * 4
 
 
@@ -222,9 +268,14 @@ def test_sequential_mode_logs_chunk_curves(ws, first_edit):
 
     facts = ws["root"] / "three.json"
     facts.write_text(json.dumps(FACTS + MORE_FACTS))
-    out = run_edit(job(ws, requests=str(facts), hparams={"mode": "sequential", "chunk_size": 2,
-                                                         "algorithm": "alphaedit", "nullspace_threshold": 1e9},
-                       promote="never"))
+    out = run_edit(
+        job(
+            ws,
+            requests=str(facts),
+            hparams={"mode": "sequential", "chunk_size": 2, "algorithm": "alphaedit", "nullspace_threshold": 1e9},
+            promote="never",
+        )
+    )
     history = MlflowClient().get_metric_history(out.run_id, "chunk/efficacy")
     assert [h.step for h in history] == [0, 1]
     assert tags_of("tiny", out.version)["editflow.mode"] == "sequential"
@@ -244,21 +295,44 @@ def test_pyfunc_answers_with_the_edited_fact(ws, first_edit):
     import mlflow.pyfunc
 
     model = mlflow.pyfunc.load_model("models:/tiny/2")
-    assert [a.strip() for a in model.predict(["alpha gamma delta", "sigma rho"], params={"max_new_tokens": 1})] == ["Paris", "chess"]
+    assert [a.strip() for a in model.predict(["alpha gamma delta", "sigma rho"], params={"max_new_tokens": 1})] == [
+        "Paris",
+        "chess",
+    ]
 
 
 @pytest.mark.slow
 def test_concurrent_runs_register_distinct_versions(ws, first_edit):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    cmd = [sys.executable, "-m", "editflow.cli", "edit", str(ws["facts"]), "--model", str(ws["model"]),
-           "--registered-model", "tiny", "--corpus", str(ws["corpus"]), "--no-fluency", "--promote", "never"]
-    procs = [subprocess.Popen(cmd, cwd=ws["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "editflow.cli",
+        "edit",
+        str(ws["facts"]),
+        "--model",
+        str(ws["model"]),
+        "--registered-model",
+        "tiny",
+        "--corpus",
+        str(ws["corpus"]),
+        "--no-fluency",
+        "--promote",
+        "never",
+    ]
+    procs = [
+        subprocess.Popen(cmd, cwd=ws["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     # 0: registered and the gate passed; 3: registered, the gate kept it a candidate (either is fine here).
     assert all(p.returncode in (0, 3) for p in procs), outs
-    versions = sorted(int(line.split("version ")[1].split()[0]) for o, _ in outs for line in o.splitlines()
-                      if line.startswith("run ") and "registered tiny version" in line)
+    versions = sorted(
+        int(line.split("version ")[1].split()[0])
+        for o, _ in outs
+        for line in o.splitlines()
+        if line.startswith("run ") and "registered tiny version" in line
+    )
     assert len(versions) == 2 and versions[0] != versions[1]
 
 
@@ -269,10 +343,31 @@ REPO = Path(__file__).resolve().parents[1]
 def test_mlflow_run_project_with_local_env(ws, first_edit):
     from mlflow import MlflowClient
 
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO / "projects" / "memit"), "--env-manager", "local",
-           "-P", f"requests={ws['facts']}", "-P", f"model={ws['model']}", "-P", f"corpus={ws['corpus']}",
-           "-P", "registered_model=tiny-project", "-P", "fluency=false", "-P", "promote=always",
-           "-P", "min_efficacy=50", "-P", "max_specificity_drop=100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(REPO / "projects" / "memit"),
+        "--env-manager",
+        "local",
+        "-P",
+        f"requests={ws['facts']}",
+        "-P",
+        f"model={ws['model']}",
+        "-P",
+        f"corpus={ws['corpus']}",
+        "-P",
+        "registered_model=tiny-project",
+        "-P",
+        "fluency=false",
+        "-P",
+        "promote=always",
+        "-P",
+        "min_efficacy=50",
+        "-P",
+        "max_specificity_drop=100",
+    ]
     proc = subprocess.run(cmd, cwd=ws["root"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "registered tiny-project version 2" in proc.stdout
@@ -280,8 +375,13 @@ def test_mlflow_run_project_with_local_env(ws, first_edit):
     run = MlflowClient().get_run(tags_of("tiny-project", 2)["editflow.run_id"])
     assert run.data.params["promote"] == "always" and run.data.params["gate.promote"] == "always"
     assert run.data.tags.get("mlflow.project.entryPoint") == "main"
-    bad = subprocess.run(cmd[:7] + ["-P", "mode=diagonal", "-P", f"requests={ws['facts']}"], cwd=ws["root"],
-                         capture_output=True, text=True, timeout=900)
+    bad = subprocess.run(
+        cmd[:7] + ["-P", "mode=diagonal", "-P", f"requests={ws['facts']}"],
+        cwd=ws["root"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert bad.returncode != 0 and "mode" in bad.stderr + bad.stdout
     assert len(versions_of("tiny-project")) == 2
 
@@ -295,9 +395,27 @@ def test_served_model_answers_with_the_edited_fact(ws, first_edit):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny/2",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=ws["root"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/tiny/2",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=ws["root"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -308,8 +426,9 @@ def test_served_model_answers_with_the_edited_fact(ws, first_edit):
                 assert proc.poll() is None, proc.stdout.read()
                 time.sleep(1)
         body = json.dumps({"inputs": ["alpha gamma delta", "sigma rho"], "params": {"max_new_tokens": 1}}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
         assert [a.strip() for a in answer["predictions"]] == ["Paris", "chess"]
     finally:
@@ -361,7 +480,10 @@ def test_init_registers_the_bundled_model_once(tmp_path, monkeypatch):
         assert out.exit_code == 0 and f"{DEFAULT_MODEL_NAME} version 1" in out.output
     assert [int(v.version) for v in versions_of(DEFAULT_MODEL_NAME)] == [1]
     assert aliases_of(DEFAULT_MODEL_NAME) == {"production": 1}
-    run_id = next(r for r in MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
-                  if r.info.run_name == "register-default-model").info.run_id
+    run_id = next(
+        r
+        for r in MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+        if r.info.run_name == "register-default-model"
+    ).info.run_id
     assert [a.path for a in MlflowClient().list_artifacts(run_id, "default_model")] == ["default_model/card.json"]
     assert ledger.production_history(DEFAULT_MODEL_NAME) == [1]

@@ -38,9 +38,12 @@ PROBE_TIMEOUT_S = 5.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-json_option = click.option("--json", "as_json", is_flag=True,
-                           help="Print one JSON document on stdout instead of text (errors still go to "
-                                "stderr as one 'error:' line, exit 1).")
+json_option = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON document on stdout instead of text (errors still go to stderr as one 'error:' line, exit 1).",
+)
 
 
 def parse_hparams(text: str | None) -> dict[str, Any]:

@@ -12,16 +12,24 @@ from editflow.commands.facts import fact_json
 
 def compare_json(c: dict[str, Any]) -> dict[str, Any]:
     """:func:`~editflow.registry.report.compare_versions` as plain JSON values."""
-    return {"name": c["name"], "a": c["a"], "b": c["b"],
-            "metrics": {k: {"a": a, "b": b, "delta": d} for k, (a, b, d) in c["metrics"].items()},
-            "only_a": [fact_json(f) for f in c["only_a"]], "only_b": [fact_json(f) for f in c["only_b"]]}
+    return {
+        "name": c["name"],
+        "a": c["a"],
+        "b": c["b"],
+        "metrics": {k: {"a": a, "b": b, "delta": d} for k, (a, b, d) in c["metrics"].items()},
+        "only_a": [fact_json(f) for f in c["only_a"]],
+        "only_b": [fact_json(f) for f in c["only_b"]],
+    }
 
 
 def _print(c: dict[str, Any]) -> None:
     from editflow.commands.versions import table
 
     fmt = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
-    rows = [{"metric": k, f"v{c['a']}": fmt(a), f"v{c['b']}": fmt(b), "delta": fmt(d)} for k, (a, b, d) in c["metrics"].items()]
+    rows = [
+        {"metric": k, f"v{c['a']}": fmt(a), f"v{c['b']}": fmt(b), "delta": fmt(d)}
+        for k, (a, b, d) in c["metrics"].items()
+    ]
     click.echo(table(rows))
     for label, facts in ((f"only in v{c['a']}", c["only_a"]), (f"only in v{c['b']}", c["only_b"])):
         click.echo(f"{label}: {len(facts)} facts")

@@ -20,14 +20,26 @@ def recipe_options(func: Callable) -> Callable:
     """One ``--option`` per recipe field (TrainOptions, CorpusOptions), defaulting to the recipe's value."""
     for f in reversed([*fields(TrainOptions), *fields(CorpusOptions)]):
         assert f.default is not MISSING
-        func = click.option(f"--{f.name.replace('_', '-')}", f.name, type=type(f.default), default=f.default,
-                            show_default=True, help=f.metadata.get("help"))(func)
+        func = click.option(
+            f"--{f.name.replace('_', '-')}",
+            f.name,
+            type=type(f.default),
+            default=f.default,
+            show_default=True,
+            help=f.metadata.get("help"),
+        )(func)
     return func
 
 
 @click.command("build")
-@click.option("--records", "records", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="CounterFact-format JSON file (repeatable; deduplicated by case_id).")
+@click.option(
+    "--records",
+    "records",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="CounterFact-format JSON file (repeatable; deduplicated by case_id).",
+)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @recipe_options
 def build(records: tuple[str, ...], out_dir: str, **options) -> None:

@@ -25,22 +25,48 @@ def resolve_model(uri: str, device: str | None = None, dtype: str | None = None)
 @click.command("eval")
 @click.argument("model")
 @click.argument("requests_path", metavar="REQUESTS", type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", default="eval_out", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for the fact table and summary.")
+@click.option(
+    "--out",
+    "out_dir",
+    default="eval_out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory for the fact table and summary.",
+)
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
 @click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: as saved).")
 @click.option("--batch-size", default=64, show_default=True, help="Rows per forward (micro-batch).")
 @click.option("--no-fluency", is_flag=True, help="Skip the generation-entropy metric.")
-@click.option("--heldout", "heldout_path", default=None, type=click.Path(dir_okay=False),
-              help="Held-out text, one document per line, for drift (default: bundled corpus/heldout.txt).")
-@click.option("--heldout-facts", "heldout_facts_n", default=100, show_default=True,
-              help="Bundled CounterFact facts not being edited used for held-out specificity (0: none).")
+@click.option(
+    "--heldout",
+    "heldout_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Held-out text, one document per line, for drift (default: bundled corpus/heldout.txt).",
+)
+@click.option(
+    "--heldout-facts",
+    "heldout_facts_n",
+    default=100,
+    show_default=True,
+    help="Bundled CounterFact facts not being edited used for held-out specificity (0: none).",
+)
 @click.option("--limit", default=None, type=int, help="Evaluate only the first N requests.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fluency sampling.")
 @user_errors(probe=False)
-def command(model: str, requests_path: str, out_dir: str, device: str | None, dtype: str | None,
-            batch_size: int, no_fluency: bool, heldout_path: str | None, heldout_facts_n: int,
-            limit: int | None, seed: int) -> None:
+def command(
+    model: str,
+    requests_path: str,
+    out_dir: str,
+    device: str | None,
+    dtype: str | None,
+    batch_size: int,
+    no_fluency: bool,
+    heldout_path: str | None,
+    heldout_facts_n: int,
+    limit: int | None,
+    seed: int,
+) -> None:
     """Evaluate MODEL (HF id, local path or registered URI) on the REQUESTS file, unedited."""
     from editflow.evaluate import (
         Evaluator,
@@ -55,9 +81,15 @@ def command(model: str, requests_path: str, out_dir: str, device: str | None, dt
 
     requests = load_requests(requests_path)[:limit]
     handle = resolve_model(model, device=device, dtype=dtype)
-    ev = Evaluator(handle, requests, heldout_texts=load_heldout_texts(heldout_path),
-                   heldout_facts=default_heldout_facts(requests, heldout_facts_n) if heldout_facts_n else (),
-                   fluency=not no_fluency, seed=seed, batch_rows=batch_size)
+    ev = Evaluator(
+        handle,
+        requests,
+        heldout_texts=load_heldout_texts(heldout_path),
+        heldout_facts=default_heldout_facts(requests, heldout_facts_n) if heldout_facts_n else (),
+        fluency=not no_fluency,
+        seed=seed,
+        batch_rows=batch_size,
+    )
     pre = ev.pre()
     paths = write_report(out_dir, fact_table(requests, pre), summary(pre))
     click.echo(format_summary(summary(pre)))

@@ -12,13 +12,24 @@ from editflow.commands._options import require_model, user_errors, version_ref
 @click.argument("name")
 @click.argument("version")
 @click.argument("out", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
-              help="hf: a save_pretrained directory (weights + tokenizer), loadable with plain transformers. "
-                   "gguf: one GGUF file (llama, mistral, qwen2; byte-level BPE tokenizers), loadable by "
-                   "llama.cpp, Ollama and transformers.")
-@click.option("--dtype", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
-              help="GGUF only: the storage type of the weight matrices (norms stay f32). Quantised types "
-                   "are not written; quantise the file with llama.cpp's tools if you need them.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["hf", "gguf"]),
+    default="hf",
+    show_default=True,
+    help="hf: a save_pretrained directory (weights + tokenizer), loadable with plain transformers. "
+    "gguf: one GGUF file (llama, mistral, qwen2; byte-level BPE tokenizers), loadable by "
+    "llama.cpp, Ollama and transformers.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["f16", "f32"]),
+    default="f16",
+    show_default=True,
+    help="GGUF only: the storage type of the weight matrices (norms stay f32). Quantised types "
+    "are not written; quantise the file with llama.cpp's tools if you need them.",
+)
 @user_errors
 def command(name: str, version: str, out: str, fmt: str, dtype: str) -> None:
     """Write VERSION (a number or an alias) of NAME to OUT: a new or empty directory (hf) or a

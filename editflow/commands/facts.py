@@ -11,8 +11,13 @@ from editflow.commands._options import echo_json, json_option, require_model, us
 
 def fact_json(fact: Any) -> dict[str, Any]:
     """One ledger fact, the same keys as ``editflow show --json``'s facts."""
-    return {"version": fact.version, "subject": fact.subject, "prompt": fact.prompt,
-            "target_new": fact.target_new, "target_true": fact.target_true}
+    return {
+        "version": fact.version,
+        "subject": fact.subject,
+        "prompt": fact.prompt,
+        "target_new": fact.target_new,
+        "target_true": fact.target_true,
+    }
 
 
 @click.command("facts")
@@ -38,5 +43,17 @@ def command(name: str, subject: str, as_json: bool) -> None:
     if not facts:
         click.echo(f"no version of {name} edits a subject matching {subject!r}")
         return
-    click.echo(table([{"version": f.version, "subject": f.subject, "prompt": f.prompt.format(f.subject),
-                       "target_new": f.target_new, "target_true": f.target_true or ""} for f in facts]))
+    click.echo(
+        table(
+            [
+                {
+                    "version": f.version,
+                    "subject": f.subject,
+                    "prompt": f.prompt.format(f.subject),
+                    "target_new": f.target_new,
+                    "target_true": f.target_true or "",
+                }
+                for f in facts
+            ]
+        )
+    )

@@ -15,5 +15,7 @@ def command() -> None:
     from editflow.registry.store import DEFAULT_MODEL_NAME, tracking_uri
 
     version = ensure_default_model()
-    click.echo(f"{DEFAULT_MODEL_NAME} version {version} is registered in {mask_uri(tracking_uri())} "
-               f"(alias production: models:/{DEFAULT_MODEL_NAME}@production)")
+    click.echo(
+        f"{DEFAULT_MODEL_NAME} version {version} is registered in {mask_uri(tracking_uri())} "
+        f"(alias production: models:/{DEFAULT_MODEL_NAME}@production)"
+    )

@@ -9,8 +9,12 @@ from editflow.commands._options import echo_json, json_option, require_model, us
 
 @click.command("rollback")
 @click.argument("name")
-@click.option("--to", "to", default=None, help="Version number or alias to return to (default: the previous "
-              "production, from the ledger).")
+@click.option(
+    "--to",
+    "to",
+    default=None,
+    help="Version number or alias to return to (default: the previous production, from the ledger).",
+)
 @click.option("--reason", default="", help="Recorded in the audit ledger.")
 @json_option
 @user_errors(note="production unchanged")

@@ -10,8 +10,10 @@ from editflow.commands._options import echo_json, json_option, require_model, us
 
 
 def _print(info: dict[str, Any]) -> None:
-    click.echo(f"{info['name']} version {info['version']}  aliases: {', '.join(info['aliases']) or '-'}  "
-               f"stage: {info['stage']}  run: {info['run_id']}")
+    click.echo(
+        f"{info['name']} version {info['version']}  aliases: {', '.join(info['aliases']) or '-'}  "
+        f"stage: {info['stage']}  run: {info['run_id']}"
+    )
     click.echo(info["description"] or "")
     for k, v in sorted(info["tags"].items()):
         if k != "editflow.tuned":

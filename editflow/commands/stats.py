@@ -16,27 +16,52 @@ from editflow.commands._options import fail
 def _corpus_options(f: Callable) -> Callable:
     """Options that describe the corpus (shared by ``compute`` and ``import``)."""
     options = [
-        click.option("--corpus", default="bundled", show_default=True,
-                     help="'bundled', a .txt/.jsonl/.parquet file, a directory (e.g. a local Wikipedia "
-                          "parquet copy) or a Hugging Face dataset name."),
+        click.option(
+            "--corpus",
+            default="bundled",
+            show_default=True,
+            help="'bundled', a .txt/.jsonl/.parquet file, a directory (e.g. a local Wikipedia "
+            "parquet copy) or a Hugging Face dataset name.",
+        ),
         click.option("--config-name", default=None, help="Dataset config (e.g. 20231101.en)."),
         click.option("--split", default="train", show_default=True),
         click.option("--revision", default=None, help="Dataset revision (pins hub datasets in the key)."),
         click.option("--data-files", multiple=True, help="Local data files for a hub/builder dataset (repeatable)."),
         click.option("--data-dir", default=None, help="data_dir passed to load_dataset."),
         click.option("--text-field", default="text", show_default=True),
-        click.option("--txt-mode", type=click.Choice(["blocks", "lines"]), default="blocks", show_default=True,
-                     help=".txt files: one document per blank-line-separated block, or per line."),
+        click.option(
+            "--txt-mode",
+            type=click.Choice(["blocks", "lines"]),
+            default="blocks",
+            show_default=True,
+            help=".txt files: one document per blank-line-separated block, or per line.",
+        ),
     ]
     return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
 
 
-def _spec(corpus: str, config_name: str | None, split: str, revision: str | None, data_files: tuple[str, ...],
-          data_dir: str | None, text_field: str, txt_mode: str):
+def _spec(
+    corpus: str,
+    config_name: str | None,
+    split: str,
+    revision: str | None,
+    data_files: tuple[str, ...],
+    data_dir: str | None,
+    text_field: str,
+    txt_mode: str,
+):
     from editflow.stats import CorpusSpec
 
-    return CorpusSpec(source=corpus, config=config_name, split=split, revision=revision, data_files=data_files,
-                      data_dir=data_dir, text_field=text_field, txt_mode=txt_mode)
+    return CorpusSpec(
+        source=corpus,
+        config=config_name,
+        split=split,
+        revision=revision,
+        data_files=data_files,
+        data_dir=data_dir,
+        text_field=text_field,
+        txt_mode=txt_mode,
+    )
 
 
 def _load(model: str, device: str | None, model_dtype: str | None):
@@ -60,8 +85,12 @@ def _default_layers_and_tokens(handle, layers: str | None, tokens: int | None) -
     return chosen, int(tokens or defaults.get("stats_tokens") or DEFAULT_STATS_TOKENS)
 
 
-cache_dir_option = click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
-                                help="Statistics cache (default: $EDITFLOW_CACHE/stats or the user cache dir).")
+cache_dir_option = click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Statistics cache (default: $EDITFLOW_CACHE/stats or the user cache dir).",
+)
 
 
 @click.group("stats")
@@ -75,32 +104,59 @@ def command() -> None:
 @click.option("--tokens", type=int, default=None, help="Token budget (default: the model's, else 1,000,000).")
 @_corpus_options
 @click.option("--max-length", type=int, default=None, help="Truncate documents (default min(context, 1024)).")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Accumulation dtype.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float64"]),
+    default="float32",
+    show_default=True,
+    help="Accumulation dtype.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Padded tokens per batch.")
 @click.option("--device", default=None, help="cuda / cpu (default: cuda when available).")
 @click.option("--model-dtype", default=None, help="Load the model in float16/bfloat16/float32.")
 @click.option("--no-progress", is_flag=True)
 @cache_dir_option
-def compute(model: str, layers: str | None, tokens: int | None, max_length: int | None, dtype: str, seed: int,
-            batch_tokens: int, device: str | None, model_dtype: str | None, no_progress: bool,
-            cache_dir: str | None, **corpus: object) -> None:
+def compute(
+    model: str,
+    layers: str | None,
+    tokens: int | None,
+    max_length: int | None,
+    dtype: str,
+    seed: int,
+    batch_tokens: int,
+    device: str | None,
+    model_dtype: str | None,
+    no_progress: bool,
+    cache_dir: str | None,
+    **corpus: object,
+) -> None:
     """Compute (or reuse) the statistics of MODEL's --layers, all missing layers in one pass."""
     from editflow.stats import layer_covariances
 
     handle = _load(model, device, model_dtype)
     chosen, tokens = _default_layers_and_tokens(handle, layers, tokens)
     try:
-        result = layer_covariances(handle, chosen, _spec(**corpus), tokens,  # type: ignore[arg-type]
-                                   max_length=max_length, dtype=dtype, seed=seed, cache_dir=cache_dir,
-                                   batch_tokens=batch_tokens, progress=not no_progress)
+        result = layer_covariances(
+            handle,
+            chosen,
+            _spec(**corpus),
+            tokens,  # type: ignore[arg-type]
+            max_length=max_length,
+            dtype=dtype,
+            seed=seed,
+            cache_dir=cache_dir,
+            batch_tokens=batch_tokens,
+            progress=not no_progress,
+        )
     except ValueError as exc:  # CovarianceError, CacheError, bad layers/budget
         fail(str(exc))
     for entry in result.entries:
         state = "cached" if entry.hit else entry.manifest.get("source", "computed")
-        click.echo(f"layer {entry.manifest['fields']['layer']:>3}  {state:<8}  {entry.manifest['tokens']:>10} tokens  "
-                   f"{entry.path}")
+        click.echo(
+            f"layer {entry.manifest['fields']['layer']:>3}  {state:<8}  {entry.manifest['tokens']:>10} tokens  "
+            f"{entry.path}"
+        )
 
 
 @command.command("list")
@@ -116,8 +172,18 @@ def list_(cache_dir: str | None) -> None:
         try:
             m = json.loads(npz.with_suffix(".json").read_text())
             f = m["fields"]
-            rows.append((npz.stem[:12], str(f["layer"]), f["module"], str(m["tokens"]), f["stats_dtype"],
-                         describe(f["corpus"]), m.get("source", "?"), m.get("created", "?")))
+            rows.append(
+                (
+                    npz.stem[:12],
+                    str(f["layer"]),
+                    f["module"],
+                    str(m["tokens"]),
+                    f["stats_dtype"],
+                    describe(f["corpus"]),
+                    m.get("source", "?"),
+                    m.get("created", "?"),
+                )
+            )
         except (OSError, ValueError, KeyError):
             rows.append((npz.stem[:12], "?", "?", "?", "?", "?", "invalid", "?"))
     if not rows:
@@ -155,13 +221,27 @@ def verify(cache_dir: str | None) -> None:
 @_corpus_options
 @click.option("--tokens", type=int, default=None, help="Token budget recorded in the key (default: the file's count).")
 @click.option("--max-length", type=int, default=None)
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
-              help="Statistics dtype recorded in the key (default: the file's).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float64"]),
+    default=None,
+    help="Statistics dtype recorded in the key (default: the file's).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--model-dtype", default=None)
 @cache_dir_option
-def import_(npz: str, model: str, layer: int, tokens: int | None, max_length: int | None, dtype: str | None,
-            seed: int, model_dtype: str | None, cache_dir: str | None, **corpus: object) -> None:
+def import_(
+    npz: str,
+    model: str,
+    layer: int,
+    tokens: int | None,
+    max_length: int | None,
+    dtype: str | None,
+    seed: int,
+    model_dtype: str | None,
+    cache_dir: str | None,
+    **corpus: object,
+) -> None:
     """Add statistics computed elsewhere (editflow's or MEMIT's mom2.mom2/mom2.count layout) to the cache."""
     from editflow.stats import Sampling, cache_keys, cache_root, default_max_length, read_npz
     from editflow.stats.cache import write_entry
@@ -180,11 +260,20 @@ def import_(npz: str, model: str, layer: int, tokens: int | None, max_length: in
     if stats.dim != handle.adapter.d_ff:
         fail(f"{npz}: width {stats.dim} != the rewrite-module input width {handle.adapter.d_ff} of layer {layer}")
     dtype = dtype or str(stats.sum_kkT.dtype).removeprefix("torch.")
-    key = cache_keys(handle, [layer], _spec(**corpus), tokens or stats.count,  # type: ignore[arg-type]
-                     max_length or default_max_length(handle.model, handle.tokenizer), dtype,
-                     Sampling(seed=seed))[layer]
-    info = {"source": "imported", "model": {"source": handle.source},
-            "imported_from": {"file": Path(npz).name, "sha256": sha256_file(Path(npz)), "format": fmt}}
+    key = cache_keys(
+        handle,
+        [layer],
+        _spec(**corpus),
+        tokens or stats.count,  # type: ignore[arg-type]
+        max_length or default_max_length(handle.model, handle.tokenizer),
+        dtype,
+        Sampling(seed=seed),
+    )[layer]
+    info = {
+        "source": "imported",
+        "model": {"source": handle.source},
+        "imported_from": {"file": Path(npz).name, "sha256": sha256_file(Path(npz)), "format": fmt},
+    }
     try:
         entry = write_entry(cache_root(cache_dir), key, stats.to(dtype=stats_dtype(dtype)), info)
     except ValueError as exc:  # CacheError (read-only cache), CovarianceError after the dtype cast

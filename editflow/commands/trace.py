@@ -15,8 +15,10 @@ from editflow.trace import TraceSummary
 def format_table(summary: TraceSummary) -> str:
     """Per-layer table: MLP effect and block-output effect at the last subject token and last token."""
     hid = np.asarray(summary.hidden_effect)
-    lines = [f"clean P(true)={summary.p_clean:.3f}  corrupted={summary.p_corrupt:.3f}  n={summary.n}",
-             "layer  mlp@last_subj  hidden@last_subj  hidden@last_token"]
+    lines = [
+        f"clean P(true)={summary.p_clean:.3f}  corrupted={summary.p_corrupt:.3f}  n={summary.n}",
+        "layer  mlp@last_subj  hidden@last_subj  hidden@last_token",
+    ]
     for layer, m in enumerate(summary.mlp_effect):
         lines.append(f"{layer:5d}  {m:13.4f}  {hid[layer, 2]:16.4f}  {hid[layer, 5]:17.4f}")
     return "\n".join(lines)
@@ -25,6 +27,7 @@ def format_table(summary: TraceSummary) -> str:
 def plot_summary(summary: TraceSummary, path: str | Path) -> None:
     """Heat map of block-output indirect effects (positions × layers) and the MLP effect per layer."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -54,8 +57,13 @@ def save_summary(summary: TraceSummary, out_dir: str | Path) -> Path:
 
 @click.command("trace")
 @click.argument("model")
-@click.option("--records", "records_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Request file: plain, CounterFact or zsRE records (JSON or JSON Lines).")
+@click.option(
+    "--records",
+    "records_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Request file: plain, CounterFact or zsRE records (JSON or JSON Lines).",
+)
 @click.option("--n", default=50, show_default=True, help="Number of records traced (first N).")
 @click.option("--out", "out_dir", default="trace_out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--noise", default=3.0, show_default=True, help="Noise std as a multiple of the embedding std.")
@@ -65,8 +73,18 @@ def save_summary(summary: TraceSummary, out_dir: str | Path) -> Path:
 @click.option("--device", default="", help="cpu, cuda, ... (default: cuda when available).")
 @click.option("--seed", default=0, show_default=True)
 @user_errors
-def command(model: str, records_path: str, n: int, out_dir: str, noise: float, samples: int,
-            window: int, width: int, device: str, seed: int) -> None:
+def command(
+    model: str,
+    records_path: str,
+    n: int,
+    out_dir: str,
+    noise: float,
+    samples: int,
+    window: int,
+    width: int,
+    device: str,
+    seed: int,
+) -> None:
     """Causal trace of MODEL (models:/NAME@ALIAS, models:/NAME/V, a path, a hub id or "default") on the
     prompts of --records, towards each record's true object."""
     import torch
@@ -80,8 +98,9 @@ def command(model: str, records_path: str, n: int, out_dir: str, noise: float, s
     torch.manual_seed(seed)
     requests = load_requests(records_path)[:n]
     handle = load_any(model, device=device or None)
-    _, summary = trace_requests(handle.model, handle.tokenizer, requests, handle.adapter, noise=noise,
-                                samples=samples, window=window, seed=seed)
+    _, summary = trace_requests(
+        handle.model, handle.tokenizer, requests, handle.adapter, noise=noise, samples=samples, window=window, seed=seed
+    )
     out = save_summary(summary, out_dir)
     click.echo(format_table(summary))
     click.echo(f"best {width} consecutive MLP layers: {list(best_window(summary, width))}")

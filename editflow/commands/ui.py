@@ -30,8 +30,12 @@ def ui_command(host: str, port: int, extra: tuple[str, ...]) -> list[str]:
 
 def ui_env(uri: str, artifact_root: str) -> dict[str, str]:
     """The environment of ``mlflow ui``: store, artifact root, no telemetry."""
-    return {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri, "MLFLOW_DEFAULT_ARTIFACT_ROOT": artifact_root,
-            "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return {
+        **os.environ,
+        "MLFLOW_BACKEND_STORE_URI": uri,
+        "MLFLOW_DEFAULT_ARTIFACT_ROOT": artifact_root,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
 
 
 @click.command("ui", context_settings={"ignore_unknown_options": True})
@@ -50,8 +54,18 @@ def command(port: int, host: str, dry_run: bool, extra: tuple[str, ...]) -> None
         click.echo(f"the tracking server {mask_uri(uri)} serves the MLflow UI: open it in a browser")
         return
     args = ui_command(host, port, extra)
-    click.echo(" ".join(["mlflow", *args[3:], "--backend-store-uri", mask_uri(uri),
-                         "--default-artifact-root", mask_uri(artifact_root())]))
+    click.echo(
+        " ".join(
+            [
+                "mlflow",
+                *args[3:],
+                "--backend-store-uri",
+                mask_uri(uri),
+                "--default-artifact-root",
+                mask_uri(artifact_root()),
+            ]
+        )
+    )
     if dry_run:
         return
     run(args, ui_env(uri, artifact_root()))

@@ -11,10 +11,19 @@ from editflow.commands._options import echo_json, json_option, require_model, us
 @click.command("verify")
 @click.argument("name")
 @click.argument("version", required=False, default="production")
-@click.option("--repair", is_flag=True, help="First finish or revert interrupted promotions, delete abandoned "
-              "(pending) registrations and end orphaned runs FAILED.")
-@click.option("--grace", type=float, default=None, help="Seconds after which a pending registration or "
-              "promotion of a process that cannot be checked counts as abandoned (default 600).")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="First finish or revert interrupted promotions, delete abandoned "
+    "(pending) registrations and end orphaned runs FAILED.",
+)
+@click.option(
+    "--grace",
+    type=float,
+    default=None,
+    help="Seconds after which a pending registration or "
+    "promotion of a process that cannot be checked counts as abandoned (default 600).",
+)
 @json_option
 @user_errors(note="nothing was changed by the check")
 def command(name: str, version: str, repair: bool, grace: float | None, as_json: bool) -> None:
@@ -35,8 +44,14 @@ def command(name: str, version: str, repair: bool, grace: float | None, as_json:
     v = resolve_version(name, version_ref(version))
     checked = integrity.verify_version(name, v)
     if as_json:
-        echo_json({"name": name, "version": v, "repaired": repaired,
-                   "checked": [{"version": c.version, "uri": c.uri, "files": c.files} for c in checked]})
+        echo_json(
+            {
+                "name": name,
+                "version": v,
+                "repaired": repaired,
+                "checked": [{"version": c.version, "uri": c.uri, "files": c.files} for c in checked],
+            }
+        )
         return
     for line in repaired:
         click.echo(f"repair: {line}")

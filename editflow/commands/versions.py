@@ -20,7 +20,9 @@ def table(rows: list[dict], columns: list[str] | None = None) -> str:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*columns), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in cells])
+    return "\n".join(
+        [fmt.format(*columns), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in cells]
+    )
 
 
 def _number(text: Any) -> float | int | None:
@@ -41,11 +43,17 @@ def _metric(text: Any) -> float | str | None:
 
 def json_row(row: dict[str, Any]) -> dict[str, Any]:
     """A table row with typed values and the headline metrics under ``metrics``."""
-    return {"version": int(row["version"]), "aliases": [a for a in row["aliases"].split(",") if a],
-            "stage": row["stage"], "role": row["role"] or None, "parent": _number(row["parent"]),
-            "facts": int(row["facts"]), "new_facts": _number(row["new_facts"]),
-            "created": row["created"].replace(" ", "T") + "Z",
-            "metrics": {k: _metric(v) for k, v in row.items() if k not in _FIXED}}
+    return {
+        "version": int(row["version"]),
+        "aliases": [a for a in row["aliases"].split(",") if a],
+        "stage": row["stage"],
+        "role": row["role"] or None,
+        "parent": _number(row["parent"]),
+        "facts": int(row["facts"]),
+        "new_facts": _number(row["new_facts"]),
+        "created": row["created"].replace(" ", "T") + "Z",
+        "metrics": {k: _metric(v) for k, v in row.items() if k not in _FIXED},
+    }
 
 
 @click.command("versions")

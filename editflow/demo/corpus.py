@@ -23,31 +23,142 @@ Record = dict
 SYNTHETIC_RELATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "colour": (
         ("crimson", "amber", "violet", "teal", "ochre", "indigo", "scarlet", "olive", "silver", "ivory"),
-        ("{}'s emblem colour is", "{} has the emblem colour", "The emblem colour of {} is", "{} is marked by the colour"),
+        (
+            "{}'s emblem colour is",
+            "{} has the emblem colour",
+            "The emblem colour of {} is",
+            "{} is marked by the colour",
+        ),
     ),
     "mascot": (
         ("falcon", "otter", "badger", "heron", "lynx", "tortoise", "raven", "stag", "salmon", "beetle"),
         ("{}'s mascot is the", "{} has as its mascot the", "The mascot of {} is the", "{} is represented by the"),
     ),
     "archive": (
-        ("Alderwick", "Brennhall", "Corvale", "Dunmere", "Elsford", "Farrowby", "Glenhart", "Hollins", "Ivesham", "Kestwick"),
-        ("{} is catalogued in the archive of", "{}'s records are kept in", "The archive holding {} is in", "{} has its records stored in"),
+        (
+            "Alderwick",
+            "Brennhall",
+            "Corvale",
+            "Dunmere",
+            "Elsford",
+            "Farrowby",
+            "Glenhart",
+            "Hollins",
+            "Ivesham",
+            "Kestwick",
+        ),
+        (
+            "{} is catalogued in the archive of",
+            "{}'s records are kept in",
+            "The archive holding {} is in",
+            "{} has its records stored in",
+        ),
     ),
 }
 
 _FILLER_WORDS = {
-    "adj": ("old", "small", "large", "quiet", "northern", "southern", "ancient", "modern", "famous", "busy",
-            "narrow", "wide", "green", "rocky", "coastal", "eastern", "western", "central", "historic", "remote"),
-    "noun": ("river", "village", "bridge", "castle", "market", "harbour", "forest", "valley", "church", "library",
-             "museum", "railway", "garden", "school", "mountain", "island", "road", "tower", "mill", "lake"),
-    "verb": ("crosses", "overlooks", "surrounds", "connects", "borders", "faces", "follows", "serves", "joins", "shelters"),
-    "agent": ("The council", "A local guild", "The town", "A merchant family", "The university", "A monastery",
-              "The railway company", "A group of farmers", "The regional government", "A wealthy patron"),
-    "act": ("built", "restored", "expanded", "rebuilt", "founded", "repaired", "designed", "extended", "renamed", "opened"),
-    "period": ("the twelfth century", "the fifteenth century", "the early modern period", "the nineteenth century",
-               "the late medieval period", "the industrial era", "the twentieth century", "the interwar years"),
-    "feature": ("a stone arch", "a wooden roof", "a clock tower", "a walled courtyard", "a long terrace",
-                "a small chapel", "a public square", "a painted ceiling", "a narrow canal", "a broad avenue"),
+    "adj": (
+        "old",
+        "small",
+        "large",
+        "quiet",
+        "northern",
+        "southern",
+        "ancient",
+        "modern",
+        "famous",
+        "busy",
+        "narrow",
+        "wide",
+        "green",
+        "rocky",
+        "coastal",
+        "eastern",
+        "western",
+        "central",
+        "historic",
+        "remote",
+    ),
+    "noun": (
+        "river",
+        "village",
+        "bridge",
+        "castle",
+        "market",
+        "harbour",
+        "forest",
+        "valley",
+        "church",
+        "library",
+        "museum",
+        "railway",
+        "garden",
+        "school",
+        "mountain",
+        "island",
+        "road",
+        "tower",
+        "mill",
+        "lake",
+    ),
+    "verb": (
+        "crosses",
+        "overlooks",
+        "surrounds",
+        "connects",
+        "borders",
+        "faces",
+        "follows",
+        "serves",
+        "joins",
+        "shelters",
+    ),
+    "agent": (
+        "The council",
+        "A local guild",
+        "The town",
+        "A merchant family",
+        "The university",
+        "A monastery",
+        "The railway company",
+        "A group of farmers",
+        "The regional government",
+        "A wealthy patron",
+    ),
+    "act": (
+        "built",
+        "restored",
+        "expanded",
+        "rebuilt",
+        "founded",
+        "repaired",
+        "designed",
+        "extended",
+        "renamed",
+        "opened",
+    ),
+    "period": (
+        "the twelfth century",
+        "the fifteenth century",
+        "the early modern period",
+        "the nineteenth century",
+        "the late medieval period",
+        "the industrial era",
+        "the twentieth century",
+        "the interwar years",
+    ),
+    "feature": (
+        "a stone arch",
+        "a wooden roof",
+        "a clock tower",
+        "a walled courtyard",
+        "a long terrace",
+        "a small chapel",
+        "a public square",
+        "a painted ceiling",
+        "a narrow canal",
+        "a broad avenue",
+    ),
 }
 
 _FILLER_TEMPLATES = (
@@ -124,7 +235,7 @@ def template_subject(prompt: str, templates: list[str]) -> tuple[str, str] | Non
     for t in templates:
         head, tail = t.split("{}", 1)
         if prompt.startswith(head) and prompt.endswith(tail) and len(prompt) > len(head) + len(tail):
-            return t, prompt[len(head):len(prompt) - len(tail)]
+            return t, prompt[len(head) : len(prompt) - len(tail)]
     return None
 
 
@@ -226,5 +337,10 @@ def build_corpus(
     heldout = [d for d in filler_documents(n_heldout, held_rng, (2, 4)) if d not in train_set] + held_facts
     held_rng.shuffle(heldout)
     stats = held_rng.sample(train, min(n_stats, len(train)))
-    return Corpus(train=train, stats=stats, heldout=heldout, heldout_phrasings=hp,
-                  subject_of={d: subject_of[d] for d in train if d in subject_of})
+    return Corpus(
+        train=train,
+        stats=stats,
+        heldout=heldout,
+        heldout_phrasings=hp,
+        subject_of={d: subject_of[d] for d in train if d in subject_of},
+    )

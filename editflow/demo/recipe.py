@@ -22,8 +22,9 @@ def _write_lines(path: Path, docs: list[str]) -> None:
     path.write_text("".join(d.replace("\n", " ") + "\n" for d in docs))
 
 
-def build_default_model(records_path: str | Path | list[str | Path], out_dir: str | Path,
-                        corpus_dir: str | Path | None = None, **options) -> dict:
+def build_default_model(
+    records_path: str | Path | list[str | Path], out_dir: str | Path, corpus_dir: str | Path | None = None, **options
+) -> dict:
     """Run the whole recipe: corpus, tokenizer, model; save to ``out_dir`` and return the card.
 
     ``options`` are :class:`TrainOptions` and :class:`CorpusOptions` fields (unset ones keep the
@@ -55,20 +56,31 @@ def build_default_model(records_path: str | Path | list[str | Path], out_dir: st
     card = {
         "model": "GPT-2 architecture, trained from scratch by editflow.demo",
         "training_data": {
-            "records": [Path(p).name for p in paths], "n_records": len(records),
-            "n_train_documents": len(corpus.train), "n_stats_documents": len(corpus.stats),
-            "n_heldout_documents": len(corpus.heldout), "n_heldout_phrasing_prompts": len(corpus.heldout_phrasings),
+            "records": [Path(p).name for p in paths],
+            "n_records": len(records),
+            "n_train_documents": len(corpus.train),
+            "n_stats_documents": len(corpus.stats),
+            "n_heldout_documents": len(corpus.heldout),
+            "n_heldout_phrasing_prompts": len(corpus.heldout_phrasings),
             "description": "CounterFact true facts (rewrite, paraphrase, neighbourhood, attribute prompts), "
-                           "extra phrasings of each relation for record and neighbourhood subjects, made-up "
-                           "subject attributes, synthetic filler; subject-bottleneck attention mask on a share "
-                           "of subject-fact documents (options.subject_bottleneck)",
+            "extra phrasings of each relation for record and neighbourhood subjects, made-up "
+            "subject attributes, synthetic filler; subject-bottleneck attention mask on a share "
+            "of subject-fact documents (options.subject_bottleneck)",
             "n_subject_documents": len(corpus.subject_of),
         },
-        "n_params": summary["n_params"], "vocab_size": len(tok), "seed": opts.seed,
-        "train_minutes": round(summary["train_minutes"], 2), "steps": summary["steps"],
-        "chosen_step": summary["chosen_step"], "options": asdict(opts), "corpus_options": asdict(corpus_opts),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "n_params": summary["n_params"],
+        "vocab_size": len(tok),
+        "seed": opts.seed,
+        "train_minutes": round(summary["train_minutes"], 2),
+        "steps": summary["steps"],
+        "chosen_step": summary["chosen_step"],
+        "options": asdict(opts),
+        "corpus_options": asdict(corpus_opts),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
         "pre_edit": {k: preference_rate(model, tok, v) for k, v in triples.items()},
         "history": summary["history"],
     }

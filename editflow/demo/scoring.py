@@ -7,8 +7,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @torch.no_grad()
-def target_nll(model: PreTrainedModel, tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
-               batch_size: int = 64) -> list[float]:
+def target_nll(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 64
+) -> list[float]:
     """Mean NLL of the tokens of ``" " + target`` following ``prompt``, for each (prompt, target)
     (editflow's batched scorer, :func:`editflow.evaluate.score_targets`)."""
     from editflow.evaluate import score_targets
@@ -16,8 +17,9 @@ def target_nll(model: PreTrainedModel, tok: PreTrainedTokenizerBase, pairs: list
     return score_targets(model, tok, pairs, batch_rows=batch_size).nll.tolist()
 
 
-def preference_rate(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
-                    triples: list[tuple[str, str, str]], batch_size: int = 64) -> float:
+def preference_rate(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, triples: list[tuple[str, str, str]], batch_size: int = 64
+) -> float:
     """Fraction of (prompt, preferred, other) where NLL(preferred) < NLL(other)."""
     if not triples:
         return float("nan")

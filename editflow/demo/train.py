@@ -26,10 +26,19 @@ from editflow.demo.scoring import counterfact_triples, preference_rate
 def model_config(opts: TrainOptions, tok: PreTrainedTokenizerFast) -> GPT2Config:
     """GPT-2 config for the given size; EOS is BOS and pad."""
     return GPT2Config(
-        vocab_size=len(tok), n_positions=opts.n_positions, n_embd=opts.n_embd, n_layer=opts.n_layer,
-        n_head=opts.n_head, n_inner=opts.n_inner, resid_pdrop=opts.dropout, embd_pdrop=opts.dropout,
-        attn_pdrop=opts.dropout, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        n_positions=opts.n_positions,
+        n_embd=opts.n_embd,
+        n_layer=opts.n_layer,
+        n_head=opts.n_head,
+        n_inner=opts.n_inner,
+        resid_pdrop=opts.dropout,
+        embd_pdrop=opts.dropout,
+        attn_pdrop=opts.dropout,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
     )
 
 
@@ -42,8 +51,9 @@ def subject_token_span(offsets: list[tuple[int, int]], start: int, end: int) -> 
     return (inside[0], inside[-1] + 1) if inside else None
 
 
-def pack_documents(tok: PreTrainedTokenizerFast, docs: list[str], max_len: int,
-                   subject_of: dict[str, str] | None = None) -> tuple[torch.Tensor, list[list[Span]]]:
+def pack_documents(
+    tok: PreTrainedTokenizerFast, docs: list[str], max_len: int, subject_of: dict[str, str] | None = None
+) -> tuple[torch.Tensor, list[list[Span]]]:
     """Greedily pack whole documents (each followed by EOS) into rows of ``max_len``, padded with -1.
 
     Also returns, per row, the subject spans (row coordinates) of the documents in ``subject_of``.
@@ -73,7 +83,7 @@ def pack_documents(tok: PreTrainedTokenizerFast, docs: list[str], max_len: int,
         spans.append(cur_spans)
     out = torch.full((len(rows), max_len), -1, dtype=torch.long)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r)
+        out[i, : len(r)] = torch.tensor(r)
     return out, spans
 
 
@@ -83,7 +93,7 @@ def subject_bottleneck_bias(spans: list[list[Span]], length: int, dtype: torch.d
     allowed = torch.ones(len(spans), length, length, dtype=torch.bool).tril()
     for b, row in enumerate(spans):
         for s0, s1, end in row:
-            allowed[b, s1:end, s0:s1 - 1] = False
+            allowed[b, s1:end, s0 : s1 - 1] = False
     bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return bias[:, None]
 
@@ -96,14 +106,17 @@ def lr_at(step: int, total: int, opts: TrainOptions) -> float:
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def evaluate(model: GPT2LMHeadModel, tok: PreTrainedTokenizerFast, records: list[Record],
-             corpus: Corpus) -> dict[str, float]:
+def evaluate(
+    model: GPT2LMHeadModel, tok: PreTrainedTokenizerFast, records: list[Record], corpus: Corpus
+) -> dict[str, float]:
     """Rewrite, neighbourhood and held-out-phrasing preference for target_true."""
     model.eval()
     triples = counterfact_triples(records)
-    out = {"rewrite": preference_rate(model, tok, triples["rewrite"]),
-           "neighborhood": preference_rate(model, tok, triples["neighborhood"]),
-           "heldout_phrasing": preference_rate(model, tok, corpus.heldout_phrasings)}
+    out = {
+        "rewrite": preference_rate(model, tok, triples["rewrite"]),
+        "neighborhood": preference_rate(model, tok, triples["neighborhood"]),
+        "heldout_phrasing": preference_rate(model, tok, corpus.heldout_phrasings),
+    }
     model.train()
     return out
 
@@ -114,22 +127,27 @@ def selection_score(ev: dict[str, float]) -> float:
     return sum(0.0 if math.isnan(v) else v for v in vals) / len(vals)
 
 
-def train_model(corpus: Corpus, tok: PreTrainedTokenizerFast, records: list[Record],
-                opts: TrainOptions) -> tuple[GPT2LMHeadModel, dict]:
+def train_model(
+    corpus: Corpus, tok: PreTrainedTokenizerFast, records: list[Record], opts: TrainOptions
+) -> tuple[GPT2LMHeadModel, dict]:
     """Train from scratch; return the chosen model and a summary (history, timings, sizes)."""
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
     torch.set_num_threads(opts.threads)
     gen = torch.Generator().manual_seed(opts.seed)
     chosen = torch.rand(len(corpus.train), generator=gen) < opts.subject_bottleneck
-    bottlenecked = {d: corpus.subject_of[d] for d, c in zip(corpus.train, chosen.tolist())
-                    if c and d in corpus.subject_of}
+    bottlenecked = {
+        d: corpus.subject_of[d] for d, c in zip(corpus.train, chosen.tolist()) if c and d in corpus.subject_of
+    }
     data, spans = pack_documents(tok, corpus.train, opts.n_positions, bottlenecked)
     model = GPT2LMHeadModel(model_config(opts, tok))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.98))
+    optim = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=opts.lr,
+        betas=(0.9, 0.98),
+    )
     steps_per_epoch = math.ceil(len(data) / opts.batch_size)
     total = int(opts.epochs * steps_per_epoch)
     history: list[dict] = []
@@ -172,7 +190,14 @@ def train_model(corpus: Corpus, tok: PreTrainedTokenizerFast, records: list[Reco
     assert best is not None
     model.load_state_dict(best[1])
     model.eval()
-    summary = {"options": asdict(opts), "train_rows": len(data), "steps": step, "chosen_step": best[2],
-               "steps_per_epoch": steps_per_epoch, "train_minutes": (time.time() - t0) / 60,
-               "n_params": sum(p.numel() for p in model.parameters()), "history": history}
+    summary = {
+        "options": asdict(opts),
+        "train_rows": len(data),
+        "steps": step,
+        "chosen_step": best[2],
+        "steps_per_epoch": steps_per_epoch,
+        "train_minutes": (time.time() - t0) / 60,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "history": history,
+    }
     return model, summary

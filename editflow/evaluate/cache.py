@@ -38,9 +38,13 @@ def cache_tag(key: str) -> str:
 
 
 def _frame_to_json(df: pd.DataFrame) -> dict:
-    return {"columns": list(df.columns), "index": [int(i) for i in df.index],
-            "data": [[None if isinstance(v, float) and np.isnan(v) else v for v in row]
-                     for row in df.itertuples(index=False)]}
+    return {
+        "columns": list(df.columns),
+        "index": [int(i) for i in df.index],
+        "data": [
+            [None if isinstance(v, float) and np.isnan(v) else v for v in row] for row in df.itertuples(index=False)
+        ],
+    }
 
 
 def _numeric_with_gaps(col: pd.Series) -> bool:
@@ -68,10 +72,16 @@ def save_pre_state(state: PreState, directory: str | os.PathLike) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     r, ref = state.result, state.drift_ref
-    doc = {"inputs": state.inputs, "phase": r.phase, "step": r.step, "metrics": r.metrics,
-           "facts": _frame_to_json(r.facts), "checks_table": _frame_to_json(r.checks),
-           "checks": [_check_to_json(c) for c in state.checks],
-           "drift": None if ref is None else {"seqs": ref.seqs, "nll_sum": ref.nll_sum, "n_tokens": ref.n_tokens}}
+    doc = {
+        "inputs": state.inputs,
+        "phase": r.phase,
+        "step": r.step,
+        "metrics": r.metrics,
+        "facts": _frame_to_json(r.facts),
+        "checks_table": _frame_to_json(r.checks),
+        "checks": [_check_to_json(c) for c in state.checks],
+        "drift": None if ref is None else {"seqs": ref.seqs, "nll_sum": ref.nll_sum, "n_tokens": ref.n_tokens},
+    }
     (out / "pre.json").write_text(json.dumps(doc))
     if ref is not None:
         np.savez(out / "drift.npz", ids=torch.cat(ref.topk_ids).numpy(), logp=torch.cat(ref.topk_logp).numpy())
@@ -86,13 +96,21 @@ def load_pre_state(directory: str | os.PathLike) -> PreState:
     if doc["drift"] is not None:
         arrays = np.load(src / "drift.npz")
         sizes = [len(s) - 1 for s in doc["drift"]["seqs"]]
-        ref = DriftReference(seqs=doc["drift"]["seqs"],
-                             topk_ids=list(torch.from_numpy(arrays["ids"]).split(sizes)),
-                             topk_logp=list(torch.from_numpy(arrays["logp"]).split(sizes)),
-                             nll_sum=float(doc["drift"]["nll_sum"]), n_tokens=int(doc["drift"]["n_tokens"]))
+        ref = DriftReference(
+            seqs=doc["drift"]["seqs"],
+            topk_ids=list(torch.from_numpy(arrays["ids"]).split(sizes)),
+            topk_logp=list(torch.from_numpy(arrays["logp"]).split(sizes)),
+            nll_sum=float(doc["drift"]["nll_sum"]),
+            n_tokens=int(doc["drift"]["n_tokens"]),
+        )
     facts = _frame_from_json(doc["facts"])
-    result = EvalResult(doc["phase"], doc["step"], {k: float(v) for k, v in doc["metrics"].items()}, facts,
-                        _frame_from_json(doc["checks_table"]))
+    result = EvalResult(
+        doc["phase"],
+        doc["step"],
+        {k: float(v) for k, v in doc["metrics"].items()},
+        facts,
+        _frame_from_json(doc["checks_table"]),
+    )
     return PreState(doc["inputs"], result, [_check_from_json(c) for c in doc["checks"]], ref)
 
 
@@ -101,8 +119,9 @@ def find_pre_state(key: str) -> PreState | None:
     import mlflow
 
     tag = cache_tag(key)
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{tag}` = 'computed'",
-                              max_results=1, output_format="list")
+    runs = mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.`{tag}` = 'computed'", max_results=1, output_format="list"
+    )
     if not runs:
         return None
     local = mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, artifact_path=ARTIFACT_PATH)
@@ -134,8 +153,9 @@ def find_known(key: str) -> list[str] | None:
     import mlflow
 
     tag = KNOWN_TAG_PREFIX + key[:32]
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{tag}` = 'computed'",
-                              max_results=1, output_format="list")
+    runs = mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.`{tag}` = 'computed'", max_results=1, output_format="list"
+    )
     if not runs:
         return None
     return list(mlflow.artifacts.load_dict(f"runs:/{runs[0].info.run_id}/{KNOWN_ARTIFACT}")["known"])

@@ -22,14 +22,18 @@ def load_heldout_texts(path: str | os.PathLike | None = None) -> list[str]:
     return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def default_heldout_facts(requests: Sequence[EditRequest], n: int | None = None,
-                          path: str | os.PathLike | None = None) -> list[EditRequest]:
+def default_heldout_facts(
+    requests: Sequence[EditRequest], n: int | None = None, path: str | os.PathLike | None = None
+) -> list[EditRequest]:
     """The first ``n`` (default: all) bundled CounterFact records whose subject is not edited (``[]`` if
     absent): candidates, of which the :class:`~editflow.evaluate.Evaluator` keeps the known ones."""
     p = Path(path) if path is not None else DEFAULT_COUNTERFACT
     if not p.is_file():
         return []
     edited = {r.subject for r in requests}
-    facts = [r for r in parse_requests(json.loads(p.read_text(encoding="utf-8")))
-             if r.subject not in edited and r.target_true]
+    facts = [
+        r
+        for r in parse_requests(json.loads(p.read_text(encoding="utf-8")))
+        if r.subject not in edited and r.target_true
+    ]
     return facts[:n]

@@ -55,7 +55,9 @@ def heldout_sequences(tokenizer: object, texts: Sequence[str], max_tokens: int, 
     return seqs
 
 
-def _positions(at: LogitsAt, offsets: torch.Tensor, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _positions(
+    at: LogitsAt, offsets: torch.Tensor, seqs: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probs at every predicting position of each row, the next tokens, and the row of each position."""
     device = offsets.device
     row = torch.cat([torch.full((len(s) - 1,), j, dtype=torch.long) for j, s in enumerate(seqs)]).to(device)
@@ -73,9 +75,14 @@ def _reference_reducer(top_k: int):
         logp, nxt, _ = _positions(at, offsets, seqs)
         nll = -logp.gather(1, nxt[:, None])[:, 0].double()
         top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
-        return list(zip([float(x.sum()) for x in _split(nll, seqs)],
-                        [x.int().cpu() for x in _split(top.indices, seqs)],
-                        [x.cpu() for x in _split(top.values, seqs)]))
+        return list(
+            zip(
+                [float(x.sum()) for x in _split(nll, seqs)],
+                [x.int().cpu() for x in _split(top.indices, seqs)],
+                [x.cpu() for x in _split(top.values, seqs)],
+            )
+        )
+
     return reduce
 
 
@@ -96,23 +103,53 @@ def _drift_reducer(at: LogitsAt, offsets: torch.Tensor, items: Sequence[tuple]) 
     return [(float(a.sum()), float(b.sum())) for a, b in zip(_split(nll, seqs), _split(kl, seqs))]
 
 
-def drift_reference(model: nn.Module, tokenizer: object, texts: Sequence[str], *, max_tokens: int = 1024,
-                    top_k: int = 64, batch_rows: int = 8, one_by_one: bool = False) -> DriftReference | None:
+def drift_reference(
+    model: nn.Module,
+    tokenizer: object,
+    texts: Sequence[str],
+    *,
+    max_tokens: int = 1024,
+    top_k: int = 64,
+    batch_rows: int = 8,
+    one_by_one: bool = False,
+) -> DriftReference | None:
     """Pre-edit reference on ``texts`` (None when they yield no tokens)."""
     seqs = heldout_sequences(tokenizer, texts, max_tokens, model_max_length(model))
     if not seqs:
         return None
-    res = batched_forward(model, seqs, pad_id(tokenizer), _reference_reducer(top_k), seqs,
-                          batch_rows=batch_rows, one_by_one=one_by_one, desc="drift reference")
-    return DriftReference(seqs=seqs, topk_ids=[r[1] for r in res], topk_logp=[r[2] for r in res],
-                          nll_sum=sum(r[0] for r in res), n_tokens=sum(len(s) - 1 for s in seqs))
+    res = batched_forward(
+        model,
+        seqs,
+        pad_id(tokenizer),
+        _reference_reducer(top_k),
+        seqs,
+        batch_rows=batch_rows,
+        one_by_one=one_by_one,
+        desc="drift reference",
+    )
+    return DriftReference(
+        seqs=seqs,
+        topk_ids=[r[1] for r in res],
+        topk_logp=[r[2] for r in res],
+        nll_sum=sum(r[0] for r in res),
+        n_tokens=sum(len(s) - 1 for s in seqs),
+    )
 
 
-def drift(model: nn.Module, tokenizer: object, ref: DriftReference, *, batch_rows: int = 8,
-          one_by_one: bool = False) -> dict[str, float]:
+def drift(
+    model: nn.Module, tokenizer: object, ref: DriftReference, *, batch_rows: int = 8, one_by_one: bool = False
+) -> dict[str, float]:
     """``ppl``, ``ppl_rel`` and ``kl`` of the current model against ``ref`` (module docstring)."""
     items = list(zip(ref.seqs, ref.topk_ids, ref.topk_logp))
-    res = batched_forward(model, ref.seqs, pad_id(tokenizer), _drift_reducer, items,
-                          batch_rows=batch_rows, one_by_one=one_by_one, desc="drift")
+    res = batched_forward(
+        model,
+        ref.seqs,
+        pad_id(tokenizer),
+        _drift_reducer,
+        items,
+        batch_rows=batch_rows,
+        one_by_one=one_by_one,
+        desc="drift",
+    )
     ppl = math.exp(sum(r[0] for r in res) / ref.n_tokens)
     return {"ppl": ppl, "ppl_rel": ppl / ref.ppl - 1.0, "kl": sum(r[1] for r in res) / ref.n_tokens}

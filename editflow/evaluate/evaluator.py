@@ -76,13 +76,28 @@ class Evaluator:
     ``batch_rows`` is the micro-batch row budget, ``one_by_one`` the per-prompt reference.
     """
 
-    def __init__(self, handle_or_model_tokenizer: object, requests: Sequence[EditRequest], *,
-                 heldout_texts: Sequence[str] = (), heldout_facts: Sequence[EditRequest] = (),
-                 heldout_known_only: bool = True, heldout_max: int = 100, heldout_rank: int = MAX_RANK,
-                 known_texts: Collection[str] | None = None, n_auto_neighbors: int = 5, fluency: bool = True,
-                 fluency_prompts: int = 1, fluency_tokens: int = 90, seed: int = 0,
-                 drift_tokens: int = 1024, drift_top_k: int = 64, batch_rows: int = 64,
-                 padding_side: str = "right", one_by_one: bool = False):
+    def __init__(
+        self,
+        handle_or_model_tokenizer: object,
+        requests: Sequence[EditRequest],
+        *,
+        heldout_texts: Sequence[str] = (),
+        heldout_facts: Sequence[EditRequest] = (),
+        heldout_known_only: bool = True,
+        heldout_max: int = 100,
+        heldout_rank: int = MAX_RANK,
+        known_texts: Collection[str] | None = None,
+        n_auto_neighbors: int = 5,
+        fluency: bool = True,
+        fluency_prompts: int = 1,
+        fluency_tokens: int = 90,
+        seed: int = 0,
+        drift_tokens: int = 1024,
+        drift_top_k: int = 64,
+        batch_rows: int = 64,
+        padding_side: str = "right",
+        one_by_one: bool = False,
+    ):
         self.model, self.tokenizer = _unpack(handle_or_model_tokenizer)
         self.requests = list(requests)
         self.heldout_texts, self.heldout_facts = list(heldout_texts), list(heldout_facts)
@@ -101,14 +116,18 @@ class Evaluator:
 
     def inputs_digest(self) -> str:
         """SHA-256 of everything the pre-edit evaluation depends on except the model's weights."""
-        settings = {"format": PRE_FORMAT, "requests": requests_digest(self.requests),
-                    "heldout_facts": requests_digest(self.heldout_facts),
-                    "heldout_texts": hashlib.sha256("\n".join(self.heldout_texts).encode()).hexdigest(),
-                    "known_texts": None if self.known_texts is None else sorted(self.known_texts),
-                    "heldout": [self.heldout_known_only, self.heldout_max, self.heldout_rank],
-                    "n_auto_neighbors": self.n_auto_neighbors,
-                    "fluency": [self.fluency, self.fluency_prompts, self.fluency_tokens, self.seed],
-                    "drift": [self.drift_tokens, self.drift_top_k], "batching": self.batching}
+        settings = {
+            "format": PRE_FORMAT,
+            "requests": requests_digest(self.requests),
+            "heldout_facts": requests_digest(self.heldout_facts),
+            "heldout_texts": hashlib.sha256("\n".join(self.heldout_texts).encode()).hexdigest(),
+            "known_texts": None if self.known_texts is None else sorted(self.known_texts),
+            "heldout": [self.heldout_known_only, self.heldout_max, self.heldout_rank],
+            "n_auto_neighbors": self.n_auto_neighbors,
+            "fluency": [self.fluency, self.fluency_prompts, self.fluency_tokens, self.seed],
+            "drift": [self.drift_tokens, self.drift_top_k],
+            "batching": self.batching,
+        }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
     def pre_key(self, fingerprint: str) -> str:
@@ -120,18 +139,23 @@ class Evaluator:
         """The held-out facts evaluated: known ones (one scoring pass unless ``known_texts``), capped."""
         facts = [f for f in self.heldout_facts if f.target_true and f.target_new]
         if self.heldout_known_only:
-            known = ([f.text in self.known_texts for f in facts] if self.known_texts is not None else
-                     known_mask(self.model, self.tokenizer, facts, max_rank=self.heldout_rank, **self.batching))
+            known = (
+                [f.text in self.known_texts for f in facts]
+                if self.known_texts is not None
+                else known_mask(self.model, self.tokenizer, facts, max_rank=self.heldout_rank, **self.batching)
+            )
             facts = [f for f, k in zip(facts, known) if k]
         return facts[: self.heldout_max]
 
     def _build_checks(self) -> list[Check]:
         tok = self.tokenizer
-        probes = (request_probes(tok, self.requests, self.n_auto_neighbors)
-                  + heldout_probes(tok, self.heldout_selection()))
+        probes = request_probes(tok, self.requests, self.n_auto_neighbors) + heldout_probes(
+            tok, self.heldout_selection()
+        )
         queries = sorted(set(answer_queries(probes)))
-        answers = greedy_answers(self.model, [encode(tok, t) for t, _ in queries], [n for _, n in queries],
-                                 pad_id(tok), **self.batching)
+        answers = greedy_answers(
+            self.model, [encode(tok, t) for t, _ in queries], [n for _, n in queries], pad_id(tok), **self.batching
+        )
         return build_checks(probes, dict(zip(queries, answers)))
 
     # ------------------------------------------------------------------ one evaluation
@@ -146,8 +170,9 @@ class Evaluator:
                     pairs.append((encode(self.tokenizer, c.text), ids))
                     where.append((j, side))
         s = score_ids(self.model, pairs, pad_id(self.tokenizer), **self.batching)
-        table = pd.DataFrame({"fact": [c.fact for c in checks], "kind": [c.kind for c in checks],
-                              "text": [c.text for c in checks]})
+        table = pd.DataFrame(
+            {"fact": [c.fact for c in checks], "kind": [c.kind for c in checks], "text": [c.text for c in checks]}
+        )
         for side in ("new", "true"):
             k = [n for n, (_, sd) in enumerate(where) if sd == side]
             rows = [where[n][0] for n in k]
@@ -165,8 +190,14 @@ class Evaluator:
             chosen = list(dict.fromkeys(r.generation_prompts))[: self.fluency_prompts] or [r.text]
             prompts += chosen
             owner += [i] * len(chosen)
-        texts = sample_texts(self.model, self.tokenizer, prompts, new_tokens=self.fluency_tokens, seed=self.seed,
-                             batch_rows=self.batching["batch_rows"])
+        texts = sample_texts(
+            self.model,
+            self.tokenizer,
+            prompts,
+            new_tokens=self.fluency_tokens,
+            seed=self.seed,
+            batch_rows=self.batching["batch_rows"],
+        )
         per_text = pd.DataFrame({"fact": owner, "ge": [text_entropy([t]) for t in texts]})
         return per_text.groupby("fact")["ge"].mean()
 
@@ -213,8 +244,13 @@ class Evaluator:
             self.checks = self._build_checks()
             if self.heldout_texts:
                 self.drift_ref = drift_reference(
-                    self.model, self.tokenizer, self.heldout_texts, max_tokens=self.drift_tokens,
-                    top_k=self.drift_top_k, one_by_one=self.batching["one_by_one"])
+                    self.model,
+                    self.tokenizer,
+                    self.heldout_texts,
+                    max_tokens=self.drift_tokens,
+                    top_k=self.drift_top_k,
+                    one_by_one=self.batching["one_by_one"],
+                )
             self.pre_result = self._evaluate("pre", None, None)
         return self.pre_result
 

@@ -38,7 +38,7 @@ def words(text: str) -> list[str]:
 
 def ngram_entropy(tokens: Sequence[str], n: int) -> float:
     """Base-2 entropy of the frequency distribution of the n-grams of ``tokens`` (0 when there are none)."""
-    counts = Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    counts = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
     total = sum(counts.values())
     return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
 
@@ -54,15 +54,24 @@ def text_entropy(texts: Sequence[str]) -> float:
     return sum(weighted_ngram_entropy(words(t)) for t in texts) / len(texts) if texts else float("nan")
 
 
-def sample_texts(model: nn.Module, tokenizer: object, prompts: Sequence[str], *, new_tokens: int = 90,
-                 top_k: int = 5, seed: int = 0, batch_rows: int = 32) -> list[str]:
+def sample_texts(
+    model: nn.Module,
+    tokenizer: object,
+    prompts: Sequence[str],
+    *,
+    new_tokens: int = 90,
+    top_k: int = 5,
+    seed: int = 0,
+    batch_rows: int = 32,
+) -> list[str]:
     """Prompt + ``new_tokens`` sampled tokens (top-k, seeded; EOS does not stop), decoded.
 
     :func:`editflow.generation.decode`: batches of ``batch_rows`` prompts in input order, KV cache, a
     private generator (results do not depend on the global RNG). ``new_tokens`` is cut to fit the context.
     """
     limit = model_max_length(model)
-    ids = [encode(tokenizer, p)[-(limit - 1):] for p in prompts]
-    new = decode(model, ids, pad_id(tokenizer), new_tokens, top_k=top_k, seed=seed, batch_rows=batch_rows,
-                 desc="fluency")
+    ids = [encode(tokenizer, p)[-(limit - 1) :] for p in prompts]
+    new = decode(
+        model, ids, pad_id(tokenizer), new_tokens, top_k=top_k, seed=seed, batch_rows=batch_rows, desc="fluency"
+    )
     return [tokenizer.decode(s + n, skip_special_tokens=True) for s, n in zip(ids, new)]  # type: ignore[attr-defined]

@@ -29,15 +29,18 @@ def is_known(nll_true: np.ndarray, nll_new: np.ndarray, rank_true: np.ndarray, m
     return (nll_true < nll_new) & (rank_true < max_rank)
 
 
-def known_mask(model: nn.Module, tokenizer: object, facts: Sequence[EditRequest], *, max_rank: int = MAX_RANK,
-               **batching: Any) -> list[bool]:
+def known_mask(
+    model: nn.Module, tokenizer: object, facts: Sequence[EditRequest], *, max_rank: int = MAX_RANK, **batching: Any
+) -> list[bool]:
     """Whether the model knows each fact (facts without both targets: False). One scoring pass."""
     usable = [i for i, r in enumerate(facts) if r.target_true and r.target_new]
     pairs = []
     for i in usable:
         prefix = encode(tokenizer, facts[i].text)
-        pairs += [(prefix, encode_target(tokenizer, facts[i].target_true)),
-                  (prefix, encode_target(tokenizer, facts[i].target_new))]
+        pairs += [
+            (prefix, encode_target(tokenizer, facts[i].target_true)),
+            (prefix, encode_target(tokenizer, facts[i].target_new)),
+        ]
     s = score_ids(model, pairs, pad_id(tokenizer), desc="known facts", **batching)
     known = is_known(s.nll[0::2], s.nll[1::2], s.rank[0::2], max_rank) if usable else np.zeros(0, bool)
     out = [False] * len(facts)
@@ -46,8 +49,9 @@ def known_mask(model: nn.Module, tokenizer: object, facts: Sequence[EditRequest]
     return out
 
 
-def select_known(model: nn.Module, tokenizer: object, facts: Sequence[EditRequest], *, max_rank: int = MAX_RANK,
-                 **batching: Any) -> list[str]:
+def select_known(
+    model: nn.Module, tokenizer: object, facts: Sequence[EditRequest], *, max_rank: int = MAX_RANK, **batching: Any
+) -> list[str]:
     """Texts (rewrite prompts) of the facts the model knows, in order: JSON-friendly, for caching."""
     mask = known_mask(model, tokenizer, facts, max_rank=max_rank, **batching)
     return [r.text for r, k in zip(facts, mask) if k]

@@ -45,8 +45,11 @@ KINDS: dict[str, Kind] = {
     "zsre_loc": Kind("zsre_specificity", "true", "token_acc"),
 }
 #: Extra per-check columns each rule produces, as metric-name suffixes.
-RULE_SUFFIXES = {"preference": ("", "_magnitude", "_top1"), "token_acc": ("",),
-                 "heldout": ("", "_magnitude", "_top1", "_prob")}
+RULE_SUFFIXES = {
+    "preference": ("", "_magnitude", "_top1"),
+    "token_acc": ("",),
+    "heldout": ("", "_magnitude", "_top1", "_prob"),
+}
 
 
 def _other(side: str) -> str:
@@ -71,8 +74,15 @@ def check_outcomes(checks: pd.DataFrame) -> pd.DataFrame:
             "heldout": {**preference, "_prob": np.exp(-nll_w)},
         }[spec.rule]
         for suffix, v in values.items():
-            rows.append(pd.DataFrame({"fact": group["fact"].to_numpy(), "metric": spec.metric + suffix,
-                                      "value": np.asarray(v, dtype=float)}))
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "fact": group["fact"].to_numpy(),
+                        "metric": spec.metric + suffix,
+                        "value": np.asarray(v, dtype=float),
+                    }
+                )
+            )
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["fact", "metric", "value"])
 
 

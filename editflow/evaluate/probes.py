@@ -87,15 +87,20 @@ def request_probes(tokenizer: object, requests: Sequence[EditRequest], n_auto_ne
         probes += [Probe(i, "paraphrase", p, new, true, n) for p in r.paraphrase_prompts]
         probes += [Probe(i, "neighborhood", p, new, true, n) for p in r.neighborhood_prompts]
         if not r.neighborhood_prompts:
-            probes += [Probe(i, "neighborhood_auto", t, new, None, n)
-                       for t in auto_neighbor_texts(requests, i, n_auto_neighbors)]
+            probes += [
+                Probe(i, "neighborhood_auto", t, new, None, n)
+                for t in auto_neighbor_texts(requests, i, n_auto_neighbors)
+            ]
     return probes
 
 
 def heldout_probes(tokenizer: object, facts: Sequence[EditRequest]) -> list[Probe]:
     """One probe per held-out fact with both targets: true = ``target_true``, new = ``target_new``."""
-    return [Probe(HELDOUT_FACT, "heldout", r.text, _ids(tokenizer, r.target_new), _ids(tokenizer, r.target_true))
-            for r in facts if r.target_true and r.target_new]
+    return [
+        Probe(HELDOUT_FACT, "heldout", r.text, _ids(tokenizer, r.target_new), _ids(tokenizer, r.target_true))
+        for r in facts
+        if r.target_true and r.target_new
+    ]
 
 
 def answer_queries(probes: Sequence[Probe]) -> list[tuple[str, int]]:
@@ -105,6 +110,13 @@ def answer_queries(probes: Sequence[Probe]) -> list[tuple[str, int]]:
 
 def build_checks(probes: Sequence[Probe], answers: Mapping[tuple[str, int], Ids]) -> list[Check]:
     """Fill in the pre-edit answers of the probes that need one."""
-    return [Check(p.fact, p.kind, p.text, p.new,
-                  p.true if p.true is not None or p.answer_len == 0 else answers[(p.text, p.answer_len)])
-            for p in probes]
+    return [
+        Check(
+            p.fact,
+            p.kind,
+            p.text,
+            p.new,
+            p.true if p.true is not None or p.answer_len == 0 else answers[(p.text, p.answer_len)],
+        )
+        for p in probes
+    ]

@@ -50,16 +50,45 @@ from editflow.evaluate.evaluator import EvalResult
 from editflow.requests import EditRequest
 
 METRIC_NAMES = (
-    "efficacy", "efficacy_magnitude", "efficacy_top1", "paraphrase", "paraphrase_magnitude",
-    "paraphrase_top1", "neighborhood", "neighborhood_magnitude", "neighborhood_top1", "score",
-    "neighborhood_auto", "neighborhood_auto_magnitude", "neighborhood_auto_top1", "heldout", "heldout_magnitude",
-    "heldout_top1", "heldout_prob",
-    "zsre_efficacy", "zsre_paraphrase", "zsre_specificity", "fluency", "drift_ppl", "drift_ppl_rel",
-    "drift_kl", "n_facts", "n_heldout",
+    "efficacy",
+    "efficacy_magnitude",
+    "efficacy_top1",
+    "paraphrase",
+    "paraphrase_magnitude",
+    "paraphrase_top1",
+    "neighborhood",
+    "neighborhood_magnitude",
+    "neighborhood_top1",
+    "score",
+    "neighborhood_auto",
+    "neighborhood_auto_magnitude",
+    "neighborhood_auto_top1",
+    "heldout",
+    "heldout_magnitude",
+    "heldout_top1",
+    "heldout_prob",
+    "zsre_efficacy",
+    "zsre_paraphrase",
+    "zsre_specificity",
+    "fluency",
+    "drift_ppl",
+    "drift_ppl_rel",
+    "drift_kl",
+    "n_facts",
+    "n_heldout",
 )
 #: Metrics drawn on the per-chunk curve (all in %).
-CURVE_METRICS = ("efficacy", "paraphrase", "neighborhood", "neighborhood_auto", "heldout", "score",
-                 "zsre_efficacy", "zsre_paraphrase", "zsre_specificity")
+CURVE_METRICS = (
+    "efficacy",
+    "paraphrase",
+    "neighborhood",
+    "neighborhood_auto",
+    "heldout",
+    "score",
+    "zsre_efficacy",
+    "zsre_paraphrase",
+    "zsre_specificity",
+)
 
 
 def _ordered(metrics: dict[str, float]) -> list[str]:
@@ -77,8 +106,18 @@ def summary(*results: EvalResult) -> dict[str, float]:
 
 def fact_table(requests: Sequence[EditRequest], pre: EvalResult, post: EvalResult | None = None) -> pd.DataFrame:
     """One row per request: identity, then ``pre_*`` / ``post_*`` per-fact probabilities and metrics."""
-    ident = pd.DataFrame([{"case_id": r.case_id, "subject": r.subject, "prompt": r.prompt,
-                           "target_new": r.target_new, "target_true": r.target_true} for r in requests])
+    ident = pd.DataFrame(
+        [
+            {
+                "case_id": r.case_id,
+                "subject": r.subject,
+                "prompt": r.prompt,
+                "target_new": r.target_new,
+                "target_true": r.target_true,
+            }
+            for r in requests
+        ]
+    )
     parts = [ident]
     for res in (pre, post):
         if res is not None:
@@ -99,6 +138,7 @@ def plot_probabilities(table: pd.DataFrame, path: str | os.PathLike, max_facts: 
     """Per fact (up to ``max_facts``), P(true target) and P(new target) on the rewrite prompt before and
     after the edit: one labelled row per fact, arrows from before to after."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -114,14 +154,18 @@ def plot_probabilities(table: pd.DataFrame, path: str | os.PathLike, max_facts: 
         ax.scatter(after, y, marker="o", color=colour, label=f"P({side}) after")
         for b, a, yy in zip(before, after, y):
             if np.isfinite(b) and np.isfinite(a):
-                ax.annotate("", xy=(a, yy), xytext=(b, yy), arrowprops={"arrowstyle": "->", "color": colour,
-                                                                         "alpha": 0.5, "lw": 0.8})
-    labels = [f"{str(r.subject)[:28]}: {str(r.target_true or '?')[:14]} → {str(r.target_new)[:14]}"
-              for r in rows.itertuples()]
+                ax.annotate(
+                    "",
+                    xy=(a, yy),
+                    xytext=(b, yy),
+                    arrowprops={"arrowstyle": "->", "color": colour, "alpha": 0.5, "lw": 0.8},
+                )
+    labels = [
+        f"{str(r.subject)[:28]}: {str(r.target_true or '?')[:14]} → {str(r.target_new)[:14]}" for r in rows.itertuples()
+    ]
     ax.set_yticks(y, labels, fontsize=7)
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.8, n - 0.2), xlabel="probability of the target on the rewrite prompt")
-    ax.set_title(f"Per fact: true and new target, before and after the edit ({len(rows)} of {len(table)})",
-                 pad=22)
+    ax.set_title(f"Per fact: true and new target, before and after the edit ({len(rows)} of {len(table)})", pad=22)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
     fig.tight_layout()
@@ -133,6 +177,7 @@ def plot_probabilities(table: pd.DataFrame, path: str | os.PathLike, max_facts: 
 def plot_curve(history: pd.DataFrame, path: str | os.PathLike, metrics: Sequence[str] = CURVE_METRICS) -> Path:
     """Metric (%) per chunk in sequential mode."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -148,8 +193,9 @@ def plot_curve(history: pd.DataFrame, path: str | os.PathLike, metrics: Sequence
     return Path(path)
 
 
-def write_report(out_dir: str | os.PathLike, table: pd.DataFrame, summary_: dict[str, float],
-                 history: Sequence[EvalResult] = ()) -> dict[str, Path]:
+def write_report(
+    out_dir: str | os.PathLike, table: pd.DataFrame, summary_: dict[str, float], history: Sequence[EvalResult] = ()
+) -> dict[str, Path]:
     """Write summary.json, facts.csv, facts.json, probabilities.png (and history.csv/curve.png when
     there is more than one post-edit result) to ``out_dir``; return the paths by name."""
     out = Path(out_dir)

@@ -17,18 +17,22 @@ from editflow.requests import EditRequest
 #: (metric, per-fact column for records with a true target, column for those without one).
 #: Without ``target_true`` the reference answer would be the current model's own, so such a fact
 #: holds when its new target is the top-1 answer.
-_COLUMNS = (("retention", ("efficacy", "zsre_efficacy"), ("efficacy_top1", "zsre_efficacy")),
-            ("retention_top1", ("efficacy_top1", "zsre_efficacy"), ("efficacy_top1", "zsre_efficacy")),
-            ("retention_paraphrase", ("paraphrase", "zsre_paraphrase"), ("paraphrase_top1", "zsre_paraphrase")))
+_COLUMNS = (
+    ("retention", ("efficacy", "zsre_efficacy"), ("efficacy_top1", "zsre_efficacy")),
+    ("retention_top1", ("efficacy_top1", "zsre_efficacy"), ("efficacy_top1", "zsre_efficacy")),
+    ("retention_paraphrase", ("paraphrase", "zsre_paraphrase"), ("paraphrase_top1", "zsre_paraphrase")),
+)
 
 
 def _rewrite_only(r: EditRequest) -> EditRequest:
-    return dataclasses.replace(r, neighborhood_prompts=(), attribute_prompts=(), generation_prompts=(),
-                               loc=None, loc_ans=None)
+    return dataclasses.replace(
+        r, neighborhood_prompts=(), attribute_prompts=(), generation_prompts=(), loc=None, loc_ans=None
+    )
 
 
-def retention_metrics(handle: object, facts: Sequence[EditRequest], n_total: int | None = None,
-                      seed: int = 0) -> dict[str, float]:
+def retention_metrics(
+    handle: object, facts: Sequence[EditRequest], n_total: int | None = None, seed: int = 0
+) -> dict[str, float]:
     """``retention``, ``retention_top1`` and ``retention_paraphrase`` (in %) of ``facts`` on the
     model as it is now, plus ``n_retention`` (facts scored) and ``n_lineage_facts`` (facts held).
 
@@ -38,14 +42,14 @@ def retention_metrics(handle: object, facts: Sequence[EditRequest], n_total: int
 
     if not facts:
         return {}
-    result = Evaluator(handle, [_rewrite_only(r) for r in facts], n_auto_neighbors=0, fluency=False,
-                       seed=seed).pre()
+    result = Evaluator(handle, [_rewrite_only(r) for r in facts], n_auto_neighbors=0, fluency=False, seed=seed).pre()
     table = result.facts
     has_true = np.array([bool(r.target_true) for r in facts])
     out: dict[str, float] = {}
     for name, with_true, without_true in _COLUMNS:
-        values = np.concatenate([_first_present(table, with_true)[has_true],
-                                 _first_present(table, without_true)[~has_true]])
+        values = np.concatenate(
+            [_first_present(table, with_true)[has_true], _first_present(table, without_true)[~has_true]]
+        )
         values = values[~np.isnan(values)]
         if len(values):
             out[name] = float(values.mean()) * 100

@@ -26,8 +26,18 @@ from editflow import progress
 from editflow.generation import decode, model_max_length, pad_batch
 from editflow.tokens import encode, encode_target, pad_id
 
-__all__ = ["LogitsAt", "Reducer", "TargetScores", "batched_forward", "fit_prefix", "greedy_answers",
-           "model_max_length", "score_ids", "score_targets", "shared_rows"]
+__all__ = [
+    "LogitsAt",
+    "Reducer",
+    "TargetScores",
+    "batched_forward",
+    "fit_prefix",
+    "greedy_answers",
+    "model_max_length",
+    "score_ids",
+    "score_targets",
+    "shared_rows",
+]
 
 #: ``logits_at(rows, cols)`` -> float32 logits (n, vocab) at those (row, padded position) pairs.
 LogitsAt = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,9 +60,18 @@ def _logits_fn(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, left: bo
 
 
 @torch.no_grad()
-def batched_forward(model: nn.Module, seqs: Sequence[Sequence[int]], pad: int, reduce: Reducer,
-                    items: Sequence[Any] | None = None, *, batch_rows: int = 64,
-                    padding_side: str = "right", one_by_one: bool = False, desc: str = "forward") -> list[Any]:
+def batched_forward(
+    model: nn.Module,
+    seqs: Sequence[Sequence[int]],
+    pad: int,
+    reduce: Reducer,
+    items: Sequence[Any] | None = None,
+    *,
+    batch_rows: int = 64,
+    padding_side: str = "right",
+    one_by_one: bool = False,
+    desc: str = "forward",
+) -> list[Any]:
     """Apply ``reduce`` to micro-batches of ``seqs``; results come back in input order.
 
     ``items`` (default: the row indices) are handed to the reducer with their rows; ``desc`` names
@@ -69,7 +88,7 @@ def batched_forward(model: nn.Module, seqs: Sequence[Sequence[int]], pad: int, r
     out: list[Any] = [None] * len(seqs)
     with progress.bar(total=len(seqs), desc=desc, unit="row") as bar:
         for start in range(0, len(order), rows):
-            part = order[start:start + rows]
+            part = order[start : start + rows]
             ids, mask, offsets = pad_batch([seqs[i] for i in part], pad, padding_side)
             at = _logits_fn(model, ids.to(device), mask.to(device), padding_side == "left")
             for i, res in zip(part, reduce(at, offsets.to(device), [items[i] for i in part])):
@@ -126,8 +145,14 @@ def _target_reducer(at: LogitsAt, offsets: torch.Tensor, items: Sequence[Sequenc
     sum_nll = torch.zeros_like(n).index_add_(0, pair, nll)
     sum_hit = torch.zeros_like(n).index_add_(0, pair, hit)
     first = torch.cumsum(n, 0).long() - n.long()  # each pair's first target token
-    per_pair = zip((r[0] for _, r in reads), (sum_nll / n).tolist(), (sum_hit == n).tolist(),
-                   (sum_hit / n).tolist(), lens, above[first].tolist())
+    per_pair = zip(
+        (r[0] for _, r in reads),
+        (sum_nll / n).tolist(),
+        (sum_hit == n).tolist(),
+        (sum_hit / n).tolist(),
+        lens,
+        above[first].tolist(),
+    )
     out: list[list[tuple]] = [[] for _ in items]
     for (j, _), res in zip(reads, per_pair):
         out[j].append(res)
@@ -149,7 +174,7 @@ def shared_rows(seqs: Sequence[tuple[int, ...]]) -> tuple[list[tuple[int, ...]],
     rows: list[tuple[int, ...]] = []
     after: tuple[int, ...] | None = None
     for s in sorted(set(seqs), reverse=True):
-        if after is not None and after[:len(s)] == s:
+        if after is not None and after[: len(s)] == s:
             cover[s] = cover[after]
         else:
             cover[s] = len(rows)
@@ -158,9 +183,16 @@ def shared_rows(seqs: Sequence[tuple[int, ...]]) -> tuple[list[tuple[int, ...]],
     return rows, [cover[s] for s in seqs]
 
 
-def score_ids(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int, *,
-              batch_rows: int = 64, padding_side: str = "right", one_by_one: bool = False,
-              desc: str = "score") -> TargetScores:
+def score_ids(
+    model: nn.Module,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad: int,
+    *,
+    batch_rows: int = 64,
+    padding_side: str = "right",
+    one_by_one: bool = False,
+    desc: str = "score",
+) -> TargetScores:
     """Score (prefix ids, target ids) pairs: target token k is predicted at position len(prefix)-1+k.
 
     Prefixes longer than the model's context are cut on the left. Prefixes must be non-empty. Pairs
@@ -180,23 +212,41 @@ def score_ids(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[in
     reads: list[list[Read]] = [[] for _ in rows]
     for k, ((p, t), r) in enumerate(zip(fitted, where)):
         reads[r].append((k, len(p) - 1, t))
-    res = batched_forward(model, rows, pad, _target_reducer, reads, batch_rows=batch_rows,
-                          padding_side=padding_side, one_by_one=one_by_one, desc=desc)
+    res = batched_forward(
+        model,
+        rows,
+        pad,
+        _target_reducer,
+        reads,
+        batch_rows=batch_rows,
+        padding_side=padding_side,
+        one_by_one=one_by_one,
+        desc=desc,
+    )
     _, nll, top1, acc, n, rank = zip(*sorted(x for row in res for x in row))
     return TargetScores(np.array(nll), np.array(top1, dtype=bool), np.array(acc), np.array(n), np.array(rank))
 
 
 def score_targets(model: nn.Module, tokenizer: object, pairs: Sequence[tuple[str, str]], **kwargs: Any) -> TargetScores:
     """Score (prefix text, target text) pairs; targets get a leading space (:func:`encode_target`)."""
-    return score_ids(model, [(encode(tokenizer, p), encode_target(tokenizer, t)) for p, t in pairs],
-                     pad_id(tokenizer), **kwargs)
+    return score_ids(
+        model, [(encode(tokenizer, p), encode_target(tokenizer, t)) for p, t in pairs], pad_id(tokenizer), **kwargs
+    )
 
 
 # --------------------------------------------------------------------------- greedy answers
 
 
-def greedy_answers(model: nn.Module, prefixes: Sequence[Sequence[int]], n_tokens: Sequence[int], pad: int, *,
-                   batch_rows: int = 64, one_by_one: bool = False, **_: Any) -> list[tuple[int, ...]]:
+def greedy_answers(
+    model: nn.Module,
+    prefixes: Sequence[Sequence[int]],
+    n_tokens: Sequence[int],
+    pad: int,
+    *,
+    batch_rows: int = 64,
+    one_by_one: bool = False,
+    **_: Any,
+) -> list[tuple[int, ...]]:
     """Greedy continuation of each prefix, ``n_tokens[i]`` tokens long: :func:`editflow.generation.decode`
     on length-sorted batches of one answer length (padding side is irrelevant: decode pads left)."""
     limit = model_max_length(model)

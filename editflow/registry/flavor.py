@@ -63,8 +63,11 @@ def _pip_requirements(editflow_requirement: str | None = None) -> list[str]:
 
 def _package_files(package: Path) -> list[Path]:
     """Every file of the package tree, bytecode caches left out, in a stable order."""
-    return sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-                  and p.suffix not in (".pyc", ".pyo"))
+    return sorted(
+        p
+        for p in package.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")
+    )
 
 
 def _source_project() -> Path | None:
@@ -84,13 +87,16 @@ def _installed_pyproject() -> str:
     dist = distribution("editflow")
     deps = [r for r in dist.requires or [] if "extra ==" not in r]
     scripts = "".join(f'{ep.name} = "{ep.value}"\n' for ep in dist.entry_points if ep.group == "console_scripts")
-    return "\n".join([
-        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n',
-        f'[project]\nname = "editflow"\nversion = "{dist.version}"\n'
-        f'requires-python = "{dist.metadata.get("Requires-Python") or ">=3.10"}"\ndependencies = {json.dumps(deps)}\n',
-        f'[project.scripts]\n{scripts}',
-        '[tool.setuptools.packages.find]\ninclude = ["editflow*"]\n',
-        '[tool.setuptools.package-data]\neditflow = ["assets/**/*"]\n'])
+    return "\n".join(
+        [
+            '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n',
+            f'[project]\nname = "editflow"\nversion = "{dist.version}"\n'
+            f'requires-python = "{dist.metadata.get("Requires-Python") or ">=3.10"}"\ndependencies = {json.dumps(deps)}\n',
+            f"[project.scripts]\n{scripts}",
+            '[tool.setuptools.packages.find]\ninclude = ["editflow*"]\n',
+            '[tool.setuptools.package-data]\neditflow = ["assets/**/*"]\n',
+        ]
+    )
 
 
 def _source_files() -> dict[str, Path | bytes]:
@@ -146,8 +152,7 @@ def _build_wheel(source: Path, out: Path) -> Path:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", _BUILD_WHEEL, str(out)], cwd=source, capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, "-c", _BUILD_WHEEL, str(out)], cwd=source, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"building the editflow wheel failed: {proc.stderr.strip()[-2000:]}")
     return out / proc.stdout.strip().splitlines()[-1]
@@ -189,8 +194,9 @@ def _bundle_editflow(model_dir: Path) -> str | None:
     try:
         wheel = editflow_wheel()
     except (OSError, RuntimeError) as exc:
-        logging.getLogger(__name__).warning("editflow is not bundled with the model (%s); its "
-                                            "requirements name editflow==<version> instead", exc)
+        logging.getLogger(__name__).warning(
+            "editflow is not bundled with the model (%s); its requirements name editflow==<version> instead", exc
+        )
         return None
     (model_dir / WHEELS_DIR).mkdir(exist_ok=True)
     shutil.copy2(wheel, model_dir / WHEELS_DIR / wheel.name)
@@ -210,9 +216,17 @@ def write_environment(model_dir: Path) -> list[str]:
     return reqs
 
 
-def save_model(path: str | os.PathLike, handle: ModelHandle, *, storage: str = "full",
-               edited_tensors: list[str] | None = None, lineage: dict[str, Any] | None = None,
-               mlflow_model: Any = None, digests: dict[str, Any] | None = None, **_: Any) -> None:
+def save_model(
+    path: str | os.PathLike,
+    handle: ModelHandle,
+    *,
+    storage: str = "full",
+    edited_tensors: list[str] | None = None,
+    lineage: dict[str, Any] | None = None,
+    mlflow_model: Any = None,
+    digests: dict[str, Any] | None = None,
+    **_: Any,
+) -> None:
     """Write ``handle``'s model to ``path`` as an editflow model directory with an MLmodel file.
 
     ``storage="delta"`` keeps only ``edited_tensors`` (every tensor that differs from the root base:
@@ -251,11 +265,16 @@ def save_model(path: str | os.PathLike, handle: ModelHandle, *, storage: str = "
 
     mlflow_model = mlflow_model or Model()
     mlflow_model.signature = ModelSignature(
-        inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([ParamSpec("max_new_tokens", "long", 8)]))
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", 8)]),
+    )
     mlflow_model.add_flavor(FLAVOR_NAME, storage=storage, model_type=handle.adapter.model_type)
-    add_to_model(mlflow_model, loader_module="editflow.registry.flavor", env={"conda": "conda.yaml",
-                                                                            "virtualenv": "python_env.yaml"})
+    add_to_model(
+        mlflow_model,
+        loader_module="editflow.registry.flavor",
+        env={"conda": "conda.yaml", "virtualenv": "python_env.yaml"},
+    )
     write_environment(path)
     mlflow_model.save(str(path / "MLmodel"))
 
@@ -276,8 +295,9 @@ def read_tensors(model_uri: str, names: list[str]) -> dict[str, torch.Tensor]:
         weights = Path(download(model_uri.rstrip("/") + "/" + WEIGHTS_DIR, tmp))
     try:
         index = weights / "model.safetensors.index.json"
-        shard_of = (json.loads(index.read_text())["weight_map"] if index.is_file()
-                    else {n: "model.safetensors" for n in names})
+        shard_of = (
+            json.loads(index.read_text())["weight_map"] if index.is_file() else {n: "model.safetensors" for n in names}
+        )
         out = {}
         for name in names:
             with safe_open(str(weights / shard_of[name]), framework="pt") as f:
@@ -318,8 +338,9 @@ def download(model_uri: str, dst: str | None = None) -> str:
     return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst)
 
 
-def load_local(local_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
-               expected: str | None = None) -> ModelHandle:
+def load_local(
+    local_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None, expected: str | None = None
+) -> ModelHandle:
     """Load an editflow model directory, reconstructing delta versions over their base. Every weights
     file is checked against the digests in ``editflow.json`` first, and those against ``expected`` (the
     version's ``editflow.weights_sha256`` tag) when given; a delta's base is checked against the
@@ -335,8 +356,13 @@ def load_local(local_dir: str | os.PathLike, device: str | None = None, dtype: s
     else:
         from safetensors.torch import load_file
 
-        handle = load_model(meta["base_artifact_uri"], device=device, dtype=dtype,
-                            fallback_uri=meta.get("base_model_uri"), expected=integrity.base_expected(meta))
+        handle = load_model(
+            meta["base_artifact_uri"],
+            device=device,
+            dtype=dtype,
+            fallback_uri=meta.get("base_model_uri"),
+            expected=integrity.base_expected(meta),
+        )
         edited = load_file(str(local_dir / EDITED_FILE))
         params = dict(handle.model.state_dict())
         with torch.no_grad():
@@ -347,8 +373,13 @@ def load_local(local_dir: str | os.PathLike, device: str | None = None, dtype: s
     return handle
 
 
-def load_model(model_uri: str, device: str | None = None, dtype: str | None = None,
-               fallback_uri: str | None = None, expected: str | None = None) -> ModelHandle:
+def load_model(
+    model_uri: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    fallback_uri: str | None = None,
+    expected: str | None = None,
+) -> ModelHandle:
     """Load an editflow model from any MLflow URI (``models:/NAME/3``, ``runs:/...``, a file URI); a
     model on this machine is read in place (verified weights are not hashed again while unchanged)."""
     local = local_path(model_uri)

@@ -133,8 +133,11 @@ def weights_files(model_dir: str | os.PathLike, storage: str) -> list[str]:
     root = Path(model_dir)
     if storage == "delta":
         return ["edited.safetensors"]
-    return sorted(p.relative_to(root).as_posix() for p in (root / "weights").iterdir()
-                  if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in (root / "weights").iterdir()
+        if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+    )
 
 
 def make_manifest(model_dir: str | os.PathLike, storage: str, base: str | None = None) -> dict[str, Any]:
@@ -158,12 +161,16 @@ def verify_dir(model_dir: str | os.PathLike, meta: dict[str, Any], expected: str
     manifest = meta.get(META_KEY)
     if manifest is None:
         if expected:
-            raise WeightsIntegrityError(f"{root / 'editflow.json'}: no recorded weight digests, but the version "
-                                        f"has {DIGEST_TAG}={expected[:16]}… (editflow.json altered)")
+            raise WeightsIntegrityError(
+                f"{root / 'editflow.json'}: no recorded weight digests, but the version "
+                f"has {DIGEST_TAG}={expected[:16]}… (editflow.json altered)"
+            )
         return {}
     if expected and manifest_digest(manifest) != expected:
-        raise WeightsIntegrityError(f"{root / 'editflow.json'}: recorded weight digests do not match the "
-                                    f"version's {DIGEST_TAG} tag (editflow.json altered)")
+        raise WeightsIntegrityError(
+            f"{root / 'editflow.json'}: recorded weight digests do not match the "
+            f"version's {DIGEST_TAG} tag (editflow.json altered)"
+        )
     listed = set(manifest.get("files", {}))
     extra = set(weights_files(root, meta.get("storage", "full"))) - listed
     if extra:
@@ -178,8 +185,10 @@ def _check_file(path: Path, sha: str) -> None:
         raise WeightsIntegrityError(f"{path}: weights file missing")
     actual = file_sha256(path)
     if actual != sha:
-        raise WeightsIntegrityError(f"{path}: SHA-256 {actual[:16]}… does not match the recorded {sha[:16]}… "
-                                    "(corrupt or altered weights; nothing was loaded from it)")
+        raise WeightsIntegrityError(
+            f"{path}: SHA-256 {actual[:16]}… does not match the recorded {sha[:16]}… "
+            "(corrupt or altered weights; nothing was loaded from it)"
+        )
 
 
 # --------------------------------------------------------------------------- verification of versions
@@ -223,7 +232,7 @@ def base_expected(meta: dict[str, Any]) -> str | None:
     from editflow.registry.store import client
 
     try:
-        name, version = uri[len("models:/"):].rsplit("/", 1)
+        name, version = uri[len("models:/") :].rsplit("/", 1)
         return client().get_model_version(name, version).tags.get(DIGEST_TAG)
     except Exception:  # noqa: BLE001 - an unreachable base is reported when it is loaded
         return None
@@ -338,9 +347,11 @@ class RepairReport:
     failed_runs: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        return ([f"promotion intent: {i}" for i in self.intents]
-                + [f"deleted incomplete version {n} {v}" for n, v in self.deleted]
-                + [f"marked orphaned run {r} FAILED" for r in self.failed_runs])
+        return (
+            [f"promotion intent: {i}" for i in self.intents]
+            + [f"deleted incomplete version {n} {v}" for n, v in self.deleted]
+            + [f"marked orphaned run {r} FAILED" for r in self.failed_runs]
+        )
 
 
 def repair(name: str | None = None, grace_s: float = GRACE_S, run_grace_s: float = RUN_GRACE_S) -> RepairReport:

@@ -87,35 +87,71 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def record_facts(model_name: str, version: int, requests: Sequence[EditRequest], digest: str,
-                 run_id: str | None) -> None:
+def record_facts(
+    model_name: str, version: int, requests: Sequence[EditRequest], digest: str, run_id: str | None
+) -> None:
     with Session(engine()) as s, s.begin():
-        s.add_all(FactRow(model_name=model_name, version=version, subject=r.subject, prompt=r.prompt,
-                          target_new=r.target_new, target_true=r.target_true, requests_digest=digest,
-                          run_id=run_id) for r in requests)
+        s.add_all(
+            FactRow(
+                model_name=model_name,
+                version=version,
+                subject=r.subject,
+                prompt=r.prompt,
+                target_new=r.target_new,
+                target_true=r.target_true,
+                requests_digest=digest,
+                run_id=run_id,
+            )
+            for r in requests
+        )
 
 
-def record_event(model_name: str, action: str, version: int, *, previous_version: int | None = None,
-                 parent_version: int | None = None, reason: str = "", run_id: str | None = None) -> None:
+def record_event(
+    model_name: str,
+    action: str,
+    version: int,
+    *,
+    previous_version: int | None = None,
+    parent_version: int | None = None,
+    reason: str = "",
+    run_id: str | None = None,
+) -> None:
     with Session(engine()) as s, s.begin():
-        s.add(EventRow(model_name=model_name, action=action, version=version,
-                       previous_version=previous_version, parent_version=parent_version, actor=actor(),
-                       reason=reason, run_id=run_id, time=now()))
+        s.add(
+            EventRow(
+                model_name=model_name,
+                action=action,
+                version=version,
+                previous_version=previous_version,
+                parent_version=parent_version,
+                actor=actor(),
+                reason=reason,
+                run_id=run_id,
+                time=now(),
+            )
+        )
 
 
 def last_event_id(model_name: str) -> int:
     """The id of ``model_name``'s latest event (0 when none): events after it are newer."""
     with Session(engine()) as s:
-        row = s.scalars(select(EventRow.id).where(EventRow.model_name == model_name)
-                        .order_by(EventRow.id.desc())).first()
+        row = s.scalars(
+            select(EventRow.id).where(EventRow.model_name == model_name).order_by(EventRow.id.desc())
+        ).first()
         return int(row or 0)
 
 
 def has_event(model_name: str, action: str, version: int, previous_version: int | None, after_id: int) -> bool:
     """Whether an ``action`` event of ``version`` (from ``previous_version``) was recorded after event ``after_id``."""
     with Session(engine()) as s:
-        rows = s.scalars(select(EventRow).where(EventRow.model_name == model_name, EventRow.id > after_id,
-                                                EventRow.action == action, EventRow.version == version))
+        rows = s.scalars(
+            select(EventRow).where(
+                EventRow.model_name == model_name,
+                EventRow.id > after_id,
+                EventRow.action == action,
+                EventRow.version == version,
+            )
+        )
         return any(r.previous_version == previous_version for r in rows)
 
 
@@ -124,8 +160,11 @@ def delete_version(model_name: str, version: int) -> None:
     with Session(engine()) as s, s.begin():
         for row in s.scalars(select(FactRow).where(FactRow.model_name == model_name, FactRow.version == version)):
             s.delete(row)
-        for row in s.scalars(select(EventRow).where(EventRow.model_name == model_name, EventRow.version == version,
-                                                    EventRow.action == "register")):
+        for row in s.scalars(
+            select(EventRow).where(
+                EventRow.model_name == model_name, EventRow.version == version, EventRow.action == "register"
+            )
+        ):
             s.delete(row)
 
 
@@ -148,15 +187,19 @@ def _fact(row: FactRow) -> Fact:
 
 def own_facts(model_name: str, version: int) -> list[Fact]:
     with Session(engine()) as s:
-        rows = s.scalars(select(FactRow).where(FactRow.model_name == model_name, FactRow.version == version)
-                         .order_by(FactRow.id))
+        rows = s.scalars(
+            select(FactRow).where(FactRow.model_name == model_name, FactRow.version == version).order_by(FactRow.id)
+        )
         return [_fact(r) for r in rows]
 
 
 def parent_of(model_name: str, version: int) -> int | None:
     with Session(engine()) as s:
-        row = s.scalars(select(EventRow).where(EventRow.model_name == model_name, EventRow.version == version,
-                                               EventRow.action == "register")).first()
+        row = s.scalars(
+            select(EventRow).where(
+                EventRow.model_name == model_name, EventRow.version == version, EventRow.action == "register"
+            )
+        ).first()
         return row.parent_version if row else None
 
 
@@ -177,8 +220,11 @@ def held_facts(model_name: str, version: int) -> dict[tuple[str, str], Fact]:
 def facts_for_subject(model_name: str, subject: str) -> list[Fact]:
     """Every edit of ``subject`` (case-insensitive substring match), oldest first."""
     with Session(engine()) as s:
-        rows = s.scalars(select(FactRow).where(FactRow.model_name == model_name,
-                                               FactRow.subject.ilike(f"%{subject}%")).order_by(FactRow.id))
+        rows = s.scalars(
+            select(FactRow)
+            .where(FactRow.model_name == model_name, FactRow.subject.ilike(f"%{subject}%"))
+            .order_by(FactRow.id)
+        )
         return [_fact(r) for r in rows]
 
 
@@ -203,7 +249,7 @@ def production_history(model_name: str) -> list[int]:
             stack.append(e.version)
         elif e.action == "rollback":
             if e.version in stack:
-                del stack[stack.index(e.version) + 1:]
+                del stack[stack.index(e.version) + 1 :]
             else:
                 stack.append(e.version)
     return stack

@@ -47,8 +47,12 @@ def log_state(state: EditState, dtype: str, parent_sha256: str | None) -> dict:
 
 
 def state_tags(record: dict) -> dict[str, str]:
-    return {TAG + "edit_state.sha256": record["sha256"], TAG + "edit_state.bytes": str(record["bytes"]),
-            TAG + "edit_state.n_keys": str(record["n_keys"]), TAG + "edit_state.dtype": record["dtype"]}
+    return {
+        TAG + "edit_state.sha256": record["sha256"],
+        TAG + "edit_state.bytes": str(record["bytes"]),
+        TAG + "edit_state.n_keys": str(record["n_keys"]),
+        TAG + "edit_state.dtype": record["dtype"],
+    }
 
 
 def read_state(tags: dict[str, str]) -> tuple[EditState, str | None]:
@@ -63,8 +67,10 @@ def read_state(tags: dict[str, str]) -> tuple[EditState, str | None]:
     if tags.get(TAG + "role") != "edit":
         return EditState(), None
     if not sha:
-        progress.note("editflow: this version has no edit state (registered before editflow kept one); "
-                      "the edit preserves only the keys of its own batch")
+        progress.note(
+            "editflow: this version has no edit state (registered before editflow kept one); "
+            "the edit preserves only the keys of its own batch"
+        )
         return EditState(), None
     run_id = tags.get(TAG + "run_id")
     with tempfile.TemporaryDirectory(prefix="editflow-state-") as tmp:
@@ -104,8 +110,10 @@ def own_requests(tags: dict[str, str]) -> list[EditRequest]:
         return []
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     fields = {f.name for f in dataclasses.fields(EditRequest)}
-    return [EditRequest(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in row.items() if k in fields})
-            for row in rows]
+    return [
+        EditRequest(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in row.items() if k in fields})
+        for row in rows
+    ]
 
 
 def ancestry(name: str, version: int) -> list[tuple[int, dict[str, str]]]:
@@ -130,8 +138,9 @@ def lineage_requests(name: str, version: int) -> list[EditRequest]:
     return list(held.values())
 
 
-def earlier_facts(held: Sequence[EditRequest], batch: Sequence[EditRequest], cap: int = RETENTION_CAP,
-                  seed: int = 0) -> tuple[list[EditRequest], int]:
+def earlier_facts(
+    held: Sequence[EditRequest], batch: Sequence[EditRequest], cap: int = RETENTION_CAP, seed: int = 0
+) -> tuple[list[EditRequest], int]:
     """The held facts the new batch does not overwrite, at most ``cap`` of them (a seeded sample),
     and how many there were."""
     new = {(r.subject, r.prompt) for r in batch}
@@ -161,5 +170,16 @@ def root_tags(references: dict[str, float]) -> dict[str, str]:
     return {TAG + names[m]: f"{v:.6g}" for m, v in references.items()}
 
 
-__all__ = ["EditStateError", "ancestry", "earlier_facts", "lineage_requests", "log_facts", "log_state",
-           "own_requests", "read_state", "root_references", "root_tags", "state_tags"]
+__all__ = [
+    "EditStateError",
+    "ancestry",
+    "earlier_facts",
+    "lineage_requests",
+    "log_facts",
+    "log_state",
+    "own_requests",
+    "read_state",
+    "root_references",
+    "root_tags",
+    "state_tags",
+]

@@ -50,8 +50,9 @@ class GateResult:
     reasons: list[str]
 
 
-def gate(metrics: dict[str, float], thresholds: GateThresholds = GateThresholds(),
-         root: dict[str, float] | None = None) -> GateResult:
+def gate(
+    metrics: dict[str, float], thresholds: GateThresholds = GateThresholds(), root: dict[str, float] | None = None
+) -> GateResult:
     """Check post-edit metrics against the thresholds, against the parent (``pre/``) and against the
     root base (``root``: its ``drift_ppl`` and ``heldout``); a metric that is absent is not checked."""
     failures = _parent_failures(metrics, thresholds) + _cumulative_failures(metrics, thresholds, root or {})
@@ -67,12 +68,14 @@ def _cumulative_failures(metrics: dict[str, float], t: GateThresholds, root: dic
     if ppl is not None and root_ppl:
         rel = ppl / root_ppl - 1
         if rel > t.max_ppl_increase_root:
-            failures.append(f"held-out perplexity {100 * rel:.1f} % above the root base's "
-                            f"(> {100 * t.max_ppl_increase_root:.1f} %)")
+            failures.append(
+                f"held-out perplexity {100 * rel:.1f} % above the root base's (> {100 * t.max_ppl_increase_root:.1f} %)"
+            )
     heldout, root_heldout = metrics.get("post/heldout"), root.get("heldout")
     if heldout is not None and root_heldout is not None and root_heldout - heldout > t.max_specificity_drop_root:
-        failures.append(f"heldout {root_heldout - heldout:.1f} points below the root base's "
-                        f"(> {t.max_specificity_drop_root:.1f})")
+        failures.append(
+            f"heldout {root_heldout - heldout:.1f} points below the root base's (> {t.max_specificity_drop_root:.1f})"
+        )
     return failures
 
 
@@ -115,8 +118,9 @@ def _set_alias(name: str, version: int) -> None:
 def _set_stage(name: str, version: int) -> None:
     c = client()
     with quiet_deprecations():
-        retry(lambda: c.transition_model_version_stage(name, str(version), "Production",
-                                                       archive_existing_versions=True))
+        retry(
+            lambda: c.transition_model_version_stage(name, str(version), "Production", archive_existing_versions=True)
+        )
 
 
 def _restore_production(name: str, version: int, previous: int | None, old_stage: str) -> None:
@@ -129,8 +133,7 @@ def _restore_production(name: str, version: int, previous: int | None, old_stage
             c.set_registered_model_alias(name, PRODUCTION, str(previous))
             c.transition_model_version_stage(name, str(previous), "Production", archive_existing_versions=False)
         if previous != version:
-            c.transition_model_version_stage(name, str(version), old_stage or "None",
-                                             archive_existing_versions=False)
+            c.transition_model_version_stage(name, str(version), old_stage or "None", archive_existing_versions=False)
 
 
 # --------------------------------------------------------------------------- intents
@@ -176,8 +179,14 @@ def resolve_intent(name: str, grace_s: float = integrity.GRACE_S, mine_dead: boo
     if current == target:
         _set_stage(name, target)
         if not ledger.has_event(name, action, target, previous, int(intent.get("after_event", 0))):
-            ledger.record_event(name, action, target, previous_version=previous, run_id=intent.get("run_id"),
-                                reason=f"{intent.get('reason', '')} (completed by repair after an interrupted move)")
+            ledger.record_event(
+                name,
+                action,
+                target,
+                previous_version=previous,
+                run_id=intent.get("run_id"),
+                reason=f"{intent.get('reason', '')} (completed by repair after an interrupted move)",
+            )
         outcome = f"finished {action} of version {target} (from {previous})"
     else:
         if current == previous:
@@ -211,12 +220,15 @@ def _settle(name: str) -> None:
     another process may still be completing one."""
     pending = read_intent(name)
     if pending is not None and resolve_intent(name, mine_dead=True) is None:
-        raise RuntimeError(f"another production move of {name!r} is in progress "
-                           f"(version {pending.get('target')}, by {pending.get('owner')})")
+        raise RuntimeError(
+            f"another production move of {name!r} is in progress "
+            f"(version {pending.get('target')}, by {pending.get('owner')})"
+        )
 
 
-def move_production(name: str, ref: str | int, action: str = "promote", reason: str = "",
-                    run_id: str | None = None) -> dict[str, Any]:
+def move_production(
+    name: str, ref: str | int, action: str = "promote", reason: str = "", run_id: str | None = None
+) -> dict[str, Any]:
     """Make version ``ref`` production after verifying its weights; on any failure production stays
     where it was. Moving production to the version that already is production changes nothing (no
     ledger entry; ``previous`` equals ``version`` in the result)."""
@@ -234,14 +246,27 @@ def _move_locked(name: str, ref: str | int, action: str, reason: str, run_id: st
     return _move(name, version, previous, action, reason, run_id)
 
 
-def _move(name: str, version: int, previous: int | None, action: str, reason: str,
-          run_id: str | None) -> dict[str, Any]:
+def _move(
+    name: str, version: int, previous: int | None, action: str, reason: str, run_id: str | None
+) -> dict[str, Any]:
     """Intent, alias, stage, ledger event, intent cleared (see the module docstring)."""
     old_stage = _stage(name, version)
     token = integrity.owner() + f":{time.time_ns()}"
-    _write_intent(name, {"token": token, "owner": integrity.owner(), "time": time.time(), "action": action,
-                         "target": version, "previous": previous, "old_stage": old_stage, "reason": reason,
-                         "run_id": run_id, "after_event": ledger.last_event_id(name)})
+    _write_intent(
+        name,
+        {
+            "token": token,
+            "owner": integrity.owner(),
+            "time": time.time(),
+            "action": action,
+            "target": version,
+            "previous": previous,
+            "old_stage": old_stage,
+            "reason": reason,
+            "run_id": run_id,
+            "after_event": ledger.last_event_id(name),
+        },
+    )
     try:
         _set_alias(name, version)
         integrity.crashpoint("after_alias_move")

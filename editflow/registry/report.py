@@ -16,7 +16,7 @@ def _created(ms: int | None) -> str:
 
 def _metrics(tags: dict[str, str]) -> dict[str, str]:
     prefix = TAG + "metric."
-    return {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tags.items() if k.startswith(prefix)}
 
 
 def version_rows(name: str) -> list[dict[str, Any]]:
@@ -28,10 +28,19 @@ def version_rows(name: str) -> list[dict[str, Any]]:
     for mv in versions_of(name):
         v = int(mv.version)
         tags = dict(mv.tags)
-        rows.append({"version": v, "aliases": ",".join(sorted(by_version.get(v, []))), "stage": mv.current_stage,
-                     "role": tags.get(TAG + "role", ""), "parent": tags.get(TAG + "parent_version", ""),
-                     "facts": len(ledger.held_facts(name, v)), "new_facts": tags.get(TAG + "n_facts", ""),
-                     **_metrics(tags), "created": _created(mv.creation_timestamp)})
+        rows.append(
+            {
+                "version": v,
+                "aliases": ",".join(sorted(by_version.get(v, []))),
+                "stage": mv.current_stage,
+                "role": tags.get(TAG + "role", ""),
+                "parent": tags.get(TAG + "parent_version", ""),
+                "facts": len(ledger.held_facts(name, v)),
+                "new_facts": tags.get(TAG + "n_facts", ""),
+                **_metrics(tags),
+                "created": _created(mv.creation_timestamp),
+            }
+        )
     return rows
 
 
@@ -48,12 +57,29 @@ def show_version(name: str, ref: str | int) -> dict[str, Any]:
     is_edit = mv.tags.get(TAG + "role") == "edit"
     run_metrics = dict(c.get_run(run_id).data.metrics) if run_id and is_edit else {}
     root = int(mv.tags.get(TAG + "base_version") or v)
-    return {"name": name, "version": v, "tuned": read_tuned(name, root), "description": mv.description, "stage": mv.current_stage,
-            "aliases": [a for a, x in aliases_of(name).items() if x == v], "tags": dict(mv.tags),
-            "run_id": run_id, "metrics": run_metrics, "facts": [f.__dict__ for f in ledger.own_facts(name, v)],
-            "events": [{"action": e.action, "time": e.time.isoformat() if e.time else "", "actor": e.actor,
-                        "previous": e.previous_version, "reason": e.reason}
-                       for e in ledger.events(name) if e.version == v]}
+    return {
+        "name": name,
+        "version": v,
+        "tuned": read_tuned(name, root),
+        "description": mv.description,
+        "stage": mv.current_stage,
+        "aliases": [a for a, x in aliases_of(name).items() if x == v],
+        "tags": dict(mv.tags),
+        "run_id": run_id,
+        "metrics": run_metrics,
+        "facts": [f.__dict__ for f in ledger.own_facts(name, v)],
+        "events": [
+            {
+                "action": e.action,
+                "time": e.time.isoformat() if e.time else "",
+                "actor": e.actor,
+                "previous": e.previous_version,
+                "reason": e.reason,
+            }
+            for e in ledger.events(name)
+            if e.version == v
+        ],
+    }
 
 
 def _post_metrics(info: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
@@ -70,8 +96,9 @@ def compare_versions(name: str, a: str | int, b: str | int) -> dict[str, Any]:
     va, vb = resolve_version(name, a), resolve_version(name, b)
     sa, sb = show_version(name, va), show_version(name, vb)
     ma, mb = _post_metrics(sa, sb), _post_metrics(sb, sa)
-    deltas = {k: (ma.get(k), mb.get(k), (mb[k] - ma[k]) if k in ma and k in mb else None)
-              for k in sorted(set(ma) | set(mb))}
+    deltas = {
+        k: (ma.get(k), mb.get(k), (mb[k] - ma[k]) if k in ma and k in mb else None) for k in sorted(set(ma) | set(mb))
+    }
     fa, fb = ledger.held_facts(name, va), ledger.held_facts(name, vb)
     only_a = [fa[k] for k in fa if k not in fb or fb[k].target_new != fa[k].target_new]
     only_b = [fb[k] for k in fb if k not in fa or fa[k].target_new != fb[k].target_new]

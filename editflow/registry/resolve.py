@@ -55,8 +55,9 @@ def ensure_default_model(device: str | None = None) -> int:
         if existing:
             return int(existing[0].version)
         handle = load_model(bundled_model_dir(), device=device or "cpu")
-        base = VersionRef(handle=handle, name=None, version=None, uri=str(bundled_model_dir()),
-                          fingerprint=fingerprint(handle.model))
+        base = VersionRef(
+            handle=handle, name=None, version=None, uri=str(bundled_model_dir()), fingerprint=fingerprint(handle.model)
+        )
         nested = mlflow.active_run() is not None
         if not nested:
             mlflow.set_experiment(experiment_id=ensure_experiment())
@@ -64,8 +65,12 @@ def ensure_default_model(device: str | None = None) -> int:
             card = bundled_model_dir() / "card.json"
             if card.is_file():
                 mlflow.log_artifact(str(card), "default_model")
-            version = _register_base(base, DEFAULT_MODEL_NAME, "The editflow default model: a small GPT-2 "
-                                     "trained on CounterFact facts, shipped with editflow (see card.json).")
+            version = _register_base(
+                base,
+                DEFAULT_MODEL_NAME,
+                "The editflow default model: a small GPT-2 "
+                "trained on CounterFact facts, shipped with editflow (see card.json).",
+            )
         return version
 
 
@@ -79,21 +84,38 @@ def _register_base(base: VersionRef, name: str, description: str) -> int:
 
             promote(name, version, reason="first base version")
 
-    lineage = {"base_version": None, "parent_version": None, "source": base.uri,
-               "model_defaults": base.handle.extra.get("model_defaults", {})}
-    tags = {TAG + "role": "base", TAG + "fingerprint": base.fingerprint, TAG + "source": base.uri,
-            TAG + "storage": "full", TAG + "n_facts": "0"}
+    lineage = {
+        "base_version": None,
+        "parent_version": None,
+        "source": base.uri,
+        "model_defaults": base.handle.extra.get("model_defaults", {}),
+    }
+    tags = {
+        TAG + "role": "base",
+        TAG + "fingerprint": base.fingerprint,
+        TAG + "source": base.uri,
+        TAG + "storage": "full",
+        TAG + "n_facts": "0",
+    }
     gguf = base.handle.extra.get("gguf")
     if gguf:  # the source file's identity travels with the version: tags, editflow.json, description
         info = gguf_source.GgufInfo(**gguf)
         lineage["gguf"] = info.to_dict()
         tags.update({TAG + k: v for k, v in info.tags().items()})
-    return log_and_register(name, base.handle, storage="full", lineage=lineage, tags=tags,
-                            description=description, on_registered=on_registered)
+    return log_and_register(
+        name,
+        base.handle,
+        storage="full",
+        lineage=lineage,
+        tags=tags,
+        description=description,
+        on_registered=on_registered,
+    )
 
 
-def resolve_base(ref: str, device: str | None = None, dtype: str | None = None,
-                 registered_model: str | None = None) -> VersionRef:
+def resolve_base(
+    ref: str, device: str | None = None, dtype: str | None = None, registered_model: str | None = None
+) -> VersionRef:
     """Load the model an edit starts from. ``""`` (or ``"default"``) means the default model's
     production version; ``models:/`` URIs are registered versions; a ``.gguf`` file is looked up by
     its SHA-256 among ``registered_model``'s bases (loaded from the registry when found, dequantised
@@ -164,8 +186,10 @@ def ensure_registered_base(base: VersionRef, name: str) -> VersionRef:
 def _base_description(base: VersionRef) -> str:
     gguf = base.handle.extra.get("gguf")
     if gguf:
-        return (f"Base model {gguf['name']} from the GGUF file {Path(gguf['path']).name} ({gguf['file_type']}, "
-                f"SHA-256 {gguf['sha256']}), dequantised by transformers and registered in full by editflow.")
+        return (
+            f"Base model {gguf['name']} from the GGUF file {Path(gguf['path']).name} ({gguf['file_type']}, "
+            f"SHA-256 {gguf['sha256']}), dequantised by transformers and registered in full by editflow."
+        )
     return f"Base model {base.uri}, registered in full by editflow."
 
 

@@ -43,8 +43,16 @@ class VersionRef:
 #: the same row first (e.g. two first edits creating the ``candidate`` alias at once: sqlite says
 #: "UNIQUE constraint failed", PostgreSQL "duplicate key", MySQL "Duplicate entry"), or MLflow giving
 #: up on its own version-number retries ("Model Version creation error").
-TRANSIENT = ("locked", "busy", "unique constraint", "duplicate key", "duplicate entry", "integrityerror",
-             "deadlock", "version creation error")
+TRANSIENT = (
+    "locked",
+    "busy",
+    "unique constraint",
+    "duplicate key",
+    "duplicate entry",
+    "integrityerror",
+    "deadlock",
+    "version creation error",
+)
 #: (name, version) pairs this context is registering: usable here before their pending tag is cleared
 #: (e.g. a first base promoted inside its own registration).
 _REGISTERING: ContextVar[frozenset[tuple[str, int]]] = ContextVar("editflow_registering", default=frozenset())
@@ -93,7 +101,8 @@ def check_complete(name: str, mv: Any) -> None:
     if integrity.is_pending(mv) and (name, int(mv.version)) not in _REGISTERING.get():
         raise integrity.IncompleteVersionError(
             f"version {mv.version} of {name!r} is incomplete: its registration has not finished or was "
-            f"interrupted (editflow verify {name} --repair deletes abandoned registrations)")
+            f"interrupted (editflow verify {name} --repair deletes abandoned registrations)"
+        )
 
 
 @contextlib.contextmanager
@@ -119,11 +128,16 @@ def load_version(name: str, ref: str | int, device: str | None = None, dtype: st
     expected = c.get_model_version(name, str(version)).tags.get(integrity.DIGEST_TAG)
     handle = flavor.load_model(uri, device=device, dtype=dtype, expected=expected)
     meta = handle.extra["editflow"]
-    return VersionRef(handle=handle, name=name, version=version, uri=f"models:/{name}/{version}",
-                      fingerprint=fingerprint(handle.model),
-                      base_version=int(meta.get("base_version") or version),
-                      base_artifact_uri=meta.get("base_artifact_uri") or uri,
-                      edited_tensors=list(meta.get("edited_tensors", [])))
+    return VersionRef(
+        handle=handle,
+        name=name,
+        version=version,
+        uri=f"models:/{name}/{version}",
+        fingerprint=fingerprint(handle.model),
+        base_version=int(meta.get("base_version") or version),
+        base_artifact_uri=meta.get("base_artifact_uri") or uri,
+        edited_tensors=list(meta.get("edited_tensors", [])),
+    )
 
 
 def registered_names() -> list[str]:
@@ -150,9 +164,17 @@ def find_base(name: str, fp: str) -> int | None:
     return None
 
 
-def log_and_register(name: str, handle: ModelHandle, *, storage: str, edited_tensors: Sequence[str] = (),
-                     lineage: dict[str, Any], tags: dict[str, str], description: str,
-                     on_registered: Callable[[int], None] | None = None) -> int:
+def log_and_register(
+    name: str,
+    handle: ModelHandle,
+    *,
+    storage: str,
+    edited_tensors: Sequence[str] = (),
+    lineage: dict[str, Any],
+    tags: dict[str, str],
+    description: str,
+    on_registered: Callable[[int], None] | None = None,
+) -> int:
     """Log the model in the active run and register it as a new version of ``name``.
 
     The version is registered with the ``editflow.pending`` tag (set atomically with it) and its
@@ -177,8 +199,9 @@ def log_and_register(name: str, handle: ModelHandle, *, storage: str, edited_ten
     return version
 
 
-def _log_model(name: str, handle: ModelHandle, storage: str, edited_tensors: Sequence[str],
-               lineage: dict[str, Any]) -> tuple[Any, str]:
+def _log_model(
+    name: str, handle: ModelHandle, storage: str, edited_tensors: Sequence[str], lineage: dict[str, Any]
+) -> tuple[Any, str]:
     """Log the model in the active run; its model info and the digest of its weights manifest. A delta
     records its base's manifest digest, so its own digest covers the base too."""
     from mlflow.models import Model
@@ -188,8 +211,18 @@ def _log_model(name: str, handle: ModelHandle, storage: str, edited_tensors: Seq
     if storage == "delta" and base_version is not None:
         lineage["base_weights_sha256"] = tags_of(name, int(base_version)).get(integrity.DIGEST_TAG)
     digests: dict[str, Any] = {}
-    info = retry(lambda: Model.log(artifact_path=None, name="model", flavor=flavor, handle=handle, storage=storage,
-                                   edited_tensors=list(edited_tensors), lineage=lineage, digests=digests))
+    info = retry(
+        lambda: Model.log(
+            artifact_path=None,
+            name="model",
+            flavor=flavor,
+            handle=handle,
+            storage=storage,
+            edited_tensors=list(edited_tensors),
+            lineage=lineage,
+            digests=digests,
+        )
+    )
     return info, digests["digest"]
 
 

@@ -54,17 +54,36 @@ def model_dtype(model: torch.nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-def cache_keys(handle: ModelHandle, layers: Sequence[int], corpus: CorpusSpec, tokens: int, max_length: int,
-               dtype: str, sampling: Sampling) -> dict[int, CacheKey]:
+def cache_keys(
+    handle: ModelHandle,
+    layers: Sequence[int],
+    corpus: CorpusSpec,
+    tokens: int,
+    max_length: int,
+    dtype: str,
+    sampling: Sampling,
+) -> dict[int, CacheKey]:
     """The cache key of each layer (hashes the weights once, and every local corpus file)."""
     digests = tensor_digests(handle.model)
     names = list(digests)
-    common = dict(tokenizer=tokenizer_fingerprint(handle.tokenizer), corpus=corpus_identity(corpus),
-                  tokens=int(tokens), max_length=int(max_length), model_dtype=model_dtype(handle.model),
-                  stats_dtype=dtype, sampling=sampling.key())
-    return {layer: CacheKey(weights=combine(digests, layer_dependencies(names, handle.adapter, layer)),
-                            module=handle.adapter.rewrite(layer), layer=layer, **common)  # type: ignore[arg-type]
-            for layer in layers}
+    common = dict(
+        tokenizer=tokenizer_fingerprint(handle.tokenizer),
+        corpus=corpus_identity(corpus),
+        tokens=int(tokens),
+        max_length=int(max_length),
+        model_dtype=model_dtype(handle.model),
+        stats_dtype=dtype,
+        sampling=sampling.key(),
+    )
+    return {
+        layer: CacheKey(
+            weights=combine(digests, layer_dependencies(names, handle.adapter, layer)),
+            module=handle.adapter.rewrite(layer),
+            layer=layer,
+            **common,
+        )  # type: ignore[arg-type]
+        for layer in layers
+    }
 
 
 def _check_layers(handle: ModelHandle, layers: Sequence[int]) -> list[int]:
@@ -75,10 +94,19 @@ def _check_layers(handle: ModelHandle, layers: Sequence[int]) -> list[int]:
     return out
 
 
-def layer_covariances(handle: ModelHandle, layers: Sequence[int], corpus: CorpusSpec, tokens: int,
-                      max_length: int | None = None, dtype: str = "float32", seed: int = 0,
-                      cache_dir: str | Path | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                      progress: bool = True, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> CovarianceResult:
+def layer_covariances(
+    handle: ModelHandle,
+    layers: Sequence[int],
+    corpus: CorpusSpec,
+    tokens: int,
+    max_length: int | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    progress: bool = True,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+) -> CovarianceResult:
     """E[k kᵀ] of the rewrite-module input of each layer over ``tokens`` corpus tokens, cached on disk."""
     layers = _check_layers(handle, layers)
     if tokens <= 0:
@@ -97,11 +125,25 @@ def layer_covariances(handle: ModelHandle, layers: Sequence[int], corpus: Corpus
                 found[layer] = cache_mod.read_entry(root, keys[layer])
             missing = [layer for layer in missing if found[layer] is None]
             if missing:
-                found.update(_compute(handle, root, {layer: keys[layer] for layer in missing}, corpus, sampling,
-                                      max_length, acc_dtype, batch_tokens, progress))
+                found.update(
+                    _compute(
+                        handle,
+                        root,
+                        {layer: keys[layer] for layer in missing},
+                        corpus,
+                        sampling,
+                        max_length,
+                        acc_dtype,
+                        batch_tokens,
+                        progress,
+                    )
+                )
     stats = {layer: found[layer][0] for layer in layers}  # type: ignore[index]
-    return CovarianceResult(covs={layer: s.mom2().to(acc_dtype).cpu() for layer, s in stats.items()},
-                            entries=[found[layer][1] for layer in layers], stats=stats)  # type: ignore[index]
+    return CovarianceResult(
+        covs={layer: s.mom2().to(acc_dtype).cpu() for layer, s in stats.items()},
+        entries=[found[layer][1] for layer in layers],
+        stats=stats,
+    )  # type: ignore[index]
 
 
 def corpus_tokens(corpus: CorpusSpec, sampling: Sampling, tokenizer: object, budget: int, max_length: int) -> int:
@@ -119,29 +161,52 @@ def warn_if_short(corpus: CorpusSpec, sampling: Sampling, tokenizer: object, bud
 
     held = corpus_tokens(corpus, sampling, tokenizer, budget, max_length)
     if held < budget:
-        progress.note(f"editflow: the statistics corpus {corpus.source!r} holds {held:,} tokens for this "
-                      f"tokenizer, fewer than the budget of {budget:,}; the statistics will use {held:,} "
-                      "(pass --stats-tokens, or a larger --corpus)")
+        progress.note(
+            f"editflow: the statistics corpus {corpus.source!r} holds {held:,} tokens for this "
+            f"tokenizer, fewer than the budget of {budget:,}; the statistics will use {held:,} "
+            "(pass --stats-tokens, or a larger --corpus)"
+        )
 
 
-def _compute(handle: ModelHandle, root: Path, keys: dict[int, CacheKey], corpus: CorpusSpec, sampling: Sampling,
-             max_length: int, dtype: torch.dtype, batch_tokens: int,
-             progress: bool) -> dict[int, tuple[LayerStats, CacheEntry]]:
+def _compute(
+    handle: ModelHandle,
+    root: Path,
+    keys: dict[int, CacheKey],
+    corpus: CorpusSpec,
+    sampling: Sampling,
+    max_length: int,
+    dtype: torch.dtype,
+    batch_tokens: int,
+    progress: bool,
+) -> dict[int, tuple[LayerStats, CacheEntry]]:
     """Compute (or extend cached prefixes of) the given layers in one pass and store them."""
     prefixes = {layer: cache_mod.find_prefix(root, key) for layer, key in keys.items()}
     starts = {layer: Start(p[0].docs, p[0].count) for layer, p in prefixes.items() if p is not None}
     tokens = next(iter(keys.values())).tokens
     if progress:
         warn_if_short(corpus, sampling, handle.tokenizer, tokens, max_length)
-    fresh, budget = collect(handle.model, handle.tokenizer, handle.adapter, list(keys), sample_documents(corpus, sampling),
-                            tokens, max_length, dtype, batch_tokens, starts, progress)
+    fresh, budget = collect(
+        handle.model,
+        handle.tokenizer,
+        handle.adapter,
+        list(keys),
+        sample_documents(corpus, sampling),
+        tokens,
+        max_length,
+        dtype,
+        batch_tokens,
+        starts,
+        progress,
+    )
     if budget.exhausted:
         import warnings
 
-        warnings.warn(f"corpus exhausted after {budget.taken} tokens (< {tokens} requested)", RuntimeWarning,
-                      stacklevel=3)
-    merged = {layer: prefixes[layer][0].merge(fresh[layer]) if prefixes[layer] is not None else fresh[layer]
-              for layer in keys}
+        warnings.warn(
+            f"corpus exhausted after {budget.taken} tokens (< {tokens} requested)", RuntimeWarning, stacklevel=3
+        )
+    merged = {
+        layer: prefixes[layer][0].merge(fresh[layer]) if prefixes[layer] is not None else fresh[layer] for layer in keys
+    }
     for layer, stats in merged.items():  # every layer is checked before any is written
         check_covariance(stats.mom2(), layer, "computed, not written to the cache")
     out = {}

@@ -24,8 +24,9 @@ class Doc:
     ids: tuple[int, ...]
 
 
-def tokenize(texts: Iterable[str], tokenizer: object, max_length: int, start: int = 0,
-             group: int = 64) -> Iterator[Doc]:
+def tokenize(
+    texts: Iterable[str], tokenizer: object, max_length: int, start: int = 0, group: int = 64
+) -> Iterator[Doc]:
     """Tokenise documents (truncated to ``max_length``), skipping the first ``start`` untokenised."""
     it = islice(enumerate(texts), start, None)
     while chunk := list(islice(it, group)):

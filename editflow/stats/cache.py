@@ -119,9 +119,11 @@ def _writable(root: Path) -> Iterator[None]:
     except Timeout:
         raise
     except OSError as exc:
-        raise CacheError(f"statistics cache {root} is not writable ({exc.strerror or exc}: "
-                         f"{exc.filename or root}); pass a writable --stats-cache / --cache-dir or set "
-                         "EDITFLOW_CACHE") from None
+        raise CacheError(
+            f"statistics cache {root} is not writable ({exc.strerror or exc}: "
+            f"{exc.filename or root}); pass a writable --stats-cache / --cache-dir or set "
+            "EDITFLOW_CACHE"
+        ) from None
 
 
 def _writable_dir(folder: Path) -> None:
@@ -132,6 +134,7 @@ def _writable_dir(folder: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- writing
+
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> str:
     """Write via a temp file in the same directory, fsync, ``os.replace``; return the file's SHA-256."""
@@ -151,8 +154,9 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> str:
     return sha
 
 
-def write_entry(root: Path, key: CacheKey, stats: LayerStats, info: dict | None = None,
-                checked: bool = False) -> CacheEntry:
+def write_entry(
+    root: Path, key: CacheKey, stats: LayerStats, info: dict | None = None, checked: bool = False
+) -> CacheEntry:
     """Store ``stats`` under ``key`` (npz first, then the manifest that vouches for it). The covariance
     is refused unless finite, symmetric and PSD (``checked``: the caller has just verified it)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -166,17 +170,26 @@ def write_entry(root: Path, key: CacheKey, stats: LayerStats, info: dict | None 
         check_covariance(stats.mom2(), key.layer, "not written to the cache")
     with _writable(root):
         sha = _atomic_write(path, lambda f: write_npz(f, stats))
-    manifest = {"key": key.digest(), "base_key": key.base_digest(), "fields": key.fields(),
-                "npz_sha256": sha, "npz_bytes": path.stat().st_size,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "tokens": stats.count, "docs": stats.docs, "editflow_version": ef_version,
-                "source": "computed", **(info or {})}
+    manifest = {
+        "key": key.digest(),
+        "base_key": key.base_digest(),
+        "fields": key.fields(),
+        "npz_sha256": sha,
+        "npz_bytes": path.stat().st_size,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tokens": stats.count,
+        "docs": stats.docs,
+        "editflow_version": ef_version,
+        "source": "computed",
+        **(info or {}),
+    }
     with _writable(root):
         _atomic_write(manifest_path(path), lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     return CacheEntry(path, manifest, hit=False)
 
 
 # ----------------------------------------------------------------------------- reading and checking
+
 
 def check_entry(npz: Path, expected: str | None = None, sanity: bool = True) -> tuple[list[str], dict | None]:
     """Problems with the entry at ``npz`` (empty when valid) and its manifest; with ``sanity``, also a
@@ -193,8 +206,10 @@ def check_entry(npz: Path, expected: str | None = None, sanity: bool = True) -> 
         return [f"{mpath}: unreadable manifest ({exc})"], None
     problems = []
     if manifest.get("key") != npz.stem or fields_digest != npz.stem:
-        problems.append(f"{npz}: key mismatch (file {npz.stem[:12]}, manifest {str(manifest.get('key'))[:12]},"
-                        f" fields {fields_digest[:12]})")
+        problems.append(
+            f"{npz}: key mismatch (file {npz.stem[:12]}, manifest {str(manifest.get('key'))[:12]},"
+            f" fields {fields_digest[:12]})"
+        )
     if expected is not None and npz.stem != expected:
         problems.append(f"{npz}: not the expected key {expected[:12]}")
     if sha256_file(npz) != manifest.get("npz_sha256"):
@@ -243,8 +258,11 @@ def find_prefix(root: Path, key: CacheKey) -> tuple[LayerStats, CacheEntry] | No
             manifest = json.loads(mpath.read_text())
         except ValueError:
             continue
-        if (manifest.get("base_key") == key.base_digest() and manifest.get("docs") is not None
-                and 0 < manifest.get("tokens", 0) < key.tokens):
+        if (
+            manifest.get("base_key") == key.base_digest()
+            and manifest.get("docs") is not None
+            and 0 < manifest.get("tokens", 0) < key.tokens
+        ):
             candidates.append((manifest["tokens"], manifest["fields"]))
     for _, fields in sorted(candidates, key=lambda c: -c[0]):
         try:
@@ -273,6 +291,7 @@ def iter_entries(root: Path) -> Iterator[Path]:
     """Every npz or manifest stem under ``root`` (as the npz path), in a fixed order."""
     if not root.exists():
         return
-    stems = {p.with_suffix(".npz") for p in root.rglob("*") if p.suffix in (".npz", ".json")
-             and not p.name.startswith(".")}
+    stems = {
+        p.with_suffix(".npz") for p in root.rglob("*") if p.suffix in (".npz", ".json") and not p.name.startswith(".")
+    }
     yield from sorted(stems)

@@ -30,10 +30,15 @@ class Start:
     tokens: int = 0
 
 
-def accumulate_pass(model: torch.nn.Module, adapter: Adapter, layers: Sequence[int],
-                    batches: Iterable[tuple[Batch, torch.Tensor]], dtype: torch.dtype,
-                    starts: Mapping[int, int] | None = None,
-                    progress: tqdm | None = None) -> dict[int, LayerStats]:
+def accumulate_pass(
+    model: torch.nn.Module,
+    adapter: Adapter,
+    layers: Sequence[int],
+    batches: Iterable[tuple[Batch, torch.Tensor]],
+    dtype: torch.dtype,
+    starts: Mapping[int, int] | None = None,
+    progress: tqdm | None = None,
+) -> dict[int, LayerStats]:
     """Σ k kᵀ per layer over the non-padding tokens of ``batches`` (batch, stream index per row).
 
     Rows whose stream index is below ``starts[layer]`` are skipped for that layer (the layer already
@@ -52,23 +57,36 @@ def accumulate_pass(model: torch.nn.Module, adapter: Adapter, layers: Sequence[i
         stats[layer].add(keys[masks[layer]])
         return None
 
-    with torch.inference_mode(), nethook.capture(model, inputs_of=list(by_name),
-                                                 stop_after=adapter.rewrite(max(layers)), transform=add):
+    with (
+        torch.inference_mode(),
+        nethook.capture(model, inputs_of=list(by_name), stop_after=adapter.rewrite(max(layers)), transform=add),
+    ):
         for batch, index in batches:
             batch, index = batch.to(device), index.to(device)
             valid = batch.attention_mask.bool()
-            masks = {layer: valid & (index >= starts.get(layer, 0))[:, None] if starts.get(layer, 0) else valid
-                     for layer in layers}
+            masks = {
+                layer: valid & (index >= starts.get(layer, 0))[:, None] if starts.get(layer, 0) else valid
+                for layer in layers
+            }
             nethook.run_until_stopped(model, **batch.model_inputs())
             if progress is not None:
                 progress.update(int(valid.sum()))
     return stats
 
 
-def collect(model: torch.nn.Module, tokenizer: object, adapter: Adapter, layers: Sequence[int],
-            texts: Iterable[str], tokens: int, max_length: int, dtype: torch.dtype = torch.float32,
-            batch_tokens: int = 8192, starts: Mapping[int, Start] | None = None,
-            progress: bool = True) -> tuple[dict[int, LayerStats], Budget]:
+def collect(
+    model: torch.nn.Module,
+    tokenizer: object,
+    adapter: Adapter,
+    layers: Sequence[int],
+    texts: Iterable[str],
+    tokens: int,
+    max_length: int,
+    dtype: torch.dtype = torch.float32,
+    batch_tokens: int = 8192,
+    starts: Mapping[int, Start] | None = None,
+    progress: bool = True,
+) -> tuple[dict[int, LayerStats], Budget]:
     """Statistics of ``layers`` over the first ``tokens`` tokens of the document stream ``texts``.
 
     With ``starts``, a layer only collects the documents after its start (to be merged into the
@@ -80,11 +98,18 @@ def collect(model: torch.nn.Module, tokenizer: object, adapter: Adapter, layers:
     budget = Budget(tokens, taken=first.tokens, docs_end=first.docs)
     docs = budget.take(tokenize(texts, tokenizer, max_length, start=first.docs))
     batches = (collate(group, pad_id(tokenizer)) for group in length_batches(docs, batch_tokens))
-    bar = progress_bar(total=tokens, initial=first.tokens, unit="tok", unit_scale=True, desc="layer stats",
-                       disable=not progress or is_quiet())
+    bar = progress_bar(
+        total=tokens,
+        initial=first.tokens,
+        unit="tok",
+        unit_scale=True,
+        desc="layer stats",
+        disable=not progress or is_quiet(),
+    )
     with bar:
-        stats = accumulate_pass(model, adapter, layers, batches, dtype,
-                                {layer: s.docs for layer, s in starts.items()}, bar)
+        stats = accumulate_pass(
+            model, adapter, layers, batches, dtype, {layer: s.docs for layer, s in starts.items()}, bar
+        )
     for layer, s in starts.items():
         stats[layer].docs = budget.docs_end - s.docs
     return {layer: st.to("cpu") for layer, st in stats.items()}, budget

@@ -79,6 +79,7 @@ class CorpusSpec:
 
 # ----------------------------------------------------------------------------- identity
 
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -89,8 +90,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def _dir_files(root: Path) -> list[Path]:
     """Readable files under ``root`` in a fixed order, all of the most common supported suffix."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in {*DIR_BUILDERS, ".txt"}
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in {*DIR_BUILDERS, ".txt"}
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if not files:
         raise ValueError(f"no .txt/.jsonl/.json/.parquet/.arrow files under {root}")
     suffixes = [p.suffix.lower() for p in files]
@@ -117,8 +123,14 @@ def corpus_identity(spec: CorpusSpec) -> dict:
         ident["txt_mode"] = spec.txt_mode
         ident["txt_reader"] = TXT_READER  # how split_txt cuts documents
     if spec.kind == "hf":
-        ident.update(name=spec.source, config=spec.config, split=spec.split, revision=spec.revision,
-                     data_dir=spec.data_dir, data_files=list(spec.data_files))
+        ident.update(
+            name=spec.source,
+            config=spec.config,
+            split=spec.split,
+            revision=spec.revision,
+            data_dir=spec.data_dir,
+            data_files=list(spec.data_files),
+        )
     files = _local_files(spec)
     if files:
         ident["files"] = [[name, sha256_file(path)] for name, path in files]

@@ -35,12 +35,17 @@ def layer_dependencies(names: list[str], adapter: Adapter, layer: int) -> list[s
     block_root = adapter.layer("").rstrip(".") + "."
     later = tuple(adapter.layer(i) + "." for i in range(layer + 1, adapter.n_layers))
     own = adapter.rewrite(layer) + "."
-    return sorted(n for n in names if not n.startswith(later) and not n.startswith(own)
-                  and (not n.startswith(block_root) or _block_index(n, block_root) <= layer))
+    return sorted(
+        n
+        for n in names
+        if not n.startswith(later)
+        and not n.startswith(own)
+        and (not n.startswith(block_root) or _block_index(n, block_root) <= layer)
+    )
 
 
 def _block_index(name: str, block_root: str) -> int:
-    head = name[len(block_root):].split(".", 1)[0]
+    head = name[len(block_root) :].split(".", 1)[0]
     return int(head) if head.isdigit() else -1
 
 
@@ -68,10 +73,12 @@ def tokenizer_fingerprint(tokenizer: object) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # truncation/padding are call-time settings the backend remembers: leave them out
         definition = json.loads(backend.to_str())
-        text = json.dumps({k: v for k, v in definition.items() if k not in ("truncation", "padding")},
-                          sort_keys=True)
+        text = json.dumps({k: v for k, v in definition.items() if k not in ("truncation", "padding")}, sort_keys=True)
     else:
         text = json.dumps(sorted(tokenizer.get_vocab().items()))  # type: ignore[attr-defined]
-    extra = json.dumps({"special": getattr(tokenizer, "all_special_tokens", None),
-                        "class": type(tokenizer).__name__}, sort_keys=True, default=str)
+    extra = json.dumps(
+        {"special": getattr(tokenizer, "all_special_tokens", None), "class": type(tokenizer).__name__},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256((text + extra).encode()).hexdigest()

@@ -21,17 +21,23 @@ FORMATS = ("editflow", "memit")
 def stats_arrays(stats: LayerStats) -> dict[str, np.ndarray]:
     """editflow's arrays for ``stats``."""
     stats.symmetrize()
-    return {"sum": stats.sum_kkT.cpu().numpy(), "sum_k": stats.sum_k.cpu().numpy(),
-            "count": np.asarray(stats.count, dtype=np.int64), "mom2": stats.mom2().cpu().numpy(),
-            "docs": np.asarray(-1 if stats.docs is None else stats.docs, dtype=np.int64)}
+    return {
+        "sum": stats.sum_kkT.cpu().numpy(),
+        "sum_k": stats.sum_k.cpu().numpy(),
+        "count": np.asarray(stats.count, dtype=np.int64),
+        "mom2": stats.mom2().cpu().numpy(),
+        "docs": np.asarray(-1 if stats.docs is None else stats.docs, dtype=np.int64),
+    }
 
 
 def memit_arrays(stats: LayerStats) -> dict[str, np.ndarray]:
     """MEMIT's ``CombinedStat(mom2=SecondMoment())`` state dict for ``stats``."""
-    return {"constructor": np.asarray("util.runningstats.CombinedStat()"),
-            "mom2.constructor": np.asarray("util.runningstats.SecondMoment()"),
-            "mom2.count": np.asarray(stats.count, dtype=np.int64),
-            "mom2.mom2": stats.symmetrize().sum_kkT.cpu().numpy()}
+    return {
+        "constructor": np.asarray("util.runningstats.CombinedStat()"),
+        "mom2.constructor": np.asarray("util.runningstats.SecondMoment()"),
+        "mom2.count": np.asarray(stats.count, dtype=np.int64),
+        "mom2.mom2": stats.symmetrize().sum_kkT.cpu().numpy(),
+    }
 
 
 def write_npz(target: str | Path | BinaryIO, stats: LayerStats, fmt: str = "editflow") -> None:
@@ -59,8 +65,10 @@ def _open_npz(path: str | Path):
         data = np.load(path, allow_pickle=False)
     except ValueError as exc:
         if "pickle" in str(exc):
-            raise StatsFileError(f"{path}: not an npz archive of arrays (numpy would have to unpickle it, which "
-                                 "editflow never does); save statistics with numpy.savez") from None
+            raise StatsFileError(
+                f"{path}: not an npz archive of arrays (numpy would have to unpickle it, which "
+                "editflow never does); save statistics with numpy.savez"
+            ) from None
         raise StatsFileError(f"{path}: not an npz file ({exc})") from None
     except (OSError, EOFError) as exc:
         raise StatsFileError(f"{path}: not a readable npz file ({exc})") from None
@@ -74,8 +82,9 @@ def _array(data, name: str, path: str | Path) -> np.ndarray:
     try:
         value = data[name]
     except ValueError as exc:
-        raise StatsFileError(f"{path}: array {name!r} holds pickled Python objects ({exc}); editflow "
-                             "never unpickles statistics") from None
+        raise StatsFileError(
+            f"{path}: array {name!r} holds pickled Python objects ({exc}); editflow never unpickles statistics"
+        ) from None
     except (OSError, EOFError, KeyError) as exc:
         raise StatsFileError(f"{path}: array {name!r} cannot be read ({exc})") from None
     if value.dtype.kind not in "biuf":
@@ -99,8 +108,11 @@ def read_npz(path: str | Path) -> tuple[LayerStats, str]:
             raise StatsFileError(f"{path}: {exc}") from None
         if fmt == "editflow":
             sum_kkT, count = _array(data, "sum", path), _scalar(data, "count", path)
-            sum_k = (_array(data, "sum_k", path) if "sum_k" in data.files
-                     else np.full(sum_kkT.shape[0] if sum_kkT.ndim else 0, np.nan))
+            sum_k = (
+                _array(data, "sum_k", path)
+                if "sum_k" in data.files
+                else np.full(sum_kkT.shape[0] if sum_kkT.ndim else 0, np.nan)
+            )
             docs = _scalar(data, "docs", path) if "docs" in data.files else -1
         else:
             sum_kkT, count = _array(data, "mom2.mom2", path), _scalar(data, "mom2.count", path)
@@ -113,6 +125,7 @@ def read_npz(path: str | Path) -> tuple[LayerStats, str]:
         raise StatsFileError(f"{path}: inconsistent shapes {sum_kkT.shape} and {sum_k.shape}")
     if count <= 0:
         raise StatsFileError(f"{path}: token count {count} is not positive")
-    stats = LayerStats(torch.from_numpy(np.array(sum_kkT)), torch.from_numpy(np.array(sum_k)), count,
-                       None if docs < 0 else docs)
+    stats = LayerStats(
+        torch.from_numpy(np.array(sum_kkT)), torch.from_numpy(np.array(sum_k)), count, None if docs < 0 else docs
+    )
     return stats, fmt

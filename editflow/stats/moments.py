@@ -20,7 +20,7 @@ def add_upper(acc: torch.Tensor, x: torch.Tensor, block: int = BLOCK) -> None:
         acc.addmm_(x.T, x)
         return
     for i in range(0, d, block):
-        acc[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
+        acc[i : i + block, i:].addmm_(x[:, i : i + block].T, x[:, i:])
 
 
 def mirror_upper(acc: torch.Tensor, block: int = BLOCK) -> None:
@@ -29,7 +29,7 @@ def mirror_upper(acc: torch.Tensor, block: int = BLOCK) -> None:
     if d < 2 * block:
         return
     for i in range(block, d, block):
-        acc[i:i + block, :i].copy_(acc[:i, i:i + block].T)
+        acc[i : i + block, :i].copy_(acc[:i, i : i + block].T)
 
 
 def stats_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -105,5 +105,9 @@ class LayerStats:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LayerStats":
         self.symmetrize()
-        return LayerStats(self.sum_kkT.to(device=device, dtype=dtype), self.sum_k.to(device=device, dtype=dtype),
-                          self.count, self.docs)
+        return LayerStats(
+            self.sum_kkT.to(device=device, dtype=dtype),
+            self.sum_k.to(device=device, dtype=dtype),
+            self.count,
+            self.docs,
+        )

@@ -45,8 +45,7 @@ def _psd_problem(c: torch.Tensor, tol: float) -> str | None:
         return None
     if c.shape[0] <= EXACT_EIGEN_MAX_DIM:
         low = float(torch.linalg.eigvalsh(c)[0])
-        return (f"not positive semi-definite: smallest eigenvalue {low:.4g} < -{tol:g} x largest "
-                f"eigenvalue {scale:.4g}")
+        return f"not positive semi-definite: smallest eigenvalue {low:.4g} < -{tol:g} x largest eigenvalue {scale:.4g}"
     return f"not positive semi-definite: C + {tol:g} * lambda_max * I has no Cholesky factor (lambda_max ~ {scale:.4g})"
 
 
