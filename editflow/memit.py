@@ -57,6 +57,8 @@ class EditResult:
     deltas: dict[str, torch.Tensor]
     diagnostics: list[RequestDiagnostics]
     layer_update_norms: dict[str, float] = field(default_factory=dict)
+    layer_update_ratios: dict[str, float] = field(default_factory=dict)  # ‖ΔW‖ / ‖W‖, total change
+    layer_output_ratios: dict[str, float] = field(default_factory=dict)  # see effective_update_ratios
     timings: dict[str, float] = field(default_factory=dict)
     context_templates: list[str] = field(default_factory=list)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, d_ff), after the edit
@@ -789,6 +791,45 @@ def _weight_layout(delta: torch.Tensor, conv1d: bool) -> torch.Tensor:
     return delta.T if conv1d else delta
 
 
+class NonFiniteUpdate(ValueError):
+    """A target vector or a weight update that is not finite (a poisoned covariance, an overflow):
+    nothing is applied or registered from it."""
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteUpdate` naming ``what`` unless every entry of ``t`` is finite."""
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteUpdate(f"{what} has {bad} non-finite entries; nothing was applied")
+
+
+def update_ratios(deltas: Mapping[str, torch.Tensor], originals: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """‖ΔW‖ / ‖W‖ per edited weight (Frobenius norms; W before the edit)."""
+    return {n: float(d.double().norm() / originals[n].double().norm().clamp_min(1e-30)) for n, d in deltas.items()}
+
+
+def effective_update_ratios(
+    deltas: Mapping[str, torch.Tensor],
+    originals: Mapping[str, torch.Tensor],
+    covs: Mapping[int, torch.Tensor],
+    adapter: Adapter,
+) -> dict[str, float]:
+    """√(tr(ΔW C ΔWᵀ) / tr(W C Wᵀ)) per edited layer: how much the update changes the layer's output on
+    keys distributed like the corpus (C = E[k kᵀ]), relative to the output itself. Unlike ‖ΔW‖/‖W‖ it
+    ignores directions the keys never take (near-null directions of C, where MEMIT's solve is free)."""
+    out = {}
+    for layer, cov in covs.items():
+        name = adapter.rewrite_weight(layer)
+        if name not in deltas:
+            continue
+        c = cov.double().to(deltas[name].device)
+        dw = _weight_layout(deltas[name], adapter.conv1d).double()  # (d, d_ff)
+        w = _weight_layout(originals[name], adapter.conv1d).double()  # (d, d_ff)
+        num, den = float(((dw @ c) * dw).sum()), float(((w @ c) * w).sum())
+        out[name] = (num / den) ** 0.5 if den > 0 and num >= 0 else float("nan")
+    return out
+
+
 def solve_layers(
     model: nn.Module,
     tokenizer: object,
@@ -821,6 +862,7 @@ def solve_layers(
             upd = memit_update(k, resid, covs[layer], config.mom2_update_weight, preserved)
         name = adapter.rewrite_weight(layer)
         w = params[name]
+        check_finite(upd, f"the update of layer {layer} ({name})")
         delta = _weight_layout(upd, adapter.conv1d).to(w.dtype)
         with torch.no_grad():
             w.add_(delta.to(w.device))
@@ -848,6 +890,7 @@ def _memit_chunk(
     preserve), the diagnostics and the update norms."""
     t0 = time.perf_counter()
     z, diags = compute_targets(model, tokenizer, adapter, requests, config, templates, requests_per_batch, prefix_cache)
+    check_finite(z, "the target vectors z")
     timings["targets"] = timings.get("targets", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
     _, norms = solve_layers(model, tokenizer, adapter, requests, z, covs, config, templates, state)
@@ -957,6 +1000,8 @@ def edit(
         deltas=deltas,
         diagnostics=diagnostics,
         layer_update_norms=norms,
+        layer_update_ratios=update_ratios(deltas, original),
+        layer_output_ratios=effective_update_ratios(deltas, original, covs, adapter),
         timings=timings,
         context_templates=list(templates),
         keys={layer: torch.cat(ks) for layer, ks in written.items()},

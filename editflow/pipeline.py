@@ -26,7 +26,16 @@ from editflow.edit_state import EditState
 from editflow.models import with_module_overrides
 from editflow.registry import flavor, ledger, lineage, promotion, resolve
 from editflow.registry.store import configure, ensure_experiment
-from editflow.registry.versions import CANDIDATE, TAG, VersionRef, log_and_register, set_alias, tags_of
+from editflow.registry.versions import (
+    CANDIDATE,
+    TAG,
+    VersionRef,
+    check_model_name,
+    log_and_register,
+    record_gate,
+    set_alias,
+    tags_of,
+)
 from editflow.requests import (
     MAX_REQUESTS,
     EditRequest,
@@ -160,6 +169,7 @@ class _Plan:
     parent_tags: dict[str, str]
     state: EditState
     state_sha256: str | None
+    held: list[EditRequest]  # the facts the lineage holds before this batch (from its versions' runs)
 
     @property
     def handle(self) -> Any:
@@ -220,6 +230,10 @@ def _run_phases(job: EditJob, run_id: str) -> EditOutcome:
     _maybe_fail(job, "eval")
 
     metrics = {**pre.summary, **post.summary, **{f"post/{k}": v for k, v in retention.items()}}
+    if result.layer_update_ratios:
+        metrics["post/max_update_ratio"] = max(result.layer_update_ratios.values())
+    if result.layer_output_ratios:
+        metrics["post/max_output_ratio"] = max(result.layer_output_ratios.values())
     _log_results(metrics, timings)
     _log_artifacts(job, plan.requests, evaluator, pre, post, result)
     _maybe_fail(job, "log")
@@ -260,13 +274,14 @@ def _resolve(job: EditJob) -> _Plan:
         context_template_allowance(config.context_templates, config.context_template_length),
     )
     base.handle = with_module_overrides(base.handle, config.layer_tmp, config.rewrite_tmp)
-    name = job.registered_model or resolve.default_registered_name(base)
+    name = check_model_name(job.registered_model or resolve.default_registered_name(base))
     _repair(name)
     base = resolve.ensure_registered_base(base, name)
     config = resolve.config_for(base, job.hparams)  # a newly registered base: its stored tune result
     parent_tags = tags_of(name, base.version)
     state, sha = lineage.read_state(parent_tags) if job.carry_state else (EditState(), None)  # fails before any work
-    return _Plan(requests, base, name, config, parent_tags, state, sha)
+    held = lineage.lineage_requests(name, base.version)
+    return _Plan(requests, base, name, config, parent_tags, state, sha, held)
 
 
 def _repair(name: str) -> None:
@@ -286,7 +301,8 @@ def _evaluator(job: EditJob, plan: _Plan) -> Any:
         plan.handle,
         plan.requests,
         heldout_texts=load_heldout_texts(),
-        heldout_facts=default_heldout_facts(plan.requests),
+        # held-out: not in this batch and never edited anywhere in the lineage
+        heldout_facts=default_heldout_facts([*plan.requests, *plan.held]),
         known_texts=_root_known_facts(plan),
         fluency=job.fluency,
         seed=plan.config.seed,
@@ -354,8 +370,7 @@ def _retention(plan: _Plan) -> dict[str, float]:
     """Retention of the facts earlier versions of the lineage hold (capped, seeded sample)."""
     from editflow.evaluate.retention import retention_metrics
 
-    held = lineage.lineage_requests(plan.name, plan.base.version)
-    earlier, total = lineage.earlier_facts(held, plan.requests, seed=plan.config.seed)
+    earlier, total = lineage.earlier_facts(plan.held, plan.requests, seed=plan.config.seed)
     return retention_metrics(plan.handle, earlier, total, seed=plan.config.seed)
 
 
@@ -404,6 +419,7 @@ def _promote(
             TAG + "promoted": str(promoted).lower(),
         }
     )
+    record_gate(name, version, verdict.passed, verdict.reasons, promoted)
     return promoted, error
 
 
@@ -538,6 +554,10 @@ def _log_artifacts(
         mlflow.log_artifacts(str(out), "eval")
     for name, norm in result.layer_update_norms.items():
         mlflow.log_metric(f"update_norm/{name}", norm)
+    for name, ratio in result.layer_update_ratios.items():
+        mlflow.log_metric(f"update_ratio/{name}", ratio)
+    for name, ratio in result.layer_output_ratios.items():
+        mlflow.log_metric(f"output_ratio/{name}", ratio)
 
 
 def _register(

@@ -104,6 +104,9 @@ def test_cli_exit_status_says_whether_the_gate_passed(ws):
     doc = json.loads(strict.stdout)
     assert doc["version"] == 2 and doc["promoted"] is False and not doc["gate"]["passed"]
     assert any("efficacy" in reason for reason in doc["gate"]["reasons"])
+    version = client(ws).get_model_version("gated", "2")  # the decision is on the version, beside its alias
+    assert version.tags["editflow.gate"].startswith("failed: efficacy")
+    assert version.description.startswith("Gate failed: efficacy") and "kept as a candidate" in version.description
     loose = runner.invoke(
         cli,
         [

@@ -390,6 +390,7 @@ def test_mlflow_run_project_with_local_env(ws, first_edit):
 def test_served_model_answers_with_the_edited_fact(ws, first_edit):
     import socket
     import time
+    import urllib.error
     import urllib.request
 
     with socket.socket() as s:
@@ -431,6 +432,15 @@ def test_served_model_answers_with_the_edited_fact(ws, first_edit):
         )
         answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
         assert [a.strip() for a in answer["predictions"]] == ["Paris", "chess"]
+        # Beyond the serving limits: a 400 with the reason, and no work done.
+        for inputs, params in ((["x"] * 3000, {"max_new_tokens": 1}), (["sigma rho"], {"max_new_tokens": 100000})):
+            too_big = json.dumps({"inputs": inputs, "params": params}).encode()
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", data=too_big, headers={"Content-Type": "application/json"}
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(req, timeout=60)
+            assert refused.value.code == 400 and b"at most" in refused.value.read()
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -115,11 +115,14 @@ def check_tracking_server(uri: str | None = None) -> None:
 
 
 def require_model(name: str) -> None:
-    """Raise :class:`LookupError` if ``name`` is not a registered model."""
+    """Raise :class:`ValueError` for a name editflow does not accept, :class:`LookupError` if ``name``
+    is not a registered model."""
     from mlflow.exceptions import MlflowException
 
     from editflow.registry.store import client
+    from editflow.registry.versions import check_model_name
 
+    check_model_name(name)
     try:
         client().get_registered_model(name)
     except MlflowException as exc:

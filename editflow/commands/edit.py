@@ -182,7 +182,11 @@ def outcome_json(outcome) -> dict:
         "version": outcome.version,
         "parent_version": outcome.parent_version,
         "promoted": outcome.promoted,
-        "gate": {"passed": outcome.gate.passed, "reasons": list(outcome.gate.reasons)},
+        "gate": {
+            "passed": outcome.gate.passed,
+            "reasons": list(outcome.gate.reasons),
+            "warnings": list(outcome.gate.warnings),
+        },
         "promotion_error": outcome.promotion_error,
         "metrics": outcome.metrics,
     }
@@ -196,6 +200,7 @@ def format_outcome(outcome) -> str:
         f"(parent {outcome.parent_version}, alias candidate)",
         format_summary(outcome.metrics),
         "gate: " + ("passed" if outcome.gate.passed else "failed (" + "; ".join(outcome.gate.reasons) + ")"),
+        *(f"warning: {w}" for w in outcome.gate.warnings),
     ]
     if outcome.promoted:
         lines.append(f"promoted: {outcome.name} version {outcome.version} is now production")

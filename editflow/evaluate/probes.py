@@ -52,7 +52,10 @@ class Probe:
 
 def auto_neighbor_texts(requests: Sequence[EditRequest], i: int, n: int) -> list[str]:
     """Up to ``n`` texts: request i's prompt with other requests' subjects (cyclic from i+1), never an
-    edited (subject, prompt) pair or request i's own subject."""
+    edited (subject, prompt) pair or request i's own subject.
+
+    The plain statement of the rule, quadratic over a batch: the reference the tests hold
+    :func:`editflow.requests.neighbor_index` (what the evaluator uses) to."""
     edited = {(r.subject, r.prompt) for r in requests}
     me, out, seen = requests[i], [], set()
     for k in range(1, len(requests)):
@@ -72,7 +75,11 @@ def _ids(tokenizer: object, text: str | None) -> Ids | None:
 
 def request_probes(tokenizer: object, requests: Sequence[EditRequest], n_auto_neighbors: int = 5) -> list[Probe]:
     """All probes of the edited requests, by source format (module docstring)."""
+    from editflow.requests import neighbor_index
+
     probes: list[Probe] = []
+    needs_auto = any(not r.neighborhood_prompts and r.source_format != "zsre" for r in requests)
+    auto = neighbor_index(requests, n_auto_neighbors) if needs_auto else [[] for _ in requests]
     for i, r in enumerate(requests):
         new = _ids(tokenizer, r.target_new)
         if r.source_format == "zsre":
@@ -87,10 +94,7 @@ def request_probes(tokenizer: object, requests: Sequence[EditRequest], n_auto_ne
         probes += [Probe(i, "paraphrase", p, new, true, n) for p in r.paraphrase_prompts]
         probes += [Probe(i, "neighborhood", p, new, true, n) for p in r.neighborhood_prompts]
         if not r.neighborhood_prompts:
-            probes += [
-                Probe(i, "neighborhood_auto", t, new, None, n)
-                for t in auto_neighbor_texts(requests, i, n_auto_neighbors)
-            ]
+            probes += [Probe(i, "neighborhood_auto", t, new, None, n) for t in auto[i]]
     return probes
 
 

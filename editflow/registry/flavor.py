@@ -395,8 +395,36 @@ def load_model(
         return load_local(local_dir, device=device, dtype=dtype, expected=expected)
 
 
+#: Serving limits: prompts per request, new tokens per prompt, characters per prompt (one request of a
+#: served model must stay well under the scoring server's timeout on a CPU).
+MAX_PROMPTS = 256
+MAX_NEW_TOKENS = 256
+MAX_PROMPT_CHARS = 8192
+
+
+def check_serving_request(prompts: list[str], max_new_tokens: int) -> None:
+    """Raise an MLflow INVALID_PARAMETER_VALUE error (HTTP 400) for a request beyond the limits."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    problem = None
+    if not prompts:
+        problem = "no prompts"
+    elif len(prompts) > MAX_PROMPTS:
+        problem = f"{len(prompts)} prompts in one request; at most {MAX_PROMPTS}"
+    elif not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        problem = f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}"
+    else:
+        longest = max(len(p) for p in prompts)
+        if longest > MAX_PROMPT_CHARS:
+            problem = f"a prompt of {longest:,} characters; at most {MAX_PROMPT_CHARS:,}"
+    if problem:
+        raise MlflowException(problem, error_code=INVALID_PARAMETER_VALUE)
+
+
 class EditflowPyfunc:
-    """pyfunc wrapper: completes each prompt greedily (``max_new_tokens`` param, default 8)."""
+    """pyfunc wrapper: completes each prompt greedily (``max_new_tokens`` param, default 8), within
+    :data:`MAX_PROMPTS`, :data:`MAX_NEW_TOKENS` and :data:`MAX_PROMPT_CHARS`."""
 
     def __init__(self, handle: ModelHandle):
         self.handle = handle
@@ -406,6 +434,7 @@ class EditflowPyfunc:
 
         prompts = _prompts(model_input)
         n = int((params or {}).get("max_new_tokens", 8))
+        check_serving_request(prompts, n)
         return complete(self.handle.model, self.handle.tokenizer, prompts, max_new_tokens=n)
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,14 @@ class GateThresholds:
     min_retention: float = 90.0
     max_ppl_increase_root: float = 0.10
     max_specificity_drop_root: float = 10.0
+    warn_output_ratio: float = 1.0
 
 
 @dataclass(frozen=True)
 class GateResult:
     passed: bool
     reasons: list[str]
+    warnings: list[str] = field(default_factory=list)
 
 
 def gate(
@@ -56,7 +59,16 @@ def gate(
     """Check post-edit metrics against the thresholds, against the parent (``pre/``) and against the
     root base (``root``: its ``drift_ppl`` and ``heldout``); a metric that is absent is not checked."""
     failures = _parent_failures(metrics, thresholds) + _cumulative_failures(metrics, thresholds, root or {})
-    return GateResult(passed=not failures, reasons=failures)
+    warnings = []
+    ratio, output = metrics.get("post/max_update_ratio"), metrics.get("post/max_output_ratio")
+    if any(r is not None and not math.isfinite(r) for r in (ratio, output)):
+        failures.append("the weight update is not finite")
+    elif output is not None and output > thresholds.warn_output_ratio:
+        warnings.append(
+            f"a layer's update changes its output on corpus-like keys by {output:.2g}× the output "
+            f"itself (> {thresholds.warn_output_ratio:g}): check the statistics before promoting"
+        )
+    return GateResult(passed=not failures, reasons=failures, warnings=warnings)
 
 
 def _cumulative_failures(metrics: dict[str, float], t: GateThresholds, root: dict[str, float]) -> list[str]:

@@ -144,13 +144,27 @@ def registered_names() -> list[str]:
     return [m.name for m in client().search_registered_models()]
 
 
+#: Registered-model names editflow accepts: what MLflow's search filters can quote safely (no quotes,
+#: no URI separators, no control characters), up to 256 characters.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+-]{0,255}")
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if editflow can register and search it, else ``ValueError`` saying which rule fails."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        shown = repr(name)[:80]
+        raise ValueError(
+            f"registered-model name {shown} is not allowed: use letters, digits, space, '.', '_', '+' and '-' "
+            "(starting with a letter or digit, at most 256 characters)"
+        )
+    return name
+
+
 def versions_of(name: str, include_pending: bool = False) -> list[Any]:
     """The complete versions of ``name``, oldest first (empty when the model is not registered);
-    ``include_pending`` adds those whose registration has not finished."""
-    try:
-        found = client().search_model_versions(f"name='{name}'")
-    except Exception:
-        return []
+    ``include_pending`` adds those whose registration has not finished. A store that cannot be read
+    raises: "no versions" is only ever the store's answer."""
+    found = client().search_model_versions(f"name='{check_model_name(name)}'")
     registering = _REGISTERING.get()
     kept = [v for v in found if include_pending or not integrity.is_pending(v) or (name, int(v.version)) in registering]
     return sorted(kept, key=lambda v: int(v.version))
@@ -253,17 +267,37 @@ def _unregister(name: str, version: int) -> None:
             ledger.delete_version(name, version)
 
 
+def record_gate(name: str, version: int, passed: bool, reasons: Sequence[str], promoted: bool) -> None:
+    """Put the gate's decision on the version, where people promote: the ``editflow.gate`` tag and the
+    first line of its description."""
+    c = client()
+    decision = "passed" if passed else "failed: " + "; ".join(reasons)
+    line = f"Gate {decision}" + ("; promoted to production." if promoted else "; kept as a candidate.")
+    description = c.get_model_version(name, str(version)).description or ""
+    retry(lambda: c.set_model_version_tag(name, str(version), TAG + "gate", decision[:4000]))
+    retry(lambda: c.update_model_version(name, str(version), description=f"{line}\n\n{description}".strip()))
+
+
 def set_alias(name: str, alias: str, version: int) -> None:
     c = client()
     retry(lambda: c.set_registered_model_alias(name, alias, str(version)))
 
 
+def is_not_found(exc: BaseException) -> bool:
+    """MLflow's "does not exist" answer (the only error that may read as "none")."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
 def aliases_of(name: str) -> dict[str, int]:
-    """alias -> version for a registered model."""
+    """alias -> version for a registered model ({} when it is not registered; other errors raise)."""
     try:
         rm = client().get_registered_model(name)
-    except Exception:
-        return {}
+    except Exception as exc:
+        if is_not_found(exc):
+            return {}
+        raise
     return {a: int(v) for a, v in (rm.aliases or {}).items()}
 
 
