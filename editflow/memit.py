@@ -825,8 +825,9 @@ def effective_update_ratios(
         c = cov.double().to(deltas[name].device)
         dw = _weight_layout(deltas[name], adapter.conv1d).double()  # (d, d_ff)
         w = _weight_layout(originals[name], adapter.conv1d).double()  # (d, d_ff)
-        num, den = float(((dw @ c) * dw).sum()), float(((w @ c) * w).sum())
-        out[name] = (num / den) ** 0.5 if den > 0 and num >= 0 else float("nan")
+        num, den = float(((dw @ c) * dw).sum()), float(((w @ c) * w).sum())  # ≥ 0 but for rounding (C is PSD)
+        finite = all(map(lambda x: x == x and abs(x) != float("inf"), (num, den)))
+        out[name] = (max(num, 0.0) / den) ** 0.5 if finite and den > 0 else float("nan")
     return out
 
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import click
+
+from editflow.registry.store import mask_uri  # re-exported: the commands mask URIs they print
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -84,11 +85,6 @@ def version_ref(text: str) -> str:
 def echo_json(document: Any) -> None:
     """Print ``document`` as one indented JSON document (non-JSON values as strings)."""
     click.echo(json.dumps(document, indent=2, default=str))
-
-
-def mask_uri(uri: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:****@host/db`` (also in longer text)."""
-    return re.sub(r"(?<=[A-Za-z0-9+.-]://)([^/@:\s]*):([^/@\s]*)@", r"\1:****@", uri)
 
 
 def is_remote(uri: str) -> bool:

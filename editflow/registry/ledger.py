@@ -18,7 +18,7 @@ from sqlalchemy import DateTime, Integer, String, Text, create_engine, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from editflow.registry.store import is_sql, tracking_uri
+from editflow.registry.store import is_sql, mask_uri, sqlalchemy_uri, tracking_uri
 from editflow.requests import EditRequest
 
 
@@ -58,19 +58,33 @@ class EventRow(Base):
     time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
 
+class LedgerLocationError(LookupError):
+    """The tracking store keeps no tables editflow can reach and no ledger database was named."""
+
+
 def ledger_uri() -> str:
-    """Where the ledger lives (see module docstring)."""
+    """Where the ledger lives (see module docstring). A remote tracking server (http, https,
+    databricks) has no SQL tables editflow can reach: the ledger must then be named with
+    ``EDITFLOW_LEDGER_URI`` (the team's SQL database); it never falls back to a local file there,
+    which every client folder would grow a different copy of."""
     explicit = os.environ.get("EDITFLOW_LEDGER_URI")
     if explicit:
         return explicit
     uri = tracking_uri()
-    return uri if is_sql(uri) else f"sqlite:///{Path.cwd() / 'editflow-ledger.db'}"
+    if is_sql(uri):
+        return uri
+    if uri.split(":", 1)[0].lower() in ("http", "https", "databricks"):
+        raise LedgerLocationError(
+            f"the tracking server {mask_uri(uri)} keeps no ledger editflow can reach: set EDITFLOW_LEDGER_URI "
+            "to the SQL database the team shares (e.g. postgresql://user@host/editflow)"
+        )
+    return f"sqlite:///{Path.cwd() / 'editflow-ledger.db'}"
 
 
 @lru_cache(maxsize=8)
 def _engine_for(uri: str) -> Engine:
     kwargs = {"connect_args": {"timeout": 60}} if uri.startswith("sqlite") else {}
-    engine = create_engine(uri, **kwargs)
+    engine = create_engine(sqlalchemy_uri(uri), **kwargs)
     Base.metadata.create_all(engine, checkfirst=True)
     return engine
 

@@ -130,8 +130,10 @@ def _set_alias(name: str, version: int) -> None:
 def _set_stage(name: str, version: int) -> None:
     c = client()
     with quiet_deprecations():
+        # An int: MLflow's SQL store compares it with the integer version column when archiving the
+        # others, which PostgreSQL refuses for a string (its REST client converts it itself).
         retry(
-            lambda: c.transition_model_version_stage(name, str(version), "Production", archive_existing_versions=True)
+            lambda: c.transition_model_version_stage(name, int(version), "Production", archive_existing_versions=True)
         )
 
 

@@ -3,10 +3,12 @@ local path or a hub id; register a base in full the first time it is used."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,12 +177,26 @@ def ensure_registered_base(base: VersionRef, name: str) -> VersionRef:
     with _lock():
         version = find_base(name, base.fingerprint)
         if version is None:
-            version = _register_base(base, name, _base_description(base))
+            with _registration_run(name):
+                version = _register_base(base, name, _base_description(base))
     uri = client().get_model_version_download_uri(name, str(version))
     base.name, base.version, base.base_version, base.base_artifact_uri = name, version, version, uri
     base.uri = f"models:/{name}/{version}"
     base.edited_tensors = []
     return base
+
+
+@contextlib.contextmanager
+def _registration_run(name: str) -> Iterator[None]:
+    """The active run (an edit's), or a run of its own in ``name``'s experiment: a base is always
+    logged into a run of this store, never into whatever experiment MLflow last had active."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        yield
+        return
+    with mlflow.start_run(experiment_id=ensure_experiment(name), run_name=f"register base of {name}"):
+        yield
 
 
 def _base_description(base: VersionRef) -> str:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +17,17 @@ DEFAULT_MODEL_NAME = "editflow-default"
 
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<cwd>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<cwd>/mlflow.db`` (see :func:`sqlalchemy_uri`)."""
+    return sqlalchemy_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+
+
+def sqlalchemy_uri(uri: str) -> str:
+    """``uri`` with a plain ``postgresql://`` mapped to psycopg 3 (``postgresql+psycopg://``) when it is
+    installed (the ``postgres`` extra): SQLAlchemy's default for a plain URI is psycopg2. Any other URI,
+    or one that names its driver, is returned as given."""
+    if uri.startswith("postgresql://") and importlib.util.find_spec("psycopg") is not None:
+        return "postgresql+psycopg://" + uri.removeprefix("postgresql://")
+    return uri
 
 
 def artifact_root() -> str:
@@ -73,3 +84,8 @@ def quiet_deprecations() -> Iterator[None]:
         warnings.simplefilter("ignore", category=FutureWarning)
         warnings.simplefilter("ignore", category=DeprecationWarning)
         yield
+
+
+def mask_uri(uri: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:****@host/db`` (also in longer text)."""
+    return re.sub(r"(?<=[A-Za-z0-9+.-]://)([^/@:\s]*):([^/@\s]*)@", r"\1:****@", uri)

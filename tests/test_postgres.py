@@ -1,0 +1,185 @@
+"""The registry workflow on a real PostgreSQL server: one fresh database per module, used as MLflow's
+tracking and registry store and as editflow's ledger, reached through a plain ``postgresql://`` URI.
+
+Needs ``EDITFLOW_TEST_POSTGRES_URI`` (a role allowed to create databases); CI sets it from
+``bash .ci/postgres.sh start``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+from sqlalchemy.exc import OperationalError
+from test_integrity import consistent, edit_args
+from test_workflow import LOOSE, make_workspace, state_hash
+
+from editflow.pipeline import EditJob, InjectedFailure, run_edit
+from editflow.registry import ledger, promotion
+from editflow.registry.store import client, sqlalchemy_uri
+from editflow.registry.versions import aliases_of, load_version, versions_of
+from editflow.requests import RequestError
+
+SERVER = os.environ.get("EDITFLOW_TEST_POSTGRES_URI")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not SERVER,
+        reason='needs PostgreSQL: export EDITFLOW_TEST_POSTGRES_URI="$(bash .ci/postgres.sh start)" '
+        "(a postgresql:// URI whose role may create databases)",
+    ),
+]
+
+
+def admin():
+    """An autocommit engine on the server's own test database (CREATE/DROP DATABASE need autocommit)."""
+    from sqlalchemy import create_engine
+
+    return create_engine(sqlalchemy_uri(SERVER), isolation_level="AUTOCOMMIT")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    name = f"editflow_{uuid.uuid4().hex[:12]}"
+    server = admin()
+    with server.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    uri = make_url(SERVER).set(database=name).render_as_string(hide_password=False)
+    assert uri.startswith("postgresql://"), "the tests use a plain postgresql:// URI"
+
+    root = tmp_path_factory.mktemp("postgres")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("EDITFLOW_CACHE", str(root / "cache"))
+    mp.setenv("EDITFLOW_ACTOR", "tester")
+    mp.delenv("EDITFLOW_LEDGER_URI", raising=False)
+    paths = make_workspace(root)
+    paths.update(root=root, uri=uri, database=name)
+    yield paths
+    ledger.engine().dispose()  # before the environment goes back: engine() follows MLFLOW_TRACKING_URI
+    ledger._engine_for.cache_clear()
+    mp.undo()
+    with server.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    server.dispose()
+
+
+def job(ws, **kw) -> EditJob:
+    base = dict(
+        requests=str(ws["facts"]),
+        model=str(ws["model"]),
+        corpus=str(ws["corpus"]),
+        fluency=False,
+        thresholds=LOOSE,
+        registered_model="tiny",
+    )
+    return EditJob(**{**base, **kw})
+
+
+def test_edit_promote_rollback_on_postgres(ws):
+    import mlflow
+    from sqlalchemy import text
+
+    first = run_edit(job(ws, promote="always"))  # the store is under test here, not the gate
+    assert (first.version, first.parent_version, first.promoted) == (2, 1, True)
+    # MLflow and the ledger really are on PostgreSQL, through psycopg 3, in the same database.
+    assert mlflow.get_tracking_uri().startswith("postgresql+psycopg://")
+    assert mlflow.get_registry_uri() == mlflow.get_tracking_uri()
+    eng = ledger.engine()
+    assert (eng.dialect.name, eng.dialect.driver, eng.url.database) == ("postgresql", "psycopg", ws["database"])
+    with eng.connect() as c:
+        tables = set(c.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars())
+    assert {"editflow_facts", "editflow_events", "registered_models", "model_versions", "runs"} <= tables
+
+    v1_hash = state_hash(load_version("tiny", 1, device="cpu").handle.model)
+    v2_hash = state_hash(load_version("tiny", 2, device="cpu").handle.model)
+    second = run_edit(job(ws, requests=str(ws["more"]), model="models:/tiny@production", promote="always"))
+    assert (second.version, second.parent_version, second.promoted) == (3, 2, True)
+    assert [int(v.version) for v in versions_of("tiny")] == [1, 2, 3]
+    assert len(ledger.held_facts("tiny", 3)) == 3
+    consistent("tiny")
+
+    assert promotion.rollback("tiny")["version"] == 2
+    assert state_hash(load_version("tiny", "@production", device="cpu").handle.model) == v2_hash
+    consistent("tiny")
+    assert promotion.rollback("tiny")["version"] == 1
+    assert state_hash(load_version("tiny", "@production", device="cpu").handle.model) == v1_hash
+    consistent("tiny")
+    promotion.promote("tiny", 3, reason="back to the newest")
+    assert aliases_of("tiny")["production"] == 3
+    stages = {int(v.version): v.current_stage for v in client().search_model_versions("name='tiny'")}
+    assert stages[3] == "Production" and stages[1] == "Archived"
+    assert ledger.production_history("tiny") == [1, 3]
+    actions = [(e.action, e.version, e.previous_version) for e in ledger.events("tiny") if e.action != "register"]
+    assert actions[-3:] == [("rollback", 2, 3), ("rollback", 1, 2), ("promote", 3, 1)]
+    consistent("tiny")
+
+
+def test_concurrent_edits_on_postgres(ws):
+    """Four CLI edits of a new registered model at once: one base, four distinct edits, a consistent ledger."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDITFLOW_QUIET": "1"}
+    cmd = [sys.executable, "-m", "editflow.cli", *edit_args(ws, name="conc", model=str(ws["model"]))]
+    procs = [
+        subprocess.Popen(cmd, cwd=ws["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    # 0: registered and promoted; 3: registered, but the gate kept it a candidate.
+    assert all(p.returncode in (0, 3) for p in procs), [e[-2000:] for _, e in outs]
+    versions = versions_of("conc")
+    assert [int(v.version) for v in versions] == [1, 2, 3, 4, 5]
+    assert [v.tags["editflow.role"] for v in versions] == ["base"] + ["edit"] * 4
+    assert sorted(e.version for e in ledger.events("conc") if e.action == "register") == [1, 2, 3, 4, 5]
+    assert all(len(ledger.own_facts("conc", v)) == 1 for v in (2, 3, 4, 5))
+    promotes = [e for e in ledger.events("conc") if e.action == "promote"]
+    assert [e.previous_version for e in promotes] == [None] + [e.version for e in promotes[:-1]]
+    consistent("conc")
+
+
+def test_failed_runs_leave_no_version_on_postgres(ws, monkeypatch):
+    from mlflow import MlflowClient
+
+    if "tiny" not in {m.name for m in client().search_registered_models()}:
+        run_edit(job(ws, promote="always"))  # run alone: give it a production version first
+    before, prod = len(versions_of("tiny")), aliases_of("tiny")["production"]
+    with pytest.raises(RequestError, match="does not exist"):
+        run_edit(job(ws, requests=str(ws["root"] / "missing.json")))
+    bad = ws["root"] / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "no placeholder", "subject": "x", "target_new": "y"}]))
+    with pytest.raises(RequestError, match="record 0"):
+        run_edit(job(ws, requests=str(bad), model="models:/tiny@production"))
+    with pytest.raises(InjectedFailure):
+        run_edit(job(ws, model="models:/tiny@production", promote="always", fail_after="log"))
+    # a failure after MLflow registered the version (the ledger is unreachable): the version is deleted
+    monkeypatch.setenv("EDITFLOW_LEDGER_URI", "sqlite:////nonexistent-dir/ledger.db")
+    with pytest.raises(OperationalError):
+        run_edit(job(ws, model="models:/tiny@production", promote="always"))
+    monkeypatch.delenv("EDITFLOW_LEDGER_URI")
+    args = edit_args(ws, name="tiny")
+    args[1] = "missing.json"
+    missing = subprocess.run(
+        [sys.executable, "-m", "editflow.cli", *args],
+        cwd=ws["root"],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "EDITFLOW_QUIET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert missing.returncode == 1 and "does not exist" in missing.stderr, missing.stderr[-2000:]
+    assert len(versions_of("tiny")) == before and aliases_of("tiny")["production"] == prod
+    assert client().get_model_version("tiny", str(prod)).current_stage == "Production"
+    latest = MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()],
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    assert latest[0].info.status == "FAILED"
+    consistent("tiny")
