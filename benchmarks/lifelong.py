@@ -26,15 +26,6 @@ from _results import markdown_table, publish  # noqa: E402
 
 from editflow import assets  # noqa: E402
 
-LOOSE = dict(
-    min_efficacy=0.0,
-    max_specificity_drop=100.0,
-    max_ppl_increase=1e9,
-    min_retention=0.0,
-    max_ppl_increase_root=1e9,
-    max_specificity_drop_root=100.0,
-)
-
 
 def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[list[dict], list[float], float]:
     """Edit the batches one after another in a fresh store; per-version figures and the last
@@ -58,7 +49,7 @@ def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[li
             model=model,
             hparams=hparams,
             promote="always",
-            thresholds=GateThresholds(**LOOSE),
+            thresholds=GateThresholds.measuring(),
             fluency=args.fluency,
             carry_state=(way == "lineage"),
             stats_tokens=args.stats_tokens or None,

@@ -161,14 +161,7 @@ def edit_run(model: str, rows: list[dict], hparams: dict, stats_tokens: int) -> 
             stats_tokens=stats_tokens,
             promote="never",
             fluency=True,
-            thresholds=GateThresholds(
-                min_efficacy=0.0,
-                max_specificity_drop=100.0,
-                max_ppl_increase=1e9,
-                min_retention=0.0,
-                max_ppl_increase_root=1e9,
-                max_specificity_drop_root=100.0,
-            ),
+            thresholds=GateThresholds.measuring(),
         )
     )
     from mlflow import MlflowClient

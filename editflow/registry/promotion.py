@@ -45,6 +45,19 @@ class GateThresholds:
     max_specificity_drop_root: float = 10.0
     warn_output_ratio: float = 1.0
 
+    @classmethod
+    def measuring(cls) -> "GateThresholds":
+        """A gate that refuses nothing measured (benchmarks; a non-finite update still fails)."""
+        return cls(
+            min_efficacy=0.0,
+            max_specificity_drop=100.0,
+            max_ppl_increase=math.inf,
+            min_retention=0.0,
+            max_ppl_increase_root=math.inf,
+            max_specificity_drop_root=100.0,
+            warn_output_ratio=math.inf,
+        )
+
 
 @dataclass(frozen=True)
 class GateResult:
