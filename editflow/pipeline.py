@@ -24,7 +24,7 @@ from editflow import memit, progress
 from editflow.config import MemitConfig
 from editflow.edit_state import EditState
 from editflow.models import with_module_overrides
-from editflow.registry import flavor, ledger, lineage, promotion, resolve
+from editflow.registry import flavor, integrity, ledger, lineage, promotion, resolve
 from editflow.registry.store import configure, ensure_experiment
 from editflow.registry.versions import (
     CANDIDATE,
@@ -182,8 +182,6 @@ def run_edit(job: EditJob) -> EditOutcome:
     A failure ends the run FAILED with the error as the ``editflow.error`` tag and the traceback as the
     artifact ``error/traceback.txt``, and is raised again.
     """
-    from editflow.registry import integrity
-
     with _start_run(job) as run:
         integrity.claim_run()  # a killed run is recognised as orphaned by its dead owner process
         try:
@@ -216,6 +214,7 @@ def _run_phases(job: EditJob, run_id: str) -> EditOutcome:
     _log_inputs(job, plan.base, plan.config, plan.requests)
     with timed("stats", timings, "layer statistics"):
         covs = _covariances(job, plan.base, plan.config, run_id)
+    integrity.crashpoint("after_stats")
     with timed("eval_pre", timings, "evaluating before the edit"):
         evaluator = _evaluator(job, plan)
         pre = _evaluate_pre(evaluator, plan)
@@ -223,6 +222,7 @@ def _run_phases(job: EditJob, run_id: str) -> EditOutcome:
     with timed("edit", timings, f"editing {len(plan.requests)} facts ({plan.config.algorithm}, {plan.config.mode})"):
         result, chunk_results = _edit(plan, covs, evaluator)
     timings.update({f"edit_{k}": v for k, v in result.timings.items()})
+    integrity.crashpoint("after_edit")
     _maybe_fail(job, "edit")
     with timed("eval_post", timings, "evaluating after the edit"):
         post = chunk_results[-1] if chunk_results else evaluator.post()

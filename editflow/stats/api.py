@@ -117,6 +117,7 @@ def layer_covariances(
     root = cache_mod.cache_root(cache_dir)
     keys = cache_keys(handle, layers, corpus, tokens, max_length, dtype, sampling)
 
+    cache_mod.remove_stale_temp_files(root)  # what a killed writer left
     found = {layer: cache_mod.read_entry(root, key, report=False) for layer, key in keys.items()}
     missing = [layer for layer, hit in found.items() if hit is None]
     if missing:

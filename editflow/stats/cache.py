@@ -295,3 +295,25 @@ def iter_entries(root: Path) -> Iterator[Path]:
         p.with_suffix(".npz") for p in root.rglob("*") if p.suffix in (".npz", ".json") and not p.name.startswith(".")
     }
     yield from sorted(stems)
+
+
+#: Temporary files older than this in the cache are left by a killed writer (writes take seconds).
+STALE_TEMP_S = 3600.0
+
+
+def remove_stale_temp_files(root: Path, older_than_s: float = STALE_TEMP_S) -> list[Path]:
+    """Delete the ``.<entry>.*.tmp`` files a killed writer left in the cache; return what was removed."""
+    import time
+
+    removed = []
+    if not Path(root).is_dir():
+        return removed
+    cutoff = time.time() - older_than_s
+    for tmp in Path(root).rglob(".*.tmp"):
+        try:
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            continue  # another process removed it, or it is not ours to remove
+    return removed
