@@ -286,6 +286,24 @@ def test_zsre_token_accuracy(lm):
 # --------------------------------------------------------------------------- fluency
 
 
+def test_probe_longer_than_the_model_is_left_out_and_counted(lm):
+    """A zsRE locality answer longer than the model's 32 positions is not scored (it would fail the
+    run after the statistics); the rest of the record still is."""
+    model, tok = lm
+    record = {
+        "subject": "France",
+        "src": "what is the capital of France",
+        "alt": "Paris c",
+        "answers": ["Paris"],
+        "loc": "what a b",
+        "loc_ans": " ".join(["a"] * 40),
+    }
+    ev = Evaluator((model, tok), parse_requests([record]), fluency=False)
+    m = ev.pre().metrics
+    assert ev.skipped_probes == 1
+    assert "zsre_specificity" not in m and m["zsre_efficacy"] >= 0
+
+
 def test_ngram_entropy_by_hand():
     toks = ["a", "b", "a", "b", "a"]
     h2 = 1.0  # bigrams ab, ba, ab, ba

@@ -16,14 +16,23 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from editflow import progress
 from editflow.evaluate.drift import DriftReference, drift, drift_reference
 from editflow.evaluate.fluency import sample_texts, text_entropy
 from editflow.evaluate.known import MAX_RANK, known_mask
 from editflow.evaluate.metrics import aggregate, check_outcomes, fact_metrics
-from editflow.evaluate.probes import HELDOUT_FACT, Check, answer_queries, build_checks, heldout_probes, request_probes
+from editflow.evaluate.probes import (
+    HELDOUT_FACT,
+    Check,
+    answer_queries,
+    build_checks,
+    fitting_probes,
+    heldout_probes,
+    request_probes,
+)
 from editflow.evaluate.scoring import greedy_answers, score_ids
 from editflow.requests import EditRequest, requests_digest
-from editflow.tokens import encode, pad_id
+from editflow.tokens import encode, model_positions, pad_id
 
 REWRITE_KINDS = ("rewrite", "zsre_rewrite")
 #: Version of what a :class:`PreState` holds; part of every cache key.
@@ -111,6 +120,7 @@ class Evaluator:
         self.drift_ref: DriftReference | None = None
         self.pre_result: EvalResult | None = None
         self.history: list[EvalResult] = []
+        self.skipped_probes = 0  # evaluation prompts longer than the model's positions (not scored)
 
     # ------------------------------------------------------------------ references (once)
 
@@ -152,6 +162,13 @@ class Evaluator:
         probes = request_probes(tok, self.requests, self.n_auto_neighbors) + heldout_probes(
             tok, self.heldout_selection()
         )
+        positions = model_positions(self.model)
+        probes, self.skipped_probes = fitting_probes(tok, probes, positions)
+        if self.skipped_probes:
+            progress.note(
+                f"{self.skipped_probes} evaluation prompt(s) longer than the model's {positions} positions "
+                "are not scored"
+            )
         queries = sorted(set(answer_queries(probes)))
         answers = greedy_answers(
             self.model, [encode(tok, t) for t, _ in queries], [n for _, n in queries], pad_id(tok), **self.batching

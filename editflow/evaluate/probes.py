@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from editflow.requests import EditRequest
-from editflow.tokens import encode_target
+from editflow.tokens import encode, encode_target
 
 Ids = tuple[int, ...]
 HELDOUT_FACT = -1
@@ -105,6 +105,22 @@ def heldout_probes(tokenizer: object, facts: Sequence[EditRequest]) -> list[Prob
         for r in facts
         if r.target_true and r.target_new
     ]
+
+
+def fitting_probes(tokenizer: object, probes: Sequence[Probe], positions: int | None) -> tuple[list[Probe], int]:
+    """The probes whose prompt and longest answer fit in ``positions`` tokens, and how many did not.
+
+    Edit requests are length-checked before any work (:func:`editflow.memit.check_lengths`); an
+    evaluation-only prompt that cannot fit (a zsRE record's long locality answer on a small model, say)
+    is left out and counted instead of failing the run."""
+    if positions is None:
+        return list(probes), 0
+    kept = [
+        p
+        for p in probes
+        if len(encode(tokenizer, p.text)) + max(len(p.new or ()), len(p.true or ()), p.answer_len) <= positions
+    ]
+    return kept, len(probes) - len(kept)
 
 
 def answer_queries(probes: Sequence[Probe]) -> list[tuple[str, int]]:
