@@ -16,7 +16,8 @@ class MemitConfig:
 
     ``layers`` are the edited MLP layers, ascending. ``mom2_update_weight`` is λ, the weight of the
     key covariance C in MEMIT's solve. AlphaEdit uses ``nullspace_threshold`` and ``alphaedit_l2`` (α)
-    instead of λ. ``preserve_edits`` makes MEMIT preserve the keys of earlier edits too (chunks and
+    instead of λ; ``nullspace_energy`` > 0 replaces the absolute threshold by a share of C's trace.
+    ``preserve_edits`` makes MEMIT preserve the keys of earlier edits too (chunks and
     lineage versions: λC + K_p K_pᵀ + K Kᵀ; AlphaEdit always does); ``state_dtype`` is how the
     lineage's K_p K_pᵀ is stored. ``context_templates`` is the number of prefixed templates (the
     original samples 5 ten-token continuations of "The", "Therefore", "Because", "I", "You").
@@ -38,6 +39,7 @@ class MemitConfig:
     mom2_update_weight: float = 15000.0
     mom2_dtype: str = "float32"
     nullspace_threshold: float = 2e-2
+    nullspace_energy: float = 0.0
     alphaedit_l2: float = 10.0
     preserve_edits: bool = False
     state_dtype: str = "float32"
@@ -59,6 +61,8 @@ class MemitConfig:
             raise ValueError("chunk_size must be >= 1")
         if self.v_num_grad_steps < 1:
             raise ValueError("v_num_grad_steps must be >= 1")
+        if not 0.0 <= self.nullspace_energy < 1.0:
+            raise ValueError(f"nullspace_energy must be in [0, 1), got {self.nullspace_energy}")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError("mom2_dtype must be float32 or float64")
         if self.state_dtype not in ("float32", "float64"):

@@ -647,10 +647,20 @@ def memit_update(
     return r @ adj_k.T
 
 
-def nullspace_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = U Uᵀ over the eigenvectors of C with eigenvalue below ``threshold`` (AlphaEdit)."""
-    evals, evecs = torch.linalg.eigh(cov.double())
-    u = evecs[:, evals < threshold]
+def nullspace_projector(cov: torch.Tensor, threshold: float, energy: float = 0.0) -> torch.Tensor:
+    """P = U Uᵀ over the eigenvectors of C with eigenvalue below ``threshold`` (AlphaEdit).
+
+    With ``energy`` > 0 the threshold is relative instead: U spans the smallest eigen-directions of C
+    whose eigenvalues together hold at most ``energy`` of its trace (the directions the preserved keys
+    carry that share of their energy in). AlphaEdit's absolute 1e-2-scale threshold presumes one
+    model's key scale; on another (the bundled model's first layer, all eigenvalues ≥ 0.024) it can
+    leave no null space at all."""
+    evals, evecs = torch.linalg.eigh(cov.double())  # ascending
+    if energy > 0:
+        share = torch.cumsum(evals.clamp_min(0), 0) / evals.clamp_min(0).sum()  # (d_ff,)
+        u = evecs[:, share <= energy]
+    else:
+        u = evecs[:, evals < threshold]
     return u @ u.T
 
 
@@ -1021,7 +1031,8 @@ def _solve_state(
     projectors = None
     if config.algorithm == "alphaedit":
         projectors = {
-            layer: nullspace_projector(covs[layer].to(device), config.nullspace_threshold) for layer in config.layers
+            layer: nullspace_projector(covs[layer].to(device), config.nullspace_threshold, config.nullspace_energy)
+            for layer in config.layers
         }
     keep = config.algorithm == "alphaedit" or config.preserve_edits
     if not keep:

@@ -255,6 +255,22 @@ def test_projector_is_nullspace_of_cov():
     assert (p @ a).abs().max() < 1e-8
 
 
+def test_energy_projector_equals_the_absolute_threshold_at_the_matching_eigenvalue():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    evals = torch.logspace(-4, 2, 16, dtype=torch.float64)  # ascending
+    cov = u @ torch.diag(evals) @ u.T
+    share = torch.cumsum(evals, 0) / evals.sum()
+    k = int((share <= 0.01).sum())  # the smallest directions holding ≤ 1 % of the trace
+    assert 0 < k < 16
+    by_energy = memit.nullspace_projector(cov, threshold=0.0, energy=0.01)
+    by_threshold = memit.nullspace_projector(cov, threshold=float(evals[k - 1] + evals[k]) / 2)
+    assert torch.allclose(by_energy, by_threshold, atol=1e-10)
+    assert round(float(torch.trace(by_energy))) == k
+    with pytest.raises(ValueError, match="nullspace_energy must be in"):
+        MemitConfig(nullspace_energy=1.0)
+
+
 def test_deterministic_and_undo_is_exact():
     model, tok, adapter, reqs, covs = prepared("gpt2")
     a = memit.edit(model, tok, adapter, reqs, covs, CFG)
