@@ -1,0 +1,170 @@
+"""Choose the lifelong-editing defaults by measurement, at the engine level (no registry, fast).
+
+For each candidate setting: V successive edits of N facts each on one model, every edit carrying
+the keys of all edits before it (exactly what a lineage's edit state gives the next version), then
+at the end every batch's efficacy, the held-out known facts, neighbourhood and perplexity against
+the unedited model. Run it on a tuning split: by default the bundled records 150-299 (6 × 25),
+so that ``benchmarks/lifelong.py --facts 25`` on records 0-149 reports on records never tuned on.
+
+    python benchmarks/lifelong_sweep.py [--records FILE] [--offset 150] [--versions 6] [--facts 25]
+        [--grid 'algorithm=alphaedit,nullspace_threshold=1e-3;...']
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from _results import markdown_table, publish  # noqa: E402
+
+from editflow import assets  # noqa: E402
+
+DEFAULT_GRID = ";".join(
+    [
+        "algorithm=alphaedit",
+        "algorithm=alphaedit,nullspace_threshold=2e-3",
+        "algorithm=alphaedit,nullspace_threshold=2e-4",
+        "algorithm=alphaedit,alphaedit_l2=100",
+        "algorithm=memit,preserve_edits=true",
+        "algorithm=memit,preserve_edits=true,mom2_update_weight=1000",
+        "algorithm=memit,preserve_edits=true,mom2_update_weight=10000",
+    ]
+)
+
+
+def run_setting(handle, covs, batches, base_cfg, overrides: dict, evaluate) -> dict:
+    """Edit the batches one after another, carrying the keys; the figures at the last version."""
+    from editflow import memit
+    from editflow.edit_state import EditState
+
+    cfg = base_cfg.replace(**overrides)
+    state = EditState()
+    original = {n: p.detach().clone() for n, p in handle.model.named_parameters()}
+    t0 = time.perf_counter()
+    try:
+        for batch in batches:
+            preserved = state.preserved(list(cfg.layers), handle.adapter.d_ff) if state.layers else None
+            result = memit.edit(
+                handle.model,
+                handle.tokenizer,
+                handle.adapter,
+                batch,
+                covs,
+                cfg,
+                keep_applied=True,
+                preserved=preserved,
+            )
+            state = state.extended(result.keys)
+        seconds = time.perf_counter() - t0
+        return {**evaluate(), "seconds": seconds}
+    finally:
+        memit.restore(handle.model, {n: original[n] for n in memit_names(handle, cfg)})
+
+
+def memit_names(handle, cfg) -> list[str]:
+    return [handle.adapter.rewrite_weight(layer) for layer in cfg.layers]
+
+
+def first(metrics: dict, *names: str) -> float:
+    """The first of ``names`` in ``metrics`` (CounterFact and zsRE name the same figure differently)."""
+    return next((float(metrics[n]) for n in names if n in metrics), float("nan"))
+
+
+def usable_requests(path: str) -> list:
+    """The records of ``path`` that are valid edits with a true answer, each parsed on its own so one
+    bad record drops only itself (zsRE samples hold a few whose new answer equals the true one)."""
+    from editflow.requests import RequestError, parse_requests
+
+    out, seen = [], set()
+    for record in json.loads(Path(path).read_text()):
+        try:
+            (req,) = parse_requests([record])
+        except RequestError:
+            continue
+        if req.source_format == "zsre":  # scored as CounterFact is: P(new) against P(true)
+            req = dataclasses.replace(req, source_format="plain", loc=None, loc_ans=None)
+        if req.target_true and (req.subject, req.prompt) not in seen:
+            seen.add((req.subject, req.prompt))
+            out.append(req)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--records", default=str(assets.counterfact_records_path()))
+    ap.add_argument("--offset", type=int, default=150, help="first record used (the tuning split)")
+    ap.add_argument("--versions", type=int, default=6)
+    ap.add_argument("--facts", type=int, default=25)
+    ap.add_argument("--grid", default=DEFAULT_GRID)
+    ap.add_argument("--stats-tokens", type=int, default=100_000)
+    args = ap.parse_args()
+
+    from editflow import CorpusSpec, default_config, layer_covariances, load_model
+    from editflow.commands._options import parse_hparams
+    from editflow.evaluate import Evaluator, default_heldout_facts, load_heldout_texts
+
+    handle = load_model(assets.default_model_dir() if args.model == "default" else args.model)
+    requests = usable_requests(args.records)[args.offset :]
+    need = args.versions * args.facts
+    if len(requests) < need:
+        raise SystemExit(f"error: {need} records needed, {args.records} has {len(requests)}")
+    batches = [requests[k * args.facts : (k + 1) * args.facts] for k in range(args.versions)]
+    base_cfg = default_config(
+        handle.adapter.model_type, handle.adapter.n_layers, handle.extra.get("model_defaults", {}).get("hparams")
+    )
+    covs = layer_covariances(handle, list(base_cfg.layers), CorpusSpec("bundled"), tokens=args.stats_tokens).covs
+
+    edited = [r for b in batches for r in b]
+    whole = Evaluator(
+        handle,
+        edited,
+        heldout_texts=load_heldout_texts(),
+        heldout_facts=default_heldout_facts(edited),
+        n_auto_neighbors=0,
+        fluency=False,
+    )
+    pre = whole.pre().metrics
+    per_batch = [Evaluator(handle, b, n_auto_neighbors=0, fluency=False) for b in batches]
+
+    def evaluate() -> dict:
+        post = whole.post().metrics
+        effs = [first(ev.pre().metrics, "efficacy", "zsre_efficacy") for ev in per_batch]
+        for ev in per_batch:
+            ev.pre_result = None
+        return {
+            "effs": effs,
+            "ns": first(post, "neighborhood", "zsre_specificity"),
+            "heldout": post.get("heldout"),
+            "ppl_rel": 100 * (post["drift_ppl"] / pre["drift_ppl"] - 1),
+        }
+
+    lines = []
+    for spec in args.grid.split(";"):
+        overrides = parse_hparams(spec)
+        r = run_setting(handle, covs, batches, base_cfg, overrides, evaluate)
+        effs = r["effs"]
+        line = (
+            f"| {spec} | {min(effs):.1f} | {sum(effs) / len(effs):.1f} | {r['ns']:.1f} ({first(pre, 'neighborhood', 'zsre_specificity'):.1f}) | "
+            f"{r['heldout'] - pre['heldout']:+.1f} | {r['ppl_rel']:+.1f} % | {r['seconds']:.0f} s |"
+        )
+        print(line, flush=True)
+        lines.append(line)
+    caption = (
+        f"{args.model}, {Path(args.records).name} from record {args.offset}, {args.versions} × {args.facts} edits carried through; "
+        f"figures at the last edit"
+    )
+    header = ["setting", "min batch ES", "mean batch ES", "NS (pre)", "held-out vs root", "ppl vs root", "edit time"]
+    publish(f"lifelong_sweep_{Path(args.records).stem}.md", markdown_table(caption, header, lines))
+    print(json.dumps({"pre": pre}))
+
+
+if __name__ == "__main__":
+    main()
