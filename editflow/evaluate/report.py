@@ -105,7 +105,9 @@ def summary(*results: EvalResult) -> dict[str, float]:
 
 
 def fact_table(requests: Sequence[EditRequest], pre: EvalResult, post: EvalResult | None = None) -> pd.DataFrame:
-    """One row per request: identity, then ``pre_*`` / ``post_*`` per-fact probabilities and metrics."""
+    """One row per request: identity, then each per-fact measure before and after side by side
+    (``pre_p_new``, ``post_p_new``, ...; probabilities first, so a table view such as the MLflow UI's
+    shows them without scrolling), then ``case_id``."""
     ident = pd.DataFrame(
         [
             {
@@ -118,11 +120,14 @@ def fact_table(requests: Sequence[EditRequest], pre: EvalResult, post: EvalResul
             for r in requests
         ]
     )
+    results = [res for res in (pre, post) if res is not None]
     parts = [ident]
-    for res in (pre, post):
-        if res is not None:
-            parts.append(res.facts.reindex(range(len(requests))).add_prefix(f"{res.phase}_").reset_index(drop=True))
-    return pd.concat(parts, axis=1)
+    for res in results:
+        parts.append(res.facts.reindex(range(len(requests))).add_prefix(f"{res.phase}_").reset_index(drop=True))
+    measures = list(dict.fromkeys(c for res in results for c in res.facts.columns))
+    measures.sort(key=lambda c: not c.startswith("p_"))  # stable: P(new), P(true), then the metrics
+    paired = [f"{res.phase}_{m}" for m in measures for res in results if m in res.facts.columns]
+    return pd.concat(parts, axis=1)[[*ident.columns.drop("case_id"), *paired, "case_id"]]
 
 
 def history_frame(history: Sequence[EvalResult]) -> pd.DataFrame:
