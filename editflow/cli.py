@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import sys
 
 import click
 
@@ -39,6 +40,10 @@ def main(quiet: bool) -> None:
     if quiet:
         progress.set_quiet(True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # stdout is the commands' own (--json): not MLflow's "View run at <server URL>" lines
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if progress.is_quiet() or not getattr(sys.stderr, "isatty", lambda: False)():  # MLflow's bars redraw with \r
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import transformers
