@@ -25,10 +25,37 @@ from editflow.config import MemitConfig
 from editflow.edit_state import EditState
 from editflow.models import with_module_overrides
 from editflow.registry import flavor, integrity, ledger, lineage, promotion, resolve
-from editflow.registry.store import configure, ensure_experiment
-from editflow.registry.versions import (
+from editflow.registry.schema import (
+    ALGORITHM_TAG,
+    BASE_ARTIFACT_URI_KEY,
+    BASE_MODEL_URI_KEY,
+    BASE_VERSION_KEY,
+    BASE_VERSION_TAG,
     CANDIDATE,
-    TAG,
+    ERROR_TAG,
+    FINGERPRINT_TAG,
+    GATE_TAG,
+    HPARAMS_KEY,
+    MODE_TAG,
+    MODEL_DEFAULTS_KEY,
+    N_FACTS_KEY,
+    N_FACTS_TAG,
+    PARENT_VERSION_KEY,
+    PARENT_VERSION_TAG,
+    PROMOTED_TAG,
+    PROMOTION_ERROR_TAG,
+    REQUESTS_DIGEST_KEY,
+    REQUESTS_DIGEST_TAG,
+    ROLE_EDIT,
+    ROLE_TAG,
+    RUN_ID_KEY,
+    RUN_ID_TAG,
+    STORAGE_TAG,
+    metric_tag,
+    stats_tag,
+)
+from editflow.registry.store import Registry
+from editflow.registry.versions import (
     VersionRef,
     check_model_name,
     log_and_register,
@@ -83,7 +110,6 @@ class EditJob:
     carry_state: bool = True  # edit from the lineage's edit state (False: preserve nothing earlier)
     max_requests: int = MAX_REQUESTS
     description: str = ""
-    fail_after: str | None = None  # test hook: raise after this phase ("edit", "eval", "log")
 
     def __post_init__(self) -> None:
         if self.promote not in PROMOTE_CHOICES:
@@ -104,15 +130,6 @@ class EditOutcome:
     promoted: bool
     gate: promotion.GateResult
     promotion_error: str | None = None
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by ``EditJob.fail_after`` (failure-injection tests)."""
-
-
-def _maybe_fail(job: EditJob, phase: str) -> None:
-    if job.fail_after == phase:
-        raise InjectedFailure(f"injected failure after {phase}")
 
 
 def _peak_memory_mb() -> float:
@@ -145,16 +162,15 @@ def experiment_name(job: EditJob) -> str:
     return resolve.registered_name_for(job.model)
 
 
-def _start_run(job: EditJob):
+def _start_run(reg: Registry, job: EditJob):
     """The MLflow run of this edit: the one ``mlflow run`` started, else a new run in the registered
-    model's experiment."""
+    model's experiment (fluent API: ``reg`` pointed it at its store when it was built)."""
     import os
 
     import mlflow
 
-    configure()
     if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(experiment_id=ensure_experiment(experiment_name(job)))
+        mlflow.set_experiment(experiment_id=reg.ensure_experiment(experiment_name(job)))
     return mlflow.start_run()
 
 
@@ -176,16 +192,19 @@ class _Plan:
         return self.base.handle
 
 
-def run_edit(job: EditJob) -> EditOutcome:
-    """Run one edit batch as an MLflow run and register the edited model as a new version.
+def run_edit(job: EditJob, reg: Registry | None = None) -> EditOutcome:
+    """Run one edit batch as an MLflow run in ``reg``'s store (default: a :class:`Registry` of the
+    environment's store, built here for this job) and register the edited model as a new version.
 
     A failure ends the run FAILED with the error as the ``editflow.error`` tag and the traceback as the
     artifact ``error/traceback.txt``, and is raised again.
     """
-    with _start_run(job) as run:
+    reg = reg or Registry()
+    _ = reg.ledger_uri  # a tracking server with no ledger named refuses here, before any run or upload
+    with _start_run(reg, job) as run:
         integrity.claim_run()  # a killed run is recognised as orphaned by its dead owner process
         try:
-            return _run_phases(job, run.info.run_id)
+            return _run_phases(reg, job, run.info.run_id)
         except BaseException as exc:
             _record_failure(exc)
             raise
@@ -198,36 +217,34 @@ def _record_failure(exc: BaseException) -> None:
     import mlflow
 
     try:
-        mlflow.set_tag(TAG + "error", f"{type(exc).__name__}: {exc}"[:4000])
+        mlflow.set_tag(ERROR_TAG, f"{type(exc).__name__}: {exc}"[:4000])
         mlflow.log_text("".join(traceback.format_exception(exc)), "error/traceback.txt")
     except Exception:  # noqa: BLE001 - the store may be what failed; the original error matters more
         pass
 
 
-def _run_phases(job: EditJob, run_id: str) -> EditOutcome:
+def _run_phases(reg: Registry, job: EditJob, run_id: str) -> EditOutcome:
     """The phases of one edit run, in order (see the module docstring)."""
     import mlflow
 
     timings: dict[str, float] = {}
     with timed("load", timings, "loading requests and the base model"):
-        plan = _resolve(job)
+        plan = _resolve(reg, job)
     _log_inputs(job, plan.base, plan.config, plan.requests)
     with timed("stats", timings, "layer statistics"):
-        covs = _covariances(job, plan.base, plan.config, run_id)
+        covs = _covariances(reg, job, plan.base, plan.config, run_id)
     integrity.crashpoint("after_stats")
     with timed("eval_pre", timings, "evaluating before the edit"):
-        evaluator = _evaluator(job, plan)
+        evaluator = _evaluator(reg, job, plan)
         pre = _evaluate_pre(evaluator, plan)
     mlflow.log_metrics({k: float(v) for k, v in pre.summary.items()})
     with timed("edit", timings, f"editing {len(plan.requests)} facts ({plan.config.algorithm}, {plan.config.mode})"):
         result, chunk_results = _edit(plan, covs, evaluator)
     timings.update({f"edit_{k}": v for k, v in result.timings.items()})
     integrity.crashpoint("after_edit")
-    _maybe_fail(job, "edit")
     with timed("eval_post", timings, "evaluating after the edit"):
         post = chunk_results[-1] if chunk_results else evaluator.post()
         retention = _retention(plan)
-    _maybe_fail(job, "eval")
 
     metrics = {**pre.summary, **post.summary, **{f"post/{k}": v for k, v in retention.items()}}
     if result.layer_update_ratios:
@@ -236,13 +253,13 @@ def _run_phases(job: EditJob, run_id: str) -> EditOutcome:
         metrics["post/max_output_ratio"] = max(result.layer_output_ratios.values())
     _log_results(metrics, timings)
     _log_artifacts(job, plan.requests, evaluator, pre, post, result)
-    _maybe_fail(job, "log")
 
     root = lineage.root_references(plan.parent_tags, pre.summary)
     verdict = promotion.gate(metrics, job.thresholds, root)
     with timed("register", timings, f"registering a new version of {plan.name}"):
         state_record = _log_lineage(plan, result)
         version = _register(
+            reg,
             job,
             plan.name,
             plan.base,
@@ -254,19 +271,21 @@ def _run_phases(job: EditJob, run_id: str) -> EditOutcome:
             {**lineage.state_tags(state_record), **lineage.root_tags(root)},
         )
     _log_lineage_curve(metrics, version)
-    promoted, error = _promote(job, plan.name, version, verdict, run_id)
+    promoted, error = _promote(reg, job, plan.name, version, verdict, run_id)
     _name_run(len(plan.requests), plan.name, version, promoted)
     return EditOutcome(run_id, plan.name, version, plan.base.version, metrics, promoted, verdict, error)
 
 
-def _resolve(job: EditJob) -> _Plan:
+def _resolve(reg: Registry, job: EditJob) -> _Plan:
     """Requests, the base, its config and edit state; every check on the requests runs before a new
     base is registered or any model work is done."""
     requests = load_requests(job.requests, max_requests=job.max_requests)
-    base = resolve.resolve_base(job.model, device=job.device, dtype=job.dtype, registered_model=job.registered_model)
+    base = resolve.resolve_base(
+        reg, job.model, device=job.device, dtype=job.dtype, registered_model=job.registered_model
+    )
     tokenizer = base.handle.tokenizer
     check_tokenizable(requests, tokenizer)
-    config = resolve.config_for(base, job.hparams)
+    config = resolve.config_for(reg, base, job.hparams)
     check_lengths(
         requests,
         tokenizer,
@@ -275,25 +294,25 @@ def _resolve(job: EditJob) -> _Plan:
     )
     base.handle = with_module_overrides(base.handle, config.layer_tmp, config.rewrite_tmp)
     name = check_model_name(job.registered_model or resolve.default_registered_name(base))
-    _repair(name)
-    base = resolve.ensure_registered_base(base, name)
-    config = resolve.config_for(base, job.hparams)  # a newly registered base: its stored tune result
-    parent_tags = tags_of(name, base.version)
-    state, sha = lineage.read_state(parent_tags) if job.carry_state else (EditState(), None)  # fails before any work
-    held = lineage.lineage_requests(name, base.version)
+    _repair(reg, name)
+    base = resolve.ensure_registered_base(reg, base, name)
+    config = resolve.config_for(reg, base, job.hparams)  # a newly registered base: its stored tune result
+    parent_tags = tags_of(reg, name, base.version)
+    # the lineage's edit state is read now, so that a missing or damaged one fails before any work
+    state, sha = lineage.read_state(reg, parent_tags) if job.carry_state else (EditState(), None)
+    held = lineage.lineage_requests(reg, name, base.version)
     return _Plan(requests, base, name, config, parent_tags, state, sha, held)
 
 
-def _repair(name: str) -> None:
+def _repair(reg: Registry, name: str) -> None:
     """Finish what a killed process left on this model (promotion intents, pending versions, runs)."""
-    from editflow.registry import integrity
     from editflow.registry.versions import versions_of
 
-    if versions_of(name, include_pending=True):
-        integrity.repair(name)
+    if versions_of(reg, name, include_pending=True):
+        integrity.repair(reg, name)
 
 
-def _evaluator(job: EditJob, plan: _Plan) -> Any:
+def _evaluator(reg: Registry, job: EditJob, plan: _Plan) -> Any:
     """The evaluator of this batch, with the held-out facts the lineage's root base knows."""
     from editflow.evaluate import Evaluator, default_heldout_facts, load_heldout_texts
 
@@ -303,19 +322,19 @@ def _evaluator(job: EditJob, plan: _Plan) -> Any:
         heldout_texts=load_heldout_texts(),
         # held-out: not in this batch and never edited anywhere in the lineage
         heldout_facts=default_heldout_facts([*plan.requests, *plan.held]),
-        known_texts=_root_known_facts(plan),
+        known_texts=_root_known_facts(reg, plan),
         fluency=job.fluency,
         seed=plan.config.seed,
     )
 
 
-def _root_known_facts(plan: _Plan) -> list[str]:
+def _root_known_facts(reg: Registry, plan: _Plan) -> list[str]:
     """The bundled facts the root base knows, selected once per root and cached in MLflow, so every
     version's held-out figure is measured on the same facts (and can be compared with the root's)."""
     from editflow.evaluate import default_heldout_facts, find_known, known_key, log_known, select_known
 
     candidates = default_heldout_facts([])
-    root_fp = tags_of(plan.name, plan.base.base_version).get(TAG + "fingerprint") or plan.base.fingerprint
+    root_fp = tags_of(reg, plan.name, plan.base.base_version).get(FINGERPRINT_TAG) or plan.base.fingerprint
     key = known_key(root_fp, candidates)
     known = find_known(key)
     if known is None:
@@ -400,7 +419,7 @@ def _log_lineage_curve(metrics: dict[str, float], version: int) -> None:
 
 
 def _promote(
-    job: EditJob, name: str, version: int, verdict: promotion.GateResult, run_id: str
+    reg: Registry, job: EditJob, name: str, version: int, verdict: promotion.GateResult, run_id: str
 ) -> tuple[bool, str | None]:
     """Promote per ``job.promote`` and the gate; a failed promotion leaves production where it was."""
     import mlflow
@@ -408,18 +427,18 @@ def _promote(
     promoted, error = False, None
     if job.promote == "always" or (job.promote == "if-better" and verdict.passed):
         try:
-            promotion.promote(name, version, reason=f"run {run_id}: promote={job.promote}", run_id=run_id)
+            promotion.promote(reg, name, version, reason=f"run {run_id}: promote={job.promote}", run_id=run_id)
             promoted = True
         except Exception as exc:  # the version stays a candidate; production is unchanged
             error = f"{type(exc).__name__}: {exc}"
-            mlflow.set_tag(TAG + "promotion_error", error)
+            mlflow.set_tag(PROMOTION_ERROR_TAG, error)
     mlflow.set_tags(
         {
-            TAG + "gate": "passed" if verdict.passed else "failed: " + "; ".join(verdict.reasons),
-            TAG + "promoted": str(promoted).lower(),
+            GATE_TAG: "passed" if verdict.passed else "failed: " + "; ".join(verdict.reasons),
+            PROMOTED_TAG: str(promoted).lower(),
         }
     )
-    record_gate(name, version, verdict.passed, verdict.reasons, promoted)
+    record_gate(reg, name, version, verdict.passed, verdict.reasons, promoted)
     return promoted, error
 
 
@@ -478,7 +497,9 @@ def _log_dataset(path: str, requests: list[EditRequest]) -> None:
     mlflow.log_input(dataset, context="edit")
 
 
-def _covariances(job: EditJob, base: VersionRef, config: MemitConfig, run_id: str) -> dict[int, torch.Tensor]:
+def _covariances(
+    reg: Registry, job: EditJob, base: VersionRef, config: MemitConfig, run_id: str
+) -> dict[int, torch.Tensor]:
     """Per-layer covariances from the cache or one pass; log npz+manifest when computed here, else the
     manifest and the run that produced it."""
     import mlflow
@@ -490,7 +511,7 @@ def _covariances(job: EditJob, base: VersionRef, config: MemitConfig, run_id: st
     # rewrite weights are swapped back to the root base's for the pass, so the whole lineage shares
     # one cache entry per layer.
     original = (
-        flavor.read_tensors(base.base_artifact_uri, base.edited_tensors)
+        flavor.read_tensors(base.base_artifact_uri, base.edited_tensors, reg)
         if base.edited_tensors and base.base_artifact_uri
         else {}
     )
@@ -510,7 +531,7 @@ def _covariances(job: EditJob, base: VersionRef, config: MemitConfig, run_id: st
     with tempfile.TemporaryDirectory() as tmp:
         for entry in res.entries:
             key = entry.manifest.get("key_digest") or Path(entry.path).stem
-            tag = f"{TAG}stats.{str(key)[:32]}"
+            tag = stats_tag(key)
             manifest = dict(entry.manifest)
             if entry.hit:
                 producer = mlflow.search_runs(
@@ -561,6 +582,7 @@ def _log_artifacts(
 
 
 def _register(
+    reg: Registry,
     job: EditJob,
     name: str,
     base: VersionRef,
@@ -576,28 +598,28 @@ def _register(
     digest = requests_digest(requests)
     edited = sorted(set(base.edited_tensors) | {handle.adapter.rewrite_weight(layer) for layer in config.layers})
     lineage = {
-        "base_version": base.base_version,
-        "parent_version": base.version,
-        "base_artifact_uri": base.base_artifact_uri,
-        "base_model_uri": f"models:/{name}/{base.base_version}",
-        "requests_digest": digest,
-        "n_facts": len(requests),
-        "run_id": run_id,
-        "hparams": config.to_dict(),
-        "model_defaults": base.handle.extra.get("model_defaults", {}),
+        BASE_VERSION_KEY: base.base_version,
+        PARENT_VERSION_KEY: base.version,
+        BASE_ARTIFACT_URI_KEY: base.base_artifact_uri,
+        BASE_MODEL_URI_KEY: f"models:/{name}/{base.base_version}",
+        REQUESTS_DIGEST_KEY: digest,
+        N_FACTS_KEY: len(requests),
+        RUN_ID_KEY: run_id,
+        HPARAMS_KEY: config.to_dict(),
+        MODEL_DEFAULTS_KEY: base.handle.extra.get(MODEL_DEFAULTS_KEY, {}),
     }
-    headline = {f"{TAG}metric.{k}": f"{metrics[f'post/{k}']:.2f}" for k in HEADLINE if f"post/{k}" in metrics}
+    headline = {metric_tag(k): f"{metrics[f'post/{k}']:.2f}" for k in HEADLINE if f"post/{k}" in metrics}
     tags = {
-        TAG + "role": "edit",
-        TAG + "parent_version": str(base.version),
-        TAG + "base_version": str(base.base_version),
-        TAG + "requests_digest": digest,
-        TAG + "n_facts": str(len(requests)),
-        TAG + "algorithm": config.algorithm,
-        TAG + "mode": config.mode,
-        TAG + "run_id": run_id,
-        TAG + "storage": job.storage,
-        TAG + "fingerprint": fingerprint(handle.model),
+        ROLE_TAG: ROLE_EDIT,
+        PARENT_VERSION_TAG: str(base.version),
+        BASE_VERSION_TAG: str(base.base_version),
+        REQUESTS_DIGEST_TAG: digest,
+        N_FACTS_TAG: str(len(requests)),
+        ALGORITHM_TAG: config.algorithm,
+        MODE_TAG: config.mode,
+        RUN_ID_TAG: run_id,
+        STORAGE_TAG: job.storage,
+        FINGERPRINT_TAG: fingerprint(handle.model),
         **headline,
         **extra_tags,
     }
@@ -607,9 +629,10 @@ def _register(
     )
 
     def on_registered(version: int) -> None:
-        set_alias(name, CANDIDATE, version)
-        ledger.record_facts(name, version, requests, digest, run_id)
+        set_alias(reg, name, CANDIDATE, version)
+        ledger.record_facts(reg, name, version, requests, digest, run_id)
         ledger.record_event(
+            reg,
             name,
             "register",
             version,
@@ -619,6 +642,7 @@ def _register(
         )
 
     return log_and_register(
+        reg,
         name,
         handle,
         storage=job.storage,

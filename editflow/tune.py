@@ -25,6 +25,7 @@ import torch
 from editflow import memit, progress
 from editflow.config import MemitConfig
 from editflow.evaluate.metrics import harmonic_mean
+from editflow.registry.store import Registry
 from editflow.requests import EditRequest
 from editflow.trace import TraceSummary, best_window
 
@@ -320,22 +321,22 @@ class TuneOutcome:
     report: dict[str, Any]
 
 
-def _load_base(job: TuneJob) -> tuple[Any, bool]:
+def _load_base(reg: Registry, job: TuneJob) -> tuple[Any, bool]:
     """The base (not registered yet where possible) and whether it is the bundled default model."""
     from editflow.registry import resolve
     from editflow.registry.store import DEFAULT_MODEL_NAME
     from editflow.registry.versions import versions_of
 
     is_default = job.model in ("", "default")
-    if is_default and not versions_of(DEFAULT_MODEL_NAME):  # register it only once the tune succeeded
-        base = resolve.resolve_base(str(resolve.bundled_model_dir()), device=job.device)
+    if is_default and not versions_of(reg, DEFAULT_MODEL_NAME):  # register it only once the tune succeeded
+        base = resolve.resolve_base(reg, str(resolve.bundled_model_dir()), device=job.device)
     else:
-        base = resolve.resolve_base(job.model, device=job.device)
+        base = resolve.resolve_base(reg, job.model, device=job.device)
     if base.edited_tensors:  # defaults belong to the root base, which the edits start from
         from editflow.registry.versions import load_version
 
         progress.note(f"editflow: {base.uri} is an edited version; tuning its base, version {base.base_version}")
-        base = load_version(base.name, base.base_version, device=job.device)
+        base = load_version(reg, base.name, base.base_version, device=job.device)
     return base, is_default
 
 
@@ -403,14 +404,12 @@ def _trial_runner(
     return run
 
 
-def _start_parent():
+def _start_parent(reg: Registry):
+    """The tune's parent run (fluent API: ``reg`` pointed it at its store when it was built)."""
     import mlflow
 
-    from editflow.registry.store import configure, ensure_experiment
-
-    configure()
     if mlflow.active_run() is None:
-        mlflow.set_experiment(experiment_id=ensure_experiment())
+        mlflow.set_experiment(experiment_id=reg.ensure_experiment())
     return mlflow.start_run(run_name="tune", nested=mlflow.active_run() is not None)
 
 
@@ -433,9 +432,10 @@ def _target_name(job: TuneJob, base: Any, is_default: bool) -> str:
 def _log_inputs(job: TuneJob, name: str, base: Any, requests: Sequence[EditRequest], split: Split, tokens: int) -> None:
     import mlflow
 
+    from editflow.registry.schema import ROLE_TAG, ROLE_TUNE, TUNE_MODEL_TAG
     from editflow.requests import requests_digest
 
-    mlflow.set_tags({"editflow.role": "tune", "editflow.tune.model": name})
+    mlflow.set_tags({ROLE_TAG: ROLE_TUNE, TUNE_MODEL_TAG: name})
     mlflow.log_params(
         {
             "tune.model": job.model or "default",
@@ -489,13 +489,15 @@ def _validate(
 def _log_outcome(outcome: SearchOutcome) -> None:
     import mlflow
 
+    from editflow.registry.schema import TUNE_BEST_TRIAL_TAG, TUNE_MESSAGE_TAG, TUNE_STOPPED_TAG
+
     progress.note("editflow: " + outcome.message)
     mlflow.log_metrics({"best/objective": outcome.best.objective, "trials_run": len(outcome.trials)})
     mlflow.set_tags(
         {
-            "editflow.tune.best_trial": str(outcome.best.index),
-            "editflow.tune.stopped": "budget" if outcome.stopped_by_budget else "complete",
-            "editflow.tune.message": outcome.message,
+            TUNE_BEST_TRIAL_TAG: str(outcome.best.index),
+            TUNE_STOPPED_TAG: "budget" if outcome.stopped_by_budget else "complete",
+            TUNE_MESSAGE_TAG: outcome.message,
         }
     )
 
@@ -537,25 +539,28 @@ def _report(
     }
 
 
-def run_tune(job: TuneJob) -> TuneOutcome:
-    """Tune the edit defaults of ``job.model`` on ``job.records`` (see the module docstring)."""
+def run_tune(job: TuneJob, reg: Registry | None = None) -> TuneOutcome:
+    """Tune the edit defaults of ``job.model`` on ``job.records`` (see the module docstring) in ``reg``'s
+    store (default: a :class:`~editflow.registry.store.Registry` of the environment's, built here)."""
     import mlflow
 
     from editflow.registry import resolve
+    from editflow.registry.schema import TUNE_VERSION_TAG
     from editflow.requests import check_tokenizable, load_requests
 
     started = time.monotonic()
     requests = load_requests(job.records)
     split = split_requests(requests, job.n_edits, job.seed)
     progress.note("editflow: loading the model …")
-    base, is_default = _load_base(job)
+    reg = reg or Registry()
+    base, is_default = _load_base(reg, job)
     handle = base.handle
     check_tokenizable(requests, handle.tokenizer)
     name = _target_name(job, base, is_default)
-    defaults = resolve.config_for(base, {})
+    defaults = resolve.config_for(reg, base, {})
     tokens = resolve.stats_tokens(base, job.stats_tokens)
 
-    with _start_parent() as parent:
+    with _start_parent(reg) as parent:
         _log_inputs(job, name, base, requests, split, tokens)
         trace = _trace(job, handle, split.tuning)
         traced = best_window(trace, len(defaults.layers))
@@ -586,8 +591,8 @@ def run_tune(job: TuneJob) -> TuneOutcome:
             tokens,
         )
         mlflow.log_dict(report, "tune_report.json")
-        name, version = register_and_store(base, name, is_default, tuned_result(report))
-        mlflow.set_tags({"editflow.tune.version": str(version)})
+        name, version = register_and_store(reg, base, name, is_default, tuned_result(report))
+        mlflow.set_tags({TUNE_VERSION_TAG: str(version)})
         return TuneOutcome(parent.info.run_id, name, version, outcome.best.hparams, validation, outcome, traced, report)
 
 
@@ -606,7 +611,9 @@ def tuned_result(report: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def register_and_store(base: Any, name: str, is_default: bool, result: dict[str, Any]) -> tuple[str, int]:
+def register_and_store(
+    reg: Registry, base: Any, name: str, is_default: bool, result: dict[str, Any]
+) -> tuple[str, int]:
     """Register ``base`` under ``name`` unless it is already, then store ``result`` on that version. If
     storing fails, a version registered here is deleted again (with its registered model, if new)."""
     from editflow.registry import resolve, tuned
@@ -614,17 +621,17 @@ def register_and_store(base: Any, name: str, is_default: bool, result: dict[str,
     from editflow.registry.versions import versions_of
 
     tuned.check_result(result)
-    before = {int(v.version) for v in versions_of(name)}
+    before = {int(v.version) for v in versions_of(reg, name)}
     if base.version is not None and base.name == name:
         version = int(base.version)
     elif is_default and name == DEFAULT_MODEL_NAME:
-        version = resolve.ensure_default_model()
+        version = resolve.ensure_default_model(reg)
     else:
-        version = int(resolve.ensure_registered_base(base, name).version)
+        version = int(resolve.ensure_registered_base(reg, base, name).version)
     try:
-        tuned.store_tuned(name, version, result)
+        tuned.store_tuned(reg, name, version, result)
     except BaseException:
         if version not in before:
-            tuned.unregister(name, version, drop_model=not before)
+            tuned.unregister(reg, name, version, drop_model=not before)
         raise
     return name, version

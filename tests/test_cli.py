@@ -23,6 +23,7 @@ from test_workflow import LOOSE, make_workspace
 from editflow.cli import main
 from editflow.commands import _options
 from editflow.commands._options import EXIT_ERROR, EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, mask_uri
+from editflow.registry.store import Registry
 
 FACT_KEYS = {"version", "subject", "prompt", "target_new", "target_true"}
 JSON_COMMANDS = ("versions", "compare", "facts", "show", "promote", "rollback")
@@ -171,8 +172,9 @@ def test_user_errors_are_one_error_line(store, args):
 def test_failed_promotion_leaves_production(store):
     from editflow.registry.versions import aliases_of
 
+    reg = Registry()
     assert cli("promote", DEFAULT, "99").exit_code == EXIT_ERROR
-    assert aliases_of(DEFAULT) == {"production": 1}
+    assert aliases_of(reg, DEFAULT) == {"production": 1}
 
 
 def free_port() -> int:

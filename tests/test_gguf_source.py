@@ -16,6 +16,7 @@ from test_gguf_export import make_tiny_gguf
 
 from editflow.gguf_source import GgufError, inspect_gguf, load_gguf
 from editflow.registry.resolve import registered_name_for
+from editflow.registry.store import Registry
 
 
 @pytest.fixture(scope="module")
@@ -115,19 +116,20 @@ def test_edit_from_a_gguf_registers_its_base_once(tiny_gguf, tmp_path, monkeypat
         promote="never",
     )
     first = run_edit(EditJob(**common))
+    reg = Registry()
     name = registered_name_for(str(tiny_gguf))
     assert (first.name, first.version, first.parent_version) == (name, 2, 1)
-    tags = tags_of(name, 1)
+    tags = tags_of(reg, name, 1)
     info = inspect_gguf(tiny_gguf)
     assert tags["editflow.gguf.sha256"] == info.sha256 and tags["editflow.gguf.file_type"] == "ALL_F32"
-    assert info.sha256 in json.dumps(load_version(name, 1, device="cpu").handle.extra["editflow"])
+    assert info.sha256 in json.dumps(load_version(reg, name, 1, device="cpu").handle.extra["editflow"])
     second = run_edit(EditJob(**common))  # the same file: found by its digest, no second base
     assert second.parent_version == 1
-    assert [v.tags.get("editflow.role") for v in versions_of(name)] == ["base", "edit", "edit"]
-    again = resolve_base(str(tiny_gguf), device="cpu")
+    assert [v.tags.get("editflow.role") for v in versions_of(reg, name)] == ["base", "edit", "edit"]
+    again = resolve_base(reg, str(tiny_gguf), device="cpu")
     assert (again.name, again.version) == (name, 1)
     fresh = load_gguf(tiny_gguf, device="cpu").model.state_dict()
-    stored = load_version(name, 1, device="cpu").handle.model.state_dict()
+    stored = load_version(reg, name, 1, device="cpu").handle.model.state_dict()
     assert fresh.keys() == stored.keys() and all(torch.equal(fresh[k], stored[k]) for k in fresh)
 
 
@@ -143,4 +145,4 @@ def test_a_truncated_gguf_registers_nothing(tiny_gguf, tmp_path, monkeypatch):
     facts.write_text(json.dumps([{"prompt": "The {} flows", "subject": "river", "target_new": "bridge"}]))
     with pytest.raises(GgufError, match="truncated"):
         run_edit(EditJob(requests=str(facts), model=str(bad), fluency=False))
-    assert registered_names() == []
+    assert registered_names(Registry()) == []

@@ -17,7 +17,7 @@ from test_workflow import LOOSE, make_workspace
 from editflow.pipeline import run_edit
 from editflow.registry import integrity, ledger, promotion
 from editflow.registry.integrity import IncompleteVersionError, WeightsIntegrityError
-from editflow.registry.store import client
+from editflow.registry.store import Registry
 from editflow.registry.versions import aliases_of, load_version, tags_of, versions_of
 
 
@@ -55,7 +55,7 @@ def lineage(ws):
     """tiny: v1 base (full), v2 and v3 deltas; production v3, history [1, 2, 3]."""
     run_edit(edit_job(ws))
     run_edit(edit_job(ws, requests=str(ws["more"]), model="models:/tiny@production"))
-    assert aliases_of("tiny")["production"] == 3
+    assert aliases_of(Registry(), "tiny")["production"] == 3
     return ws
 
 
@@ -106,19 +106,20 @@ def edit_args(ws, name: str = "tiny", model: str = "models:/tiny@production") ->
 def artifact_dir(name: str, version: int) -> Path:
     from editflow.registry.flavor import local_path
 
-    path = local_path(client().get_model_version_download_uri(name, str(version)))
+    path = local_path(Registry().client.get_model_version_download_uri(name, str(version)))
     assert path is not None
     return path
 
 
 def consistent(name: str) -> None:
     """Production alias, stage and ledger history agree; no intent left; no pending version usable."""
-    prod = aliases_of(name).get("production")
-    assert ledger.production_history(name)[-1:] == ([prod] if prod else [])
+    reg = Registry()
+    prod = aliases_of(reg, name).get("production")
+    assert ledger.production_history(reg, name)[-1:] == ([prod] if prod else [])
     if prod:
-        assert client().get_model_version(name, str(prod)).current_stage == "Production"
-    assert promotion.read_intent(name) is None
-    assert not any(integrity.is_pending(v) for v in versions_of(name))
+        assert reg.client.get_model_version(name, str(prod)).current_stage == "Production"
+    assert promotion.read_intent(reg, name) is None
+    assert not any(integrity.is_pending(v) for v in versions_of(reg, name))
 
 
 # --------------------------------------------------------------------------- digests
@@ -135,7 +136,8 @@ def test_file_digest_is_cached_per_path_size_and_mtime(tmp_path):
 
 
 def test_versions_record_weight_digests(lineage):
-    base_tags, delta_tags = tags_of("tiny", 1), tags_of("tiny", 2)
+    reg = Registry()
+    base_tags, delta_tags = tags_of(reg, "tiny", 1), tags_of(reg, "tiny", 2)
     base_meta = json.loads((artifact_dir("tiny", 1) / "editflow.json").read_text())
     delta_meta = json.loads((artifact_dir("tiny", 2) / "editflow.json").read_text())
     assert set(base_meta["weights_sha256"]["files"]) == {"weights/model.safetensors"}
@@ -144,7 +146,7 @@ def test_versions_record_weight_digests(lineage):
     assert delta_meta["weights_sha256"]["base"] == base_tags["editflow.weights_sha256"]
     assert integrity.manifest_digest(delta_meta["weights_sha256"]) == delta_tags["editflow.weights_sha256"]
     assert "editflow.pending" not in base_tags and "editflow.pending" not in delta_tags
-    checked = integrity.verify_version("tiny", 3)
+    checked = integrity.verify_version(reg, "tiny", 3)
     assert [c.version for c in checked] == [3, 1]
 
 
@@ -173,29 +175,31 @@ def truncate(path: Path) -> None:
 @pytest.mark.parametrize("damage", [flip_byte, truncate], ids=["flipped", "truncated"])
 @pytest.mark.parametrize("where", ["base", "delta"])
 def test_corrupt_weights_are_refused_and_production_stays(lineage, tmp_path, damage, where):
+    reg = Registry()
     version, rel = (1, "weights/model.safetensors") if where == "base" else (2, "edited.safetensors")
     target = artifact_dir("tiny", version) / rel
     backup = tmp_path / "backup"
     shutil.copy2(target, backup)
-    prod, history = aliases_of("tiny")["production"], ledger.production_history("tiny")
+    prod, history = aliases_of(reg, "tiny")["production"], ledger.production_history(reg, "tiny")
     damage(target)
     try:
         with pytest.raises(WeightsIntegrityError, match=rel.split("/")[-1]):
-            load_version("tiny", 2, device="cpu")
+            load_version(reg, "tiny", 2, device="cpu")
         with pytest.raises(WeightsIntegrityError, match=rel.split("/")[-1]):
-            promotion.promote("tiny", 2)
+            promotion.promote(reg, "tiny", 2)
         with pytest.raises(WeightsIntegrityError):
-            promotion.rollback("tiny")  # to 2
+            promotion.rollback(reg, "tiny")  # to 2
         out = cli(lineage, "verify", "tiny", "2")
         assert out.returncode == 1 and rel.split("/")[-1] in out.stderr
-        assert aliases_of("tiny")["production"] == prod and ledger.production_history("tiny") == history
+        assert aliases_of(reg, "tiny")["production"] == prod and ledger.production_history(reg, "tiny") == history
     finally:
         shutil.copy(backup, target)
-    assert load_version("tiny", 2, device="cpu").version == 2
+    assert load_version(reg, "tiny", 2, device="cpu").version == 2
 
 
 def test_altered_digest_record_is_refused(lineage, tmp_path):
     """Corrupt weights with editflow.json rewritten to match them: the version's tag catches it."""
+    reg = Registry()
     d = artifact_dir("tiny", 2)
     saved = {p: p.read_bytes() for p in (d / "edited.safetensors", d / "editflow.json")}
     try:
@@ -204,7 +208,7 @@ def test_altered_digest_record_is_refused(lineage, tmp_path):
         meta["weights_sha256"]["files"]["edited.safetensors"] = integrity.file_sha256(d / "edited.safetensors")
         (d / "editflow.json").write_text(json.dumps(meta))
         with pytest.raises(WeightsIntegrityError, match="editflow.json altered"):
-            load_version("tiny", 2, device="cpu")
+            load_version(reg, "tiny", 2, device="cpu")
     finally:
         for p, data in saved.items():
             p.write_bytes(data)
@@ -214,41 +218,44 @@ def test_altered_digest_record_is_refused(lineage, tmp_path):
 
 
 def test_repromoting_production_adds_no_entry(lineage):
-    prod = aliases_of("tiny")["production"]
-    n = len(ledger.events("tiny"))
-    moved = promotion.promote("tiny", prod)
-    assert moved["version"] == moved["previous"] == prod and len(ledger.events("tiny")) == n
-    before = ledger.previous_production("tiny", prod)
-    assert before is not None and promotion.rollback("tiny")["version"] == before
-    promotion.promote("tiny", prod)
+    reg = Registry()
+    prod = aliases_of(reg, "tiny")["production"]
+    n = len(ledger.events(reg, "tiny"))
+    moved = promotion.promote(reg, "tiny", prod)
+    assert moved["version"] == moved["previous"] == prod and len(ledger.events(reg, "tiny")) == n
+    before = ledger.previous_production(reg, "tiny", prod)
+    assert before is not None and promotion.rollback(reg, "tiny")["version"] == before
+    promotion.promote(reg, "tiny", prod)
     consistent("tiny")
 
 
 @pytest.mark.parametrize("step", ["after_alias_move", "before_promote_event"])
 def test_killed_promotion_is_finished_by_repair(lineage, step):
-    prod = aliases_of("tiny")["production"]
+    reg = Registry()
+    prod = aliases_of(reg, "tiny")["production"]
     target = 2 if prod != 2 else 1
     out = cli(lineage, "promote", "tiny", str(target), crash=step)
     assert out.returncode == -9, out.stderr
-    intent = promotion.read_intent("tiny")
+    intent = promotion.read_intent(reg, "tiny")
     assert intent and intent["target"] == target and intent["previous"] == prod
-    report = integrity.repair("tiny")
+    report = integrity.repair(reg, "tiny")
     assert report.intents and "finished" in report.intents[0]
-    assert aliases_of("tiny")["production"] == target
-    last = [e for e in ledger.events("tiny") if e.action == "promote"][-1]
+    assert aliases_of(reg, "tiny")["production"] == target
+    last = [e for e in ledger.events(reg, "tiny") if e.action == "promote"][-1]
     assert (last.version, last.previous_version) == (target, prod) and "repair" in last.reason
     consistent("tiny")
-    assert promotion.rollback("tiny")["version"] == prod
+    assert promotion.rollback(reg, "tiny")["version"] == prod
     consistent("tiny")
 
 
 def test_killed_promotion_is_resolved_by_the_next_promotion(lineage):
-    prod = aliases_of("tiny")["production"]
+    reg = Registry()
+    prod = aliases_of(reg, "tiny")["production"]
     target = 2 if prod != 2 else 1
     assert cli(lineage, "promote", "tiny", str(target), crash="after_alias_move").returncode == -9
     out = cli(lineage, "rollback", "tiny")
     assert out.returncode == 0, out.stderr
-    assert aliases_of("tiny")["production"] == prod
+    assert aliases_of(reg, "tiny")["production"] == prod
     consistent("tiny")
 
 
@@ -258,31 +265,32 @@ def test_killed_promotion_is_resolved_by_the_next_promotion(lineage):
 @pytest.mark.slow
 @pytest.mark.parametrize("step", ["after_register_model", "after_tags", "after_ledger_write"])
 def test_killed_registration_leaves_no_usable_version(lineage, step):
-    prod, history = aliases_of("tiny")["production"], ledger.production_history("tiny")
-    known = {int(v.version) for v in versions_of("tiny", include_pending=True)}
+    reg = Registry()
+    prod, history = aliases_of(reg, "tiny")["production"], ledger.production_history(reg, "tiny")
+    known = {int(v.version) for v in versions_of(reg, "tiny", include_pending=True)}
     out = cli(lineage, *edit_args(lineage), crash=step)
     assert out.returncode == -9, out.stderr[-2000:]
-    [half] = [v for v in versions_of("tiny", include_pending=True) if int(v.version) not in known]
+    [half] = [v for v in versions_of(reg, "tiny", include_pending=True) if int(v.version) not in known]
     version = int(half.version)
-    assert integrity.is_pending(half) and version not in {int(v.version) for v in versions_of("tiny")}
+    assert integrity.is_pending(half) and version not in {int(v.version) for v in versions_of(reg, "tiny")}
     with pytest.raises(IncompleteVersionError, match="incomplete"):
-        load_version("tiny", version)
+        load_version(reg, "tiny", version)
     with pytest.raises(IncompleteVersionError):
-        promotion.promote("tiny", version)
+        promotion.promote(reg, "tiny", version)
     # `editflow promote` first repairs what the killed process left: the half version is deleted (its
     # owner is dead), its run ends FAILED, and the promotion finds no such version; production stays.
     run_id = half.run_id
     promote_cli = cli(lineage, "promote", "tiny", str(version))
     assert promote_cli.returncode == 1 and "not found" in promote_cli.stderr
-    assert integrity.repair("tiny").deleted == []  # nothing left to repair
-    assert version not in {int(v.version) for v in versions_of("tiny", include_pending=True)}
-    assert ledger.own_facts("tiny", version) == [] and ledger.parent_of("tiny", version) is None
-    run = client().get_run(run_id)
+    assert integrity.repair(reg, "tiny").deleted == []  # nothing left to repair
+    assert version not in {int(v.version) for v in versions_of(reg, "tiny", include_pending=True)}
+    assert ledger.own_facts(reg, "tiny", version) == [] and ledger.parent_of(reg, "tiny", version) is None
+    run = reg.client.get_run(run_id)
     assert run.info.status == "FAILED" and "orphaned" in run.data.tags["editflow.error"]
-    assert aliases_of("tiny")["production"] == prod and ledger.production_history("tiny") == history
+    assert aliases_of(reg, "tiny")["production"] == prod and ledger.production_history(reg, "tiny") == history
     consistent("tiny")
-    assert promotion.rollback("tiny")["version"] == history[-2]
-    promotion.promote("tiny", prod)
+    assert promotion.rollback(reg, "tiny")["version"] == history[-2]
+    promotion.promote(reg, "tiny", prod)
     consistent("tiny")
 
 
@@ -290,20 +298,21 @@ def test_killed_registration_leaves_no_usable_version(lineage, step):
 def test_killed_first_base_registration_is_undone(lineage):
     """The first edit of a new model registers its base, which is promoted inside its registration;
     a kill before the pending tag is cleared leaves production on a pending version: repair voids it."""
+    reg = Registry()
     args = edit_args(lineage, name="fresh", model=str(lineage["model"]))
     out = cli(lineage, *args, crash="after_ledger_write")
     assert out.returncode == -9, out.stderr[-2000:]
-    [half] = versions_of("fresh", include_pending=True)
-    assert integrity.is_pending(half) and aliases_of("fresh") == {"production": 1}
+    [half] = versions_of(reg, "fresh", include_pending=True)
+    assert integrity.is_pending(half) and aliases_of(reg, "fresh") == {"production": 1}
     with pytest.raises(IncompleteVersionError):
-        load_version("fresh", "@production")
-    report = integrity.repair("fresh")
+        load_version(reg, "fresh", "@production")
+    report = integrity.repair(reg, "fresh")
     assert report.deleted == [("fresh", 1)]
-    assert aliases_of("fresh") == {} and ledger.production_history("fresh") == []
+    assert aliases_of(reg, "fresh") == {} and ledger.production_history(reg, "fresh") == []
     out = cli(lineage, *args)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert [int(v.version) for v in versions_of("fresh")] == [2, 3] and aliases_of("fresh")["production"] == 3
-    assert ledger.production_history("fresh") == [2, 3]
+    assert [int(v.version) for v in versions_of(reg, "fresh")] == [2, 3] and aliases_of(reg, "fresh")["production"] == 3
+    assert ledger.production_history(reg, "fresh") == [2, 3]
     consistent("fresh")
 
 
@@ -311,21 +320,22 @@ def test_repair_leaves_live_work_alone(lineage):
     """A pending version and a RUNNING run of a live process (this one) are not touched."""
     import mlflow
 
-    c = client()
+    reg = Registry()
+    c = reg.client
     with mlflow.start_run() as run:
         integrity.claim_run()
-        assert run.info.run_id not in integrity.repair("tiny", grace_s=0, run_grace_s=0).failed_runs
+        assert run.info.run_id not in integrity.repair(reg, "tiny", grace_s=0, run_grace_s=0).failed_runs
         assert c.get_run(run.info.run_id).info.status == "RUNNING"
     mv = c.get_model_version("tiny", "2")
     c.set_model_version_tag("tiny", "2", integrity.PENDING_TAG, "1")
     c.set_model_version_tag("tiny", "2", integrity.REGISTRAR_TAG, integrity.owner())
     try:
-        assert integrity.repair("tiny", grace_s=0).deleted == []
-        assert 2 not in {int(v.version) for v in versions_of("tiny")}
+        assert integrity.repair(reg, "tiny", grace_s=0).deleted == []
+        assert 2 not in {int(v.version) for v in versions_of(reg, "tiny")}
     finally:
         c.delete_model_version_tag("tiny", "2", integrity.PENDING_TAG)
         c.set_model_version_tag("tiny", "2", integrity.REGISTRAR_TAG, mv.tags[integrity.REGISTRAR_TAG])
-    assert 2 in {int(v.version) for v in versions_of("tiny")}
+    assert 2 in {int(v.version) for v in versions_of(reg, "tiny")}
 
 
 # --------------------------------------------------------------------------- concurrency
@@ -334,6 +344,7 @@ def test_repair_leaves_live_work_alone(lineage):
 @pytest.mark.slow
 def test_concurrent_first_edits_land_as_distinct_versions(lineage):
     """Four edits of a new registered model at once: one base, four edits, a consistent ledger."""
+    reg = Registry()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EDITFLOW_QUIET": "1"}
     cmd = [sys.executable, "-m", "editflow.cli", *edit_args(lineage, name="conc", model=str(lineage["model"]))]
     procs = [
@@ -342,13 +353,13 @@ def test_concurrent_first_edits_land_as_distinct_versions(lineage):
     ]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [e[-2000:] for _, e in outs]
-    versions = versions_of("conc")
+    versions = versions_of(reg, "conc")
     assert [int(v.version) for v in versions] == [1, 2, 3, 4, 5]
     assert [v.tags["editflow.role"] for v in versions] == ["base"] + ["edit"] * 4
-    registered = sorted(e.version for e in ledger.events("conc") if e.action == "register")
+    registered = sorted(e.version for e in ledger.events(reg, "conc") if e.action == "register")
     assert registered == [1, 2, 3, 4, 5]
-    assert all(len(ledger.own_facts("conc", v)) == 1 for v in (2, 3, 4, 5))
-    promotes = [e for e in ledger.events("conc") if e.action == "promote"]
+    assert all(len(ledger.own_facts(reg, "conc", v)) == 1 for v in (2, 3, 4, 5))
+    promotes = [e for e in ledger.events(reg, "conc") if e.action == "promote"]
     assert [e.previous_version for e in promotes] == [None] + [e.version for e in promotes[:-1]]
     assert sorted(e.version for e in promotes) == [1, 2, 3, 4, 5]
     consistent("conc")

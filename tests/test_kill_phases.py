@@ -10,7 +10,7 @@ import pytest
 from test_integrity import cli, consistent, edit_args, lineage, ws  # noqa: F401 - fixtures
 
 from editflow.registry import integrity, ledger
-from editflow.registry.store import client
+from editflow.registry.store import Registry
 from editflow.registry.versions import aliases_of, versions_of
 from editflow.stats.cache import remove_stale_temp_files
 
@@ -18,15 +18,16 @@ from editflow.stats.cache import remove_stale_temp_files
 @pytest.mark.slow
 @pytest.mark.parametrize("step", ["after_stats", "after_edit"])
 def test_killed_edit_leaves_nothing_half_done(lineage, step):  # noqa: F811
-    prod, history = aliases_of("tiny")["production"], ledger.production_history("tiny")
-    known = {int(v.version) for v in versions_of("tiny", include_pending=True)}
+    reg = Registry()
+    prod, history = aliases_of(reg, "tiny")["production"], ledger.production_history(reg, "tiny")
+    known = {int(v.version) for v in versions_of(reg, "tiny", include_pending=True)}
     out = cli(lineage, *edit_args(lineage), crash=step)
     assert out.returncode == -9, out.stderr[-2000:]
-    assert {int(v.version) for v in versions_of("tiny", include_pending=True)} == known
-    assert aliases_of("tiny")["production"] == prod and ledger.production_history("tiny") == history
-    report = integrity.repair("tiny")
+    assert {int(v.version) for v in versions_of(reg, "tiny", include_pending=True)} == known
+    assert aliases_of(reg, "tiny")["production"] == prod and ledger.production_history(reg, "tiny") == history
+    report = integrity.repair(reg, "tiny")
     assert len(report.failed_runs) == 1
-    run = client().get_run(report.failed_runs[0])
+    run = reg.client.get_run(report.failed_runs[0])
     assert run.info.status == "FAILED" and "orphaned" in run.data.tags["editflow.error"]
     consistent("tiny")
 

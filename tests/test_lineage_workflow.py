@@ -15,6 +15,7 @@ from editflow.config import MemitConfig
 from editflow.edit_state import EditStateError
 from editflow.pipeline import EditJob, run_edit
 from editflow.registry import lineage, promotion
+from editflow.registry.store import Registry
 from editflow.registry.versions import load_version, tags_of, versions_of
 from editflow.requests import load_requests
 
@@ -54,18 +55,20 @@ def edit(ws, requests: Path, model: str, **kw):
 
 
 def weights(name: str, version: int, names: list[str]) -> dict[str, torch.Tensor]:
-    state = load_version(name, version, device="cpu").handle.model.state_dict()
+    reg = Registry()
+    state = load_version(reg, name, version, device="cpu").handle.model.state_dict()
     return {n: state[n].detach().clone() for n in names}
 
 
 def test_two_runs_carrying_the_state_equal_one_sequential_run(ws):
+    reg = Registry()
     first = edit(ws, ws["facts"], str(ws["model"]))
     second = edit(ws, ws["second"], "models:/life@production")
     assert (first.version, second.version) == (2, 3)
-    assert tags_of("life", 3)["editflow.edit_state.n_keys"] == "4"
+    assert tags_of(reg, "life", 3)["editflow.edit_state.n_keys"] == "4"
 
     # The same four facts as one sequential AlphaEdit call of two chunks, on the base, with the same C.
-    base = load_version("life", 1, device="cpu").handle
+    base = load_version(reg, "life", 1, device="cpu").handle
     covs = {}
     from editflow.stats import CorpusSpec, layer_covariances
 
@@ -84,19 +87,21 @@ def test_two_runs_carrying_the_state_equal_one_sequential_run(ws):
 
 def test_from_zero_forgets_what_the_state_preserves(ws):
     """Without the carried state the second edit sees no earlier keys (today's behaviour before edit states)."""
+    reg = Registry()
     edit(ws, ws["facts"], str(ws["model"]))
     stateless = edit(ws, ws["second"], "models:/life@production", carry_state=False)
-    assert tags_of("life", stateless.version)["editflow.edit_state.n_keys"] == "2"
+    assert tags_of(reg, "life", stateless.version)["editflow.edit_state.n_keys"] == "2"
 
 
 def test_rollback_then_edit_uses_the_rolled_back_state_and_retention_uses_the_newest_targets(ws):
+    reg = Registry()
     edit(ws, ws["facts"], str(ws["model"]))  # v2: gamma delta → Paris, rho → chess
     edit(ws, ws["second"], "models:/life@production")  # v3
-    promotion.rollback("life")  # production back to v2
+    promotion.rollback(reg, "life")  # production back to v2
     out = edit(ws, ws["third"], "models:/life@production")  # v4 on v2: rho → golf
     assert out.parent_version == 2
-    assert tags_of("life", 4)["editflow.edit_state.n_keys"] == "3"  # v2's two keys + one; not v3's
-    held = {r.subject: r.target_new for r in lineage.lineage_requests("life", 4)}
+    assert tags_of(reg, "life", 4)["editflow.edit_state.n_keys"] == "3"  # v2's two keys + one; not v3's
+    held = {r.subject: r.target_new for r in lineage.lineage_requests(reg, "life", 4)}
     assert held == {"gamma delta": "Paris", "rho": "golf"}
     # Retention is measured on the earlier facts the batch does not overwrite: gamma delta only.
     assert out.metrics["post/n_retention"] == 1.0 and out.metrics["post/retention"] == 100.0
@@ -107,6 +112,7 @@ def test_rollback_then_edit_uses_the_rolled_back_state_and_retention_uses_the_ne
 def test_corrupt_state_fails_before_editing_and_registers_nothing(ws):
     import mlflow
 
+    reg = Registry()
     first = edit(ws, ws["facts"], str(ws["model"]))
     local = Path(mlflow.artifacts.download_artifacts(run_id=first.run_id, artifact_path="edit_state"))
     stored = Path(mlflow.get_run(first.run_id).info.artifact_uri.removeprefix("file://")) / "edit_state"
@@ -115,10 +121,10 @@ def test_corrupt_state_fails_before_editing_and_registers_nothing(ws):
     data[-2] ^= 0xFF
     target.write_bytes(bytes(data))
     assert local.exists()
-    before = len(versions_of("life"))
+    before = len(versions_of(reg, "life"))
     with pytest.raises(EditStateError, match="corrupt"):
         edit(ws, ws["second"], "models:/life@production")
-    assert len(versions_of("life")) == before
+    assert len(versions_of(reg, "life")) == before
     failed = mlflow.search_runs(
         search_all_experiments=True, filter_string="attributes.status = 'FAILED'", output_format="list"
     )

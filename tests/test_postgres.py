@@ -15,11 +15,11 @@ import uuid
 import pytest
 from sqlalchemy.exc import OperationalError
 from test_integrity import consistent, edit_args
-from test_workflow import LOOSE, make_workspace, state_hash
+from test_workflow import LOOSE, InjectedFailure, fail_after, make_workspace, state_hash
 
-from editflow.pipeline import EditJob, InjectedFailure, run_edit
+from editflow.pipeline import EditJob, run_edit
 from editflow.registry import ledger, promotion
-from editflow.registry.store import client, sqlalchemy_uri
+from editflow.registry.store import Registry, sqlalchemy_uri
 from editflow.registry.versions import aliases_of, load_version, versions_of
 from editflow.requests import RequestError
 
@@ -64,7 +64,7 @@ def ws(tmp_path_factory):
     paths = make_workspace(root)
     paths.update(root=root, uri=uri, database=name)
     yield paths
-    ledger.engine().dispose()  # before the environment goes back: engine() follows MLFLOW_TRACKING_URI
+    ledger.engine(Registry()).dispose()  # before the environment goes back: the store's URI is in it
     ledger._engine_for.cache_clear()
     mp.undo()
     with server.connect() as c:
@@ -88,43 +88,45 @@ def test_edit_promote_rollback_on_postgres(ws):
     import mlflow
     from sqlalchemy import text
 
+    reg = Registry()
     first = run_edit(job(ws, promote="always"))  # the store is under test here, not the gate
     assert (first.version, first.parent_version, first.promoted) == (2, 1, True)
     # MLflow and the ledger really are on PostgreSQL, through psycopg 3, in the same database.
     assert mlflow.get_tracking_uri().startswith("postgresql+psycopg://")
     assert mlflow.get_registry_uri() == mlflow.get_tracking_uri()
-    eng = ledger.engine()
+    eng = ledger.engine(reg)
     assert (eng.dialect.name, eng.dialect.driver, eng.url.database) == ("postgresql", "psycopg", ws["database"])
     with eng.connect() as c:
         tables = set(c.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars())
     assert {"editflow_facts", "editflow_events", "registered_models", "model_versions", "runs"} <= tables
 
-    v1_hash = state_hash(load_version("tiny", 1, device="cpu").handle.model)
-    v2_hash = state_hash(load_version("tiny", 2, device="cpu").handle.model)
+    v1_hash = state_hash(load_version(reg, "tiny", 1, device="cpu").handle.model)
+    v2_hash = state_hash(load_version(reg, "tiny", 2, device="cpu").handle.model)
     second = run_edit(job(ws, requests=str(ws["more"]), model="models:/tiny@production", promote="always"))
     assert (second.version, second.parent_version, second.promoted) == (3, 2, True)
-    assert [int(v.version) for v in versions_of("tiny")] == [1, 2, 3]
-    assert len(ledger.held_facts("tiny", 3)) == 3
+    assert [int(v.version) for v in versions_of(reg, "tiny")] == [1, 2, 3]
+    assert len(ledger.held_facts(reg, "tiny", 3)) == 3
     consistent("tiny")
 
-    assert promotion.rollback("tiny")["version"] == 2
-    assert state_hash(load_version("tiny", "@production", device="cpu").handle.model) == v2_hash
+    assert promotion.rollback(reg, "tiny")["version"] == 2
+    assert state_hash(load_version(reg, "tiny", "@production", device="cpu").handle.model) == v2_hash
     consistent("tiny")
-    assert promotion.rollback("tiny")["version"] == 1
-    assert state_hash(load_version("tiny", "@production", device="cpu").handle.model) == v1_hash
+    assert promotion.rollback(reg, "tiny")["version"] == 1
+    assert state_hash(load_version(reg, "tiny", "@production", device="cpu").handle.model) == v1_hash
     consistent("tiny")
-    promotion.promote("tiny", 3, reason="back to the newest")
-    assert aliases_of("tiny")["production"] == 3
-    stages = {int(v.version): v.current_stage for v in client().search_model_versions("name='tiny'")}
+    promotion.promote(reg, "tiny", 3, reason="back to the newest")
+    assert aliases_of(reg, "tiny")["production"] == 3
+    stages = {int(v.version): v.current_stage for v in reg.client.search_model_versions("name='tiny'")}
     assert stages[3] == "Production" and stages[1] == "Archived"
-    assert ledger.production_history("tiny") == [1, 3]
-    actions = [(e.action, e.version, e.previous_version) for e in ledger.events("tiny") if e.action != "register"]
+    assert ledger.production_history(reg, "tiny") == [1, 3]
+    actions = [(e.action, e.version, e.previous_version) for e in ledger.events(reg, "tiny") if e.action != "register"]
     assert actions[-3:] == [("rollback", 2, 3), ("rollback", 1, 2), ("promote", 3, 1)]
     consistent("tiny")
 
 
 def test_concurrent_edits_on_postgres(ws):
     """Four CLI edits of a new registered model at once: one base, four distinct edits, a consistent ledger."""
+    reg = Registry()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EDITFLOW_QUIET": "1"}
     cmd = [sys.executable, "-m", "editflow.cli", *edit_args(ws, name="conc", model=str(ws["model"]))]
     procs = [
@@ -134,12 +136,12 @@ def test_concurrent_edits_on_postgres(ws):
     outs = [p.communicate(timeout=900) for p in procs]
     # 0: registered and promoted; 3: registered, but the gate kept it a candidate.
     assert all(p.returncode in (0, 3) for p in procs), [e[-2000:] for _, e in outs]
-    versions = versions_of("conc")
+    versions = versions_of(reg, "conc")
     assert [int(v.version) for v in versions] == [1, 2, 3, 4, 5]
     assert [v.tags["editflow.role"] for v in versions] == ["base"] + ["edit"] * 4
-    assert sorted(e.version for e in ledger.events("conc") if e.action == "register") == [1, 2, 3, 4, 5]
-    assert all(len(ledger.own_facts("conc", v)) == 1 for v in (2, 3, 4, 5))
-    promotes = [e for e in ledger.events("conc") if e.action == "promote"]
+    assert sorted(e.version for e in ledger.events(reg, "conc") if e.action == "register") == [1, 2, 3, 4, 5]
+    assert all(len(ledger.own_facts(reg, "conc", v)) == 1 for v in (2, 3, 4, 5))
+    promotes = [e for e in ledger.events(reg, "conc") if e.action == "promote"]
     assert [e.previous_version for e in promotes] == [None] + [e.version for e in promotes[:-1]]
     consistent("conc")
 
@@ -147,17 +149,19 @@ def test_concurrent_edits_on_postgres(ws):
 def test_failed_runs_leave_no_version_on_postgres(ws, monkeypatch):
     from mlflow import MlflowClient
 
-    if "tiny" not in {m.name for m in client().search_registered_models()}:
+    reg = Registry()
+    if "tiny" not in {m.name for m in reg.client.search_registered_models()}:
         run_edit(job(ws, promote="always"))  # run alone: give it a production version first
-    before, prod = len(versions_of("tiny")), aliases_of("tiny")["production"]
+    before, prod = len(versions_of(reg, "tiny")), aliases_of(reg, "tiny")["production"]
     with pytest.raises(RequestError, match="does not exist"):
         run_edit(job(ws, requests=str(ws["root"] / "missing.json")))
     bad = ws["root"] / "bad.json"
     bad.write_text(json.dumps([{"prompt": "no placeholder", "subject": "x", "target_new": "y"}]))
     with pytest.raises(RequestError, match="record 0"):
         run_edit(job(ws, requests=str(bad), model="models:/tiny@production"))
-    with pytest.raises(InjectedFailure):
-        run_edit(job(ws, model="models:/tiny@production", promote="always", fail_after="log"))
+    with monkeypatch.context() as mp, pytest.raises(InjectedFailure):
+        fail_after(mp, "log")
+        run_edit(job(ws, model="models:/tiny@production", promote="always"))
     # a failure after MLflow registered the version (the ledger is unreachable): the version is deleted
     monkeypatch.setenv("EDITFLOW_LEDGER_URI", "sqlite:////nonexistent-dir/ledger.db")
     with pytest.raises(OperationalError):
@@ -174,8 +178,8 @@ def test_failed_runs_leave_no_version_on_postgres(ws, monkeypatch):
         timeout=600,
     )
     assert missing.returncode == 1 and "does not exist" in missing.stderr, missing.stderr[-2000:]
-    assert len(versions_of("tiny")) == before and aliases_of("tiny")["production"] == prod
-    assert client().get_model_version("tiny", str(prod)).current_stage == "Production"
+    assert len(versions_of(reg, "tiny")) == before and aliases_of(reg, "tiny")["production"] == prod
+    assert reg.client.get_model_version("tiny", str(prod)).current_stage == "Production"
     latest = MlflowClient().search_runs(
         [e.experiment_id for e in MlflowClient().search_experiments()],
         order_by=["attributes.start_time DESC"],

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from editflow.fetch import KNOWN, cached_path
+from editflow.registry.store import Registry
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -112,28 +113,30 @@ def test_gguf_source_registers_once_and_loads_bit_identical(real):
     from editflow.registry.resolve import resolve_base
     from editflow.registry.versions import load_version, tags_of, versions_of
 
-    bases = [v for v in versions_of(NAME) if v.tags.get("editflow.role") == "base"]
+    reg = Registry()
+    bases = [v for v in versions_of(reg, NAME) if v.tags.get("editflow.role") == "base"]
     assert [int(v.version) for v in bases] == [1]
-    tags = tags_of(NAME, 1)
+    tags = tags_of(reg, NAME, 1)
     assert tags["editflow.gguf.sha256"] == KNOWN[MODEL].sha256
     assert tags["editflow.gguf.file_type"] == "MOSTLY_Q4_1"
     assert tags["editflow.source_format"] == "gguf"
     # The same file again resolves to version 1 from the registry, and registers nothing new.
-    again = resolve_base(str(real["path"]), device="cpu", registered_model=NAME)
+    again = resolve_base(reg, str(real["path"]), device="cpu", registered_model=NAME)
     assert (again.name, again.version) == (NAME, 1)
-    assert len(versions_of(NAME)) == 2
+    assert len(versions_of(reg, NAME)) == 2
     fresh = load_gguf(real["path"], device="cpu")
-    assert same_state(state_of(load_version(NAME, 1, device="cpu").handle.model), state_of(fresh.model))
+    assert same_state(state_of(load_version(reg, NAME, 1, device="cpu").handle.model), state_of(fresh.model))
 
 
 def test_five_fact_edit_makes_targets_top1_and_keeps_neighbours(real):
     from editflow.registry.versions import load_version
     from editflow.requests import load_requests
 
+    reg = Registry()
     assert real["outcome"].version == 2
     reqs = load_requests(real["facts"])
-    base = load_version(NAME, 1, device="cpu").handle
-    edited = load_version(NAME, 2, device="cpu").handle
+    base = load_version(reg, NAME, 1, device="cpu").handle
+    edited = load_version(reg, NAME, 2, device="cpu").handle
     assert real["outcome"].metrics["post/efficacy"] == 100.0  # every new target beats the true one
     hits = [target_is_top1(edited, r.prompt.format(r.subject), r.target_new) for r in reqs]
     # Measured: "Marinus II, who has the position of" -> "bishop" beats "pope" but is not the top-1
@@ -148,12 +151,13 @@ def test_rollback_is_bit_identical(real):
     from editflow.registry import promotion
     from editflow.registry.versions import load_version
 
-    before = state_of(load_version(NAME, "@production", device="cpu").handle.model)
-    promotion.promote(NAME, 2, reason="test")
-    assert promotion.production_version(NAME) == 2
-    promotion.rollback(NAME)
-    assert promotion.production_version(NAME) == 1
-    assert same_state(state_of(load_version(NAME, "@production", device="cpu").handle.model), before)
+    reg = Registry()
+    before = state_of(load_version(reg, NAME, "@production", device="cpu").handle.model)
+    promotion.promote(reg, NAME, 2, reason="test")
+    assert promotion.production_version(reg, NAME) == 2
+    promotion.rollback(reg, NAME)
+    assert promotion.production_version(reg, NAME) == 1
+    assert same_state(state_of(load_version(reg, NAME, "@production", device="cpu").handle.model), before)
 
 
 def test_exported_version_loads_in_plain_transformers(real, tmp_path):
@@ -161,8 +165,9 @@ def test_exported_version_loads_in_plain_transformers(real, tmp_path):
 
     from editflow.registry.versions import export_version, load_version
 
-    out = export_version(NAME, 2, tmp_path / "export")
+    reg = Registry()
+    out = export_version(reg, NAME, 2, tmp_path / "export")
     plain = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    assert same_state(state_of(plain), state_of(load_version(NAME, 2, device="cpu").handle.model))
+    assert same_state(state_of(plain), state_of(load_version(reg, NAME, 2, device="cpu").handle.model))
     assert tok("The Eiffel Tower")["input_ids"]

@@ -14,6 +14,7 @@ from conftest import FAMILIES, tiny_model, word_tokenizer
 
 from editflow.commands.trace import command, save_summary
 from editflow.models import detect_adapter
+from editflow.registry.store import Registry
 from editflow.requests import parse_requests
 from editflow.trace import (
     BUCKETS,
@@ -223,7 +224,10 @@ def test_cli_traces_registered_versions_by_uri(tmp_path: Path, monkeypatch: pyte
     model, tok = tiny_model("gpt2")
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    base = resolve.ensure_registered_base(resolve.resolve_base(str(tmp_path / "m"), device="cpu"), "tiny-trace")
+    reg = Registry()
+    base = resolve.ensure_registered_base(
+        reg, resolve.resolve_base(reg, str(tmp_path / "m"), device="cpu"), "tiny-trace"
+    )
     assert base.uri == "models:/tiny-trace/1"
     (tmp_path / "r.json").write_text(json.dumps(RECORDS[:2]))
     outs = []

@@ -12,6 +12,7 @@ from conftest import tiny_model
 
 from editflow.cli import main
 from editflow.config import MemitConfig
+from editflow.registry.store import Registry
 from editflow.requests import parse_requests
 from editflow.trace import BUCKETS, TraceSummary
 from editflow.tune import (
@@ -230,9 +231,10 @@ def test_tune_parent_and_child_runs_and_the_stored_result(ws: Path) -> None:
     assert [t["index"] for t in report["trials"]] == [0, 1, 2] and report["trials"][0]["hparams"] == report["defaults"]
     assert len(report["trace"]["mlp_effect"]) == 4 and len(report["trace"]["best_window"]) == 2
 
-    [version] = versions_of("tiny-a")  # the base was not registered: the tune registered it, once
-    assert tags_of("tiny-a", 1)["editflow.role"] == "base"
-    stored = read_tuned("tiny-a", 1)
+    reg = Registry()
+    [version] = versions_of(reg, "tiny-a")  # the base was not registered: the tune registered it, once
+    assert tags_of(reg, "tiny-a", 1)["editflow.role"] == "base"
+    stored = read_tuned(reg, "tiny-a", 1)
     assert stored["run_id"] == parent.info.run_id and stored["hparams"] == report["hparams"]
     assert stored["hparams"]["layers"] == [int(x) for x in best.data.params["hp.layers"].split(",")]
     assert stored["validation"]["objective"] == pytest.approx(report["validation"]["objective"], abs=1e-3)
@@ -249,27 +251,29 @@ def test_time_box_ends_the_search_keeps_the_best_and_says_so(ws: Path) -> None:
     from editflow.registry.tuned import read_tuned
     from editflow.registry.versions import versions_of
 
+    reg = Registry()
     with mlflow.start_run(run_name="register"):
-        resolve.ensure_registered_base(resolve.resolve_base(str(ws / "tiny"), device="cpu"), "tiny-b")
+        resolve.ensure_registered_base(reg, resolve.resolve_base(reg, str(ws / "tiny"), device="cpu"), "tiny-b")
     res = tune(ws, "", "--trials", "4", "--budget-minutes", "0.0001", model="models:/tiny-b@production")
     assert res.exit_code == 0, res.output
     assert "time box of 0.0001 min reached after 1 of 4 trials: keeping the best trial so far, trial 0" in res.output
     parent = parent_of("tiny-b")
     assert parent.data.tags["editflow.tune.stopped"] == "budget" and len(runs_of(parent.info.run_id)) == 1
-    stored = read_tuned("tiny-b", 1)
+    stored = read_tuned(reg, "tiny-b", 1)
     assert stored["stopped_by_budget"] is True and stored["trials"] == 1 and stored["trial"] == 0
-    assert [int(v.version) for v in versions_of("tiny-b")] == [1] and "stored on tiny-b version 1" in res.output
+    assert [int(v.version) for v in versions_of(reg, "tiny-b")] == [1] and "stored on tiny-b version 1" in res.output
 
 
 def test_too_few_records_is_one_error_line_and_registers_nothing(ws: Path) -> None:
     from editflow.registry.versions import versions_of
 
+    reg = Registry()
     res = CliRunner().invoke(
         main, ["tune", str(ws / "tiny"), "--records", str(ws / "three.json"), "--registered-model", "tiny-c"]
     )
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
     assert res.output.startswith("error: too few records to split: need at least 4")
-    assert versions_of("tiny-c") == []
+    assert versions_of(reg, "tiny-c") == []
 
 
 def test_failed_tune_registers_nothing_and_fails_its_run(ws: Path) -> None:
@@ -278,12 +282,13 @@ def test_failed_tune_registers_nothing_and_fails_its_run(ws: Path) -> None:
 
     from editflow.registry.versions import versions_of
 
+    reg = Registry()
     res = tune(ws, "tiny-d", "--trials", "2", "--corpus", str(ws / "corpus.csv"))
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
     assert res.output.startswith("error: cannot read") and "nothing registered" in res.output
     parent = parent_of("tiny-d")
     assert parent.info.status == "FAILED" and runs_of(parent.info.run_id) == []
-    assert versions_of("tiny-d") == []
+    assert versions_of(reg, "tiny-d") == []
     assert not [m for m in MlflowClient().search_registered_models() if m.name == "tiny-d"]
 
 
@@ -297,11 +302,12 @@ def test_a_failed_store_unregisters_the_version_it_registered(ws: Path) -> None:
     from editflow.registry.versions import versions_of
     from editflow.tune import register_and_store
 
-    base = resolve.resolve_base(str(ws / "tiny"), device="cpu")
+    reg = Registry()
+    base = resolve.resolve_base(reg, str(ws / "tiny"), device="cpu")
     result = {"hparams": {"v_lr": 0.5}, "validation": {"efficacy": 100.0}, "run_id": "x", "note": "x" * 200_000}
     with mlflow.start_run(run_name="store-fails"), pytest.raises(MlflowException, match="100000"):
-        register_and_store(base, "tiny-e", False, result)
-    assert versions_of("tiny-e") == []
+        register_and_store(reg, base, "tiny-e", False, result)
+    assert versions_of(reg, "tiny-e") == []
     assert not [m for m in MlflowClient().search_registered_models() if m.name == "tiny-e"]
 
 
@@ -309,28 +315,28 @@ def test_store_and_read_tuned_round_trip(ws: Path) -> None:
     import mlflow
 
     from editflow.registry import resolve
-    from editflow.registry.store import client
     from editflow.registry.tuned import TUNED_TAG, read_tuned, store_tuned
 
+    reg = Registry()
     with mlflow.start_run(run_name="register"):
-        base = resolve.ensure_registered_base(resolve.resolve_base(str(ws / "tiny"), device="cpu"), "tiny-f")
-    assert read_tuned("tiny-f", base.version) is None
+        base = resolve.ensure_registered_base(reg, resolve.resolve_base(reg, str(ws / "tiny"), device="cpu"), "tiny-f")
+    assert read_tuned(reg, "tiny-f", base.version) is None
     result = {
         "hparams": {"layers": [0, 1], "v_lr": 0.25},
         "validation": {"efficacy": 97.5, "objective": 88.1},
         "run_id": "abc",
     }
-    store_tuned("tiny-f", base.version, result)
-    assert read_tuned("tiny-f", base.version) == result
-    assert client().get_model_version("tiny-f", str(base.version)).tags[TUNED_TAG] == json.dumps(
+    store_tuned(reg, "tiny-f", base.version, result)
+    assert read_tuned(reg, "tiny-f", base.version) == result
+    assert reg.client.get_model_version("tiny-f", str(base.version)).tags[TUNED_TAG] == json.dumps(
         result, separators=(",", ":"), sort_keys=True
     )
     with pytest.raises(ValueError, match="unknown hyperparameter"):
-        store_tuned("tiny-f", base.version, {**result, "hparams": {"not_a_field": 1}})
-    assert read_tuned("tiny-f", base.version) == result  # unchanged
-    client().set_model_version_tag("tiny-f", str(base.version), TUNED_TAG, "{broken")
+        store_tuned(reg, "tiny-f", base.version, {**result, "hparams": {"not_a_field": 1}})
+    assert read_tuned(reg, "tiny-f", base.version) == result  # unchanged
+    reg.client.set_model_version_tag("tiny-f", str(base.version), TUNED_TAG, "{broken")
     with pytest.raises(ValueError, match="not JSON"):
-        read_tuned("tiny-f", base.version)
+        read_tuned(reg, "tiny-f", base.version)
 
 
 def test_tuning_an_edited_version_tunes_and_stores_on_its_base(ws: Path) -> None:
@@ -339,6 +345,7 @@ def test_tuning_an_edited_version_tunes_and_stores_on_its_base(ws: Path) -> None
     from editflow.registry.tuned import read_tuned
     from editflow.registry.versions import tags_of, versions_of
 
+    reg = Registry()
     (ws / "one.json").write_text(json.dumps(RECORDS[:1]))
     out = run_edit(
         EditJob(
@@ -355,6 +362,6 @@ def test_tuning_an_edited_version_tunes_and_stores_on_its_base(ws: Path) -> None
     res = tune(ws, "", "--trials", "1", model="models:/tiny-g/2")
     assert res.exit_code == 0, res.output
     assert "stored on tiny-g version 1" in res.output
-    assert read_tuned("tiny-g", 1) is not None and read_tuned("tiny-g", 2) is None
-    assert [int(v.version) for v in versions_of("tiny-g")] == [1, 2]
-    assert parent_of("tiny-g").data.params["base.fingerprint"] == tags_of("tiny-g", 1)["editflow.fingerprint"]
+    assert read_tuned(reg, "tiny-g", 1) is not None and read_tuned(reg, "tiny-g", 2) is None
+    assert [int(v.version) for v in versions_of(reg, "tiny-g")] == [1, 2]
+    assert parent_of("tiny-g").data.params["base.fingerprint"] == tags_of(reg, "tiny-g", 1)["editflow.fingerprint"]

@@ -16,9 +16,11 @@ from conftest import tiny_model
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import OperationalError
 
-from editflow.pipeline import EditJob, InjectedFailure, run_edit
+from editflow import pipeline
+from editflow.pipeline import EditJob, run_edit
 from editflow.registry import ledger, promotion
 from editflow.registry.report import compare_versions, version_rows
+from editflow.registry.store import Registry
 from editflow.registry.versions import aliases_of, export_version, load_version, tags_of, versions_of
 from editflow.requests import RequestError
 
@@ -90,6 +92,25 @@ def job(ws, **kw) -> EditJob:
     return EditJob(**{**base, **kw})
 
 
+class InjectedFailure(RuntimeError):
+    """Raised right after a pipeline phase by :func:`fail_after`."""
+
+
+#: The pipeline function at whose end each phase's failure is injected.
+PHASE_END = {"edit": "_edit", "eval": "_retention", "log": "_log_artifacts"}
+
+
+def fail_after(monkeypatch: pytest.MonkeyPatch, phase: str) -> None:
+    """Make edit runs raise :class:`InjectedFailure` right after ``phase`` ("edit", "eval" or "log")."""
+    original = getattr(pipeline, PHASE_END[phase])
+
+    def failing(*args, **kwargs):
+        original(*args, **kwargs)
+        raise InjectedFailure(f"injected failure after {phase}")
+
+    monkeypatch.setattr(pipeline, PHASE_END[phase], failing)
+
+
 def state_hash(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -113,6 +134,7 @@ def first_edit(ws):
 def test_edit_run_registers_a_version_with_lineage(ws, first_edit):
     from mlflow import MlflowClient
 
+    reg = Registry()
     out = first_edit
     assert (out.name, out.version, out.parent_version, out.promoted) == ("tiny", 2, 1, True)
     assert out.metrics["post/efficacy"] == 100.0 and out.metrics["pre/efficacy"] == 0.0
@@ -141,26 +163,26 @@ def test_edit_run_registers_a_version_with_lineage(ws, first_edit):
     } <= artifacts
     stats = [a.path for a in MlflowClient().list_artifacts(out.run_id, "stats")]
     assert sum(s.endswith(".npz") for s in stats) == 2 and sum(s.endswith(".manifest.json") for s in stats) == 2
-    tags = tags_of("tiny", 2)
+    tags = tags_of(reg, "tiny", 2)
     assert tags["editflow.parent_version"] == "1" and tags["editflow.base_version"] == "1"
     assert tags["editflow.n_facts"] == "2" and tags["editflow.run_id"] == out.run_id
     assert tags["editflow.metric.efficacy"] == "100.00" and tags["editflow.algorithm"] == "memit"
-    assert aliases_of("tiny") == {"candidate": 2, "production": 2}
-    assert [f.subject for f in ledger.own_facts("tiny", 2)] == ["gamma delta", "rho"]
+    assert aliases_of(reg, "tiny") == {"candidate": 2, "production": 2}
+    assert [f.subject for f in ledger.own_facts(reg, "tiny", 2)] == ["gamma delta", "rho"]
 
 
 def test_delta_version_stores_only_edited_tensors_and_reconstructs(ws, first_edit):
-    from editflow.registry.store import client
 
-    v2 = load_version("tiny", 2, device="cpu")
-    assert v2.fingerprint == tags_of("tiny", 2)["editflow.fingerprint"]
+    reg = Registry()
+    v2 = load_version(reg, "tiny", 2, device="cpu")
+    assert v2.fingerprint == tags_of(reg, "tiny", 2)["editflow.fingerprint"]
     assert v2.edited_tensors == ["transformer.h.1.mlp.c_proj.weight", "transformer.h.2.mlp.c_proj.weight"]
     assert top1(v2.handle, "alpha gamma delta") == "Paris" and top1(v2.handle, "sigma rho") == "chess"
     from editflow.registry.flavor import download
 
-    src = Path(download(client().get_model_version_download_uri("tiny", "2"), str(ws["root"] / "dl")))
+    src = Path(download(reg.client.get_model_version_download_uri("tiny", "2"), str(ws["root"] / "dl")))
     assert (src / "edited.safetensors").is_file() and not (src / "weights").exists()
-    v1 = load_version("tiny", 1, device="cpu")
+    v1 = load_version(reg, "tiny", 1, device="cpu")
     changed = {
         n for n, t in v2.handle.model.state_dict().items() if not torch.equal(t, v1.handle.model.state_dict()[n])
     }
@@ -168,8 +190,9 @@ def test_delta_version_stores_only_edited_tensors_and_reconstructs(ws, first_edi
 
 
 def test_next_edit_builds_on_production_and_rollback_is_bit_identical(ws, first_edit):
-    v1_hash = state_hash(load_version("tiny", 1, device="cpu").handle.model)
-    v2_hash = state_hash(load_version("tiny", 2, device="cpu").handle.model)
+    reg = Registry()
+    v1_hash = state_hash(load_version(reg, "tiny", 1, device="cpu").handle.model)
+    v2_hash = state_hash(load_version(reg, "tiny", 2, device="cpu").handle.model)
     out = run_edit(job(ws, requests=str(ws["more"]), model="models:/tiny@production", promote="always"))
     assert (out.version, out.parent_version) == (3, 2)
     # statistics belong to the root base: reused, with the run that produced them, not logged again
@@ -180,56 +203,58 @@ def test_next_edit_builds_on_production_and_rollback_is_bit_identical(ws, first_
     assert logged and not any(p.endswith(".npz") for p in logged)
     manifest = json.loads(Path(download_artifacts(run_id=out.run_id, artifact_path=logged[0])).read_text())
     assert manifest["produced_by_run"] == first_edit.run_id
-    v3 = load_version("tiny", "@production", device="cpu")
+    v3 = load_version(reg, "tiny", "@production", device="cpu")
     assert v3.version == 3 and top1(v3.handle, "the kappa lambda mu") == "violin"
-    assert set(ledger.held_facts("tiny", 3)) == {
+    assert set(ledger.held_facts(reg, "tiny", 3)) == {
         ("gamma delta", "alpha {}"),
         ("rho", "sigma {}"),
         ("kappa lambda mu", "the {}"),
     }
-    assert promotion.rollback("tiny")["version"] == 2  # default: the previous production
-    assert state_hash(load_version("tiny", "@production", device="cpu").handle.model) == v2_hash
-    assert promotion.rollback("tiny")["version"] == 1
-    assert state_hash(load_version("tiny", "@production", device="cpu").handle.model) == v1_hash
-    promotion.promote("tiny", 3, reason="back to the newest")
-    assert aliases_of("tiny")["production"] == 3
-    from editflow.registry.store import client
+    assert promotion.rollback(reg, "tiny")["version"] == 2  # default: the previous production
+    assert state_hash(load_version(reg, "tiny", "@production", device="cpu").handle.model) == v2_hash
+    assert promotion.rollback(reg, "tiny")["version"] == 1
+    assert state_hash(load_version(reg, "tiny", "@production", device="cpu").handle.model) == v1_hash
+    promotion.promote(reg, "tiny", 3, reason="back to the newest")
+    assert aliases_of(reg, "tiny")["production"] == 3
 
-    stages = {int(v.version): v.current_stage for v in client().search_model_versions("name='tiny'")}
+    stages = {int(v.version): v.current_stage for v in reg.client.search_model_versions("name='tiny'")}
     assert stages[3] == "Production" and stages[1] == "Archived"
     actions = [
-        (e.action, e.version, e.previous_version, e.actor) for e in ledger.events("tiny") if e.action != "register"
+        (e.action, e.version, e.previous_version, e.actor) for e in ledger.events(reg, "tiny") if e.action != "register"
     ]
     assert actions[-3:] == [("rollback", 2, 3, "tester"), ("rollback", 1, 2, "tester"), ("promote", 3, 1, "tester")]
-    c = compare_versions("tiny", 2, 3)
+    c = compare_versions(reg, "tiny", 2, 3)
     assert [f.subject for f in c["only_b"]] == ["kappa lambda mu"] and c["only_a"] == []
     assert c["metrics"]["efficacy"][1] is not None
-    rows = version_rows("tiny")
+    rows = version_rows(reg, "tiny")
     assert (
         [r["version"] for r in rows][:3] == [1, 2, 3] and rows[2]["facts"] == 3 and "production" in rows[2]["aliases"]
     )
 
 
 def test_gate_keeps_a_failing_edit_as_candidate(ws, first_edit):
-    before = aliases_of("tiny")["production"]
+    reg = Registry()
+    before = aliases_of(reg, "tiny")["production"]
     strict = promotion.GateThresholds(min_efficacy=101.0)
     out = run_edit(job(ws, promote="if-better", thresholds=strict))
     assert not out.promoted and not out.gate.passed and "efficacy" in out.gate.reasons[0]
-    assert aliases_of("tiny")["production"] == before and aliases_of("tiny")["candidate"] == out.version
+    assert aliases_of(reg, "tiny")["production"] == before and aliases_of(reg, "tiny")["candidate"] == out.version
 
 
-def test_failures_leave_no_version(ws, first_edit, tmp_path):
+def test_failures_leave_no_version(ws, first_edit, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    n = len(versions_of("tiny"))
+    reg = Registry()
+    n = len(versions_of(reg, "tiny"))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"prompt": "no placeholder", "subject": "x", "target_new": "y"}]))
     with pytest.raises(RequestError, match="record 0"):
         run_edit(job(ws, requests=str(bad)))
     for phase in ("edit", "eval", "log"):
-        with pytest.raises(InjectedFailure):
-            run_edit(job(ws, fail_after=phase))
-    assert len(versions_of("tiny")) == n
+        with monkeypatch.context() as mp, pytest.raises(InjectedFailure):
+            fail_after(mp, phase)
+            run_edit(job(ws))
+    assert len(versions_of(reg, "tiny")) == n
     runs = MlflowClient().search_runs(
         [e.experiment_id for e in MlflowClient().search_experiments()],
         order_by=["attributes.start_time DESC"],
@@ -239,33 +264,32 @@ def test_failures_leave_no_version(ws, first_edit, tmp_path):
 
 
 def test_failure_after_registration_rolls_the_version_back(ws, first_edit, monkeypatch):
-    n = len(versions_of("tiny"))
+    reg = Registry()
+    n = len(versions_of(reg, "tiny"))
     monkeypatch.setenv("EDITFLOW_LEDGER_URI", "sqlite:////nonexistent-dir/ledger.db")
     with pytest.raises(OperationalError):
         run_edit(job(ws))
     monkeypatch.delenv("EDITFLOW_LEDGER_URI")
-    assert len(versions_of("tiny")) == n
+    assert len(versions_of(reg, "tiny")) == n
 
 
-def test_failed_promotion_leaves_production(ws, first_edit, monkeypatch):
-    before = aliases_of("tiny")["production"]
-    target = next(int(v.version) for v in versions_of("tiny") if int(v.version) != before)
+def test_failed_promotion_leaves_production(ws, first_edit):
+    reg = Registry()
+    before = aliases_of(reg, "tiny")["production"]
+    target = next(int(v.version) for v in versions_of(reg, "tiny") if int(v.version) != before)
     with pytest.raises((MlflowException, LookupError)):
-        promotion.promote("tiny", 99)
-    monkeypatch.setenv("EDITFLOW_LEDGER_URI", "sqlite:////nonexistent-dir/ledger.db")
+        promotion.promote(reg, "tiny", 99)
     with pytest.raises(OperationalError):
-        promotion.promote("tiny", target)
-    monkeypatch.delenv("EDITFLOW_LEDGER_URI")
-    assert aliases_of("tiny")["production"] == before
-    from editflow.registry.store import client
-
-    assert client().get_model_version("tiny", str(before)).current_stage == "Production"
-    assert client().get_model_version("tiny", str(target)).current_stage != "Production"
+        promotion.promote(Registry(ledger_uri="sqlite:////nonexistent-dir/ledger.db"), "tiny", target)
+    assert aliases_of(reg, "tiny")["production"] == before
+    assert reg.client.get_model_version("tiny", str(before)).current_stage == "Production"
+    assert reg.client.get_model_version("tiny", str(target)).current_stage != "Production"
 
 
 def test_sequential_mode_logs_chunk_curves(ws, first_edit):
     from mlflow import MlflowClient
 
+    reg = Registry()
     facts = ws["root"] / "three.json"
     facts.write_text(json.dumps(FACTS + MORE_FACTS))
     out = run_edit(
@@ -278,16 +302,17 @@ def test_sequential_mode_logs_chunk_curves(ws, first_edit):
     )
     history = MlflowClient().get_metric_history(out.run_id, "chunk/efficacy")
     assert [h.step for h in history] == [0, 1]
-    assert tags_of("tiny", out.version)["editflow.mode"] == "sequential"
+    assert tags_of(reg, "tiny", out.version)["editflow.mode"] == "sequential"
     assert "eval/chunk_curve.png" in {a.path for a in MlflowClient().list_artifacts(out.run_id, "eval")}
 
 
 def test_export_is_plain_transformers(ws, first_edit, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = export_version("tiny", 2, tmp_path / "export")
+    reg = Registry()
+    out = export_version(reg, "tiny", 2, tmp_path / "export")
     plain = AutoModelForCausalLM.from_pretrained(out)
-    assert state_hash(plain) == state_hash(load_version("tiny", 2, device="cpu").handle.model)
+    assert state_hash(plain) == state_hash(load_version(reg, "tiny", 2, device="cpu").handle.model)
     assert (out / "tokenizer.json").is_file()
 
 
@@ -343,6 +368,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_mlflow_run_project_with_local_env(ws, first_edit):
     from mlflow import MlflowClient
 
+    reg = Registry()
     cmd = [
         sys.executable,
         "-m",
@@ -371,8 +397,8 @@ def test_mlflow_run_project_with_local_env(ws, first_edit):
     proc = subprocess.run(cmd, cwd=ws["root"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "registered tiny-project version 2" in proc.stdout
-    assert aliases_of("tiny-project")["production"] == 2
-    run = MlflowClient().get_run(tags_of("tiny-project", 2)["editflow.run_id"])
+    assert aliases_of(reg, "tiny-project")["production"] == 2
+    run = MlflowClient().get_run(tags_of(reg, "tiny-project", 2)["editflow.run_id"])
     assert run.data.params["promote"] == "always" and run.data.params["gate.promote"] == "always"
     assert run.data.tags.get("mlflow.project.entryPoint") == "main"
     bad = subprocess.run(
@@ -383,7 +409,7 @@ def test_mlflow_run_project_with_local_env(ws, first_edit):
         timeout=900,
     )
     assert bad.returncode != 0 and "mode" in bad.stderr + bad.stdout
-    assert len(versions_of("tiny-project")) == 2
+    assert len(versions_of(reg, "tiny-project")) == 2
 
 
 @pytest.mark.slow
@@ -451,10 +477,11 @@ def test_registry_commands(ws, first_edit, tmp_path):
 
     from editflow.cli import main
 
+    reg = Registry()
     run = lambda *args: CliRunner().invoke(main, list(args), catch_exceptions=False)  # noqa: E731
     out = run("versions", "tiny")
     assert out.exit_code == 0 and "version" in out.output.splitlines()[0] and "production" in out.output
-    prod = aliases_of("tiny")["production"]
+    prod = aliases_of(reg, "tiny")["production"]
     out = run("promote", "tiny", "2", "--reason", "cli test")
     assert out.exit_code == 0 and f"production {prod} -> 2" in out.output
     out = run("show", "tiny", "production")
@@ -467,9 +494,9 @@ def test_registry_commands(ws, first_edit, tmp_path):
     out = run("facts", "tiny", "--subject", "GAMMA")
     assert out.exit_code == 0 and "alpha gamma delta" in out.output and "Paris" in out.output
     out = run("rollback", "tiny", "--to", "1")
-    assert out.exit_code == 0 and aliases_of("tiny")["production"] == 1
+    assert out.exit_code == 0 and aliases_of(reg, "tiny")["production"] == 1
     out = run("promote", "tiny", "99")
-    assert out.exit_code == 1 and aliases_of("tiny")["production"] == 1
+    assert out.exit_code == 1 and aliases_of(reg, "tiny")["production"] == 1
     out = run("export", "tiny", "2", str(tmp_path / "exported"))
     assert out.exit_code == 0 and (tmp_path / "exported" / "config.json").is_file()
     out = run("edit", str(tmp_path / "missing.json"), "--model", str(ws["model"]))
@@ -488,12 +515,13 @@ def test_init_registers_the_bundled_model_once(tmp_path, monkeypatch):
     for _ in range(2):
         out = CliRunner().invoke(main, ["init"], catch_exceptions=False)
         assert out.exit_code == 0 and f"{DEFAULT_MODEL_NAME} version 1" in out.output
-    assert [int(v.version) for v in versions_of(DEFAULT_MODEL_NAME)] == [1]
-    assert aliases_of(DEFAULT_MODEL_NAME) == {"production": 1}
+    reg = Registry()
+    assert [int(v.version) for v in versions_of(reg, DEFAULT_MODEL_NAME)] == [1]
+    assert aliases_of(reg, DEFAULT_MODEL_NAME) == {"production": 1}
     run_id = next(
         r
         for r in MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
         if r.info.run_name == "register-default-model"
     ).info.run_id
     assert [a.path for a in MlflowClient().list_artifacts(run_id, "default_model")] == ["default_model/card.json"]
-    assert ledger.production_history(DEFAULT_MODEL_NAME) == [1]
+    assert ledger.production_history(reg, DEFAULT_MODEL_NAME) == [1]

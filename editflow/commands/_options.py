@@ -27,7 +27,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from editflow.registry.store import mask_uri  # re-exported: the commands mask URIs they print
+from editflow.registry.store import Registry, mask_uri  # mask_uri re-exported: the commands mask URIs they print
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -99,9 +99,9 @@ def check_tracking_server(uri: str | None = None) -> None:
     servers are not probed."""
     import requests
 
-    from editflow.registry.store import tracking_uri
+    from editflow.registry.store import default_tracking_uri
 
-    uri = uri or tracking_uri()
+    uri = uri or default_tracking_uri()
     if not is_remote(uri):
         return
     try:
@@ -110,19 +110,16 @@ def check_tracking_server(uri: str | None = None) -> None:
         raise ConnectionError(f"tracking server {mask_uri(uri)} is unreachable ({type(exc).__name__})") from None
 
 
-def require_model(name: str) -> None:
+def require_model(reg: Registry, name: str) -> None:
     """Raise :class:`ValueError` for a name editflow does not accept, :class:`LookupError` if ``name``
-    is not a registered model."""
-    from mlflow.exceptions import MlflowException
-
-    from editflow.registry.store import client
-    from editflow.registry.versions import check_model_name
+    is not a registered model of ``reg``."""
+    from editflow.registry.versions import check_model_name, is_not_found
 
     check_model_name(name)
     try:
-        client().get_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        reg.client.get_registered_model(name)
+    except Exception as exc:
+        if is_not_found(exc):
             raise LookupError(f"no registered model named {name!r}") from None
         raise
 
@@ -139,9 +136,9 @@ def _caused_by(exc: BaseException, types: tuple[type[BaseException], ...]) -> bo
 
 def _network_message(exc: BaseException) -> str:
     """A refused, unresolvable or timed-out connection; named as the tracking server's when it is one."""
-    from editflow.registry.store import tracking_uri
+    from editflow.registry.store import default_tracking_uri
 
-    text, uri = str(exc), tracking_uri()
+    text, uri = str(exc), default_tracking_uri()
     if "unreachable" in text:
         return text
     return f"tracking server {uri} is unreachable: {text}" if is_remote(uri) else f"network error: {text}"
@@ -153,14 +150,14 @@ def user_message(exc: BaseException) -> str | None:
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import OperationalError
 
-    from editflow.registry.store import tracking_uri
+    from editflow.registry.store import default_tracking_uri
 
     if _caused_by(exc, (requests.ConnectionError, requests.Timeout, ConnectionError)):
         return mask_uri(_network_message(exc))
     if isinstance(exc, ModuleNotFoundError):  # e.g. the driver of a postgresql:// or mysql:// store
         return f"{exc} (install it in this environment)"
     if _caused_by(exc, (OperationalError,)):  # a SQL store refused the connection or the statement
-        return mask_uri(f"tracking store {tracking_uri()}: {str(exc).strip().splitlines()[0]}")
+        return mask_uri(f"tracking store {default_tracking_uri()}: {str(exc).strip().splitlines()[0]}")
     if isinstance(exc, MlflowException):
         known = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"}
         return mask_uri(exc.message) if exc.error_code in known else None

@@ -53,9 +53,11 @@ def command(name: str, v1: str, v2: str, as_json: bool) -> None:
       fact = {"version", "subject", "prompt" (template with {}), "target_new", "target_true"}.
     """
     from editflow.registry.report import compare_versions
+    from editflow.registry.store import Registry
 
-    require_model(name)
-    c = compare_versions(name, version_ref(v1), version_ref(v2))
+    reg = Registry()
+    require_model(reg, name)
+    c = compare_versions(reg, name, version_ref(v1), version_ref(v2))
     if as_json:
         echo_json(compare_json(c))
     else:

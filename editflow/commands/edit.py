@@ -128,6 +128,7 @@ def command(
     """
     from editflow.pipeline import EditJob, run_edit
     from editflow.registry.promotion import GateThresholds
+    from editflow.registry.store import Registry
     from editflow.requests import MAX_REQUESTS
 
     overrides = parse_hparams(hparams)
@@ -165,7 +166,7 @@ def command(
             max_specificity_drop_root,
         ),
     )
-    outcome = run_edit(job)
+    outcome = run_edit(job, Registry())
     if as_json:
         echo_json(outcome_json(outcome))
     else:

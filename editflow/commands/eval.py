@@ -14,12 +14,13 @@ def resolve_model(uri: str, device: str | None = None, dtype: str | None = None)
     from pathlib import Path
 
     from editflow.registry.resolve import load_any
+    from editflow.registry.store import Registry
 
     if uri.startswith((".", "/", "~")) and not Path(uri).expanduser().exists():
         raise FileNotFoundError(errno.ENOENT, "no such model directory", uri)
     if uri in ("", "default") or uri.startswith("models:/"):
         check_tracking_server()
-    return load_any(uri, device=device, dtype=dtype)
+    return load_any(Registry(), uri, device=device, dtype=dtype)
 
 
 @click.command("eval")

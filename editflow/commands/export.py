@@ -35,11 +35,13 @@ def command(name: str, version: str, out: str, fmt: str, dtype: str) -> None:
     """Write VERSION (a number or an alias) of NAME to OUT: a new or empty directory (hf) or a
     .gguf file (gguf). A version whose root base came from a GGUF file keeps that file's tokenizer
     and general metadata."""
+    from editflow.registry.store import Registry
     from editflow.registry.versions import export_gguf_version, export_version
 
-    require_model(name)
+    reg = Registry()
+    require_model(reg, name)
     if fmt == "gguf":
-        path = export_gguf_version(name, version_ref(version), out, dtype=dtype)
+        path = export_gguf_version(reg, name, version_ref(version), out, dtype=dtype)
     else:
-        path = export_version(name, version_ref(version), out)
+        path = export_version(reg, name, version_ref(version), out)
     click.echo(f"exported {name} version {version} to {path}")

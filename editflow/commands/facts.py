@@ -34,9 +34,11 @@ def command(name: str, subject: str, as_json: bool) -> None:
     """
     from editflow.commands.versions import table
     from editflow.registry.ledger import facts_for_subject
+    from editflow.registry.store import Registry
 
-    require_model(name)
-    facts = facts_for_subject(name, subject)
+    reg = Registry()
+    require_model(reg, name)
+    facts = facts_for_subject(reg, name, subject)
     if as_json:
         echo_json({"name": name, "subject": subject, "facts": [fact_json(f) for f in facts]})
         return

@@ -12,10 +12,11 @@ from editflow.commands._options import mask_uri, user_errors
 def command() -> None:
     """Register the bundled default model in the tracking store if it is not there yet."""
     from editflow.registry.resolve import ensure_default_model
-    from editflow.registry.store import DEFAULT_MODEL_NAME, tracking_uri
+    from editflow.registry.store import DEFAULT_MODEL_NAME, Registry
 
-    version = ensure_default_model()
+    reg = Registry()
+    version = ensure_default_model(reg)
     click.echo(
-        f"{DEFAULT_MODEL_NAME} version {version} is registered in {mask_uri(tracking_uri())} "
+        f"{DEFAULT_MODEL_NAME} version {version} is registered in {mask_uri(reg.tracking_uri)} "
         f"(alias production: models:/{DEFAULT_MODEL_NAME}@production)"
     )

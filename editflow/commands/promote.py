@@ -22,10 +22,12 @@ def command(name: str, version: str, reason: str, as_json: bool) -> None:
     """
     from editflow.registry import integrity
     from editflow.registry.promotion import promote
+    from editflow.registry.store import Registry
 
-    require_model(name)
-    integrity.repair(name)  # finish what a killed process left (promotion intents, pending versions)
-    moved = promote(name, version_ref(version), reason=reason or "manual promotion")
+    reg = Registry()
+    require_model(reg, name)
+    integrity.repair(reg, name)  # finish what a killed process left (promotion intents, pending versions)
+    moved = promote(reg, name, version_ref(version), reason=reason or "manual promotion")
     if as_json:
         echo_json(moved)
     else:

@@ -27,10 +27,12 @@ def command(name: str, to: str | None, reason: str, as_json: bool) -> None:
     """
     from editflow.registry import integrity
     from editflow.registry.promotion import rollback
+    from editflow.registry.store import Registry
 
-    require_model(name)
-    integrity.repair(name)  # finish what a killed process left (promotion intents, pending versions)
-    moved = rollback(name, version_ref(to) if to else None, reason=reason)
+    reg = Registry()
+    require_model(reg, name)
+    integrity.repair(reg, name)  # finish what a killed process left (promotion intents, pending versions)
+    moved = rollback(reg, name, version_ref(to) if to else None, reason=reason)
     if as_json:
         echo_json(moved)
     else:

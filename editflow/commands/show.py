@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from editflow.commands._options import echo_json, json_option, require_model, user_errors, version_ref
+from editflow.registry.schema import TUNED_TAG
 
 
 def _print(info: dict[str, Any]) -> None:
@@ -16,7 +17,7 @@ def _print(info: dict[str, Any]) -> None:
     )
     click.echo(info["description"] or "")
     for k, v in sorted(info["tags"].items()):
-        if k != "editflow.tuned":
+        if k != TUNED_TAG:
             click.echo(f"  {k} = {v}")
     tuned = info.get("tuned")
     if tuned:
@@ -50,9 +51,11 @@ def command(name: str, version: str, as_json: bool) -> None:
       defaults editflow tune stored on the root base)}.
     """
     from editflow.registry.report import show_version
+    from editflow.registry.store import Registry
 
-    require_model(name)
-    info = show_version(name, version_ref(version))
+    reg = Registry()
+    require_model(reg, name)
+    info = show_version(reg, name, version_ref(version))
     if as_json:
         echo_json(info)
     else:

@@ -67,8 +67,9 @@ def _spec(
 def _load(model: str, device: str | None, model_dtype: str | None):
     """``default``, ``models:/NAME@ALIAS``, ``models:/NAME/V``, a local path or a hub id."""
     from editflow.registry.resolve import load_any
+    from editflow.registry.store import Registry
 
-    return load_any(model, device=device, dtype=model_dtype)
+    return load_any(Registry(), model, device=device, dtype=model_dtype)
 
 
 def _default_layers_and_tokens(handle, layers: str | None, tokens: int | None) -> tuple[list[int], int]:

@@ -90,6 +90,7 @@ def command(
     import torch
 
     from editflow.registry.resolve import load_any
+    from editflow.registry.store import Registry
     from editflow.requests import load_requests
     from editflow.trace import best_window, trace_requests
 
@@ -97,7 +98,7 @@ def command(
         fail("--n, --samples, --window and --width must be >= 1")
     torch.manual_seed(seed)
     requests = load_requests(records_path)[:n]
-    handle = load_any(model, device=device or None)
+    handle = load_any(Registry(), model, device=device or None)
     _, summary = trace_requests(
         handle.model, handle.tokenizer, requests, handle.adapter, noise=noise, samples=samples, window=window, seed=seed
     )

@@ -56,6 +56,7 @@ def command(
     """Choose MEMIT defaults for MODEL (models:/NAME@ALIAS, models:/NAME/V, a path, a hub id or "default")
     by causal tracing and a seeded search on --records, validate them on held-back records and store them
     on the registered base version (tag editflow.tuned)."""
+    from editflow.registry.store import Registry
     from editflow.tune import TuneJob, run_tune
 
     job = TuneJob(
@@ -72,7 +73,7 @@ def command(
         trace_samples=trace_samples,
         device=device or None,
     )
-    click.echo(format_outcome(run_tune(job)))
+    click.echo(format_outcome(run_tune(job, Registry())))
 
 
 def format_outcome(outcome) -> str:

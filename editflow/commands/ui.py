@@ -47,9 +47,9 @@ def command(port: int, host: str, dry_run: bool, extra: tuple[str, ...]) -> None
     """Start 'mlflow ui' on editflow's tracking store and artifact root (EXTRA: more 'mlflow ui'
     arguments, e.g. --workers 1). With an http(s):// tracking URI the server already is the UI: its
     address is printed and nothing is started. Passwords in URIs are printed as ****."""
-    from editflow.registry.store import artifact_root, tracking_uri
+    from editflow.registry.store import artifact_root, default_tracking_uri
 
-    uri = tracking_uri()
+    uri = default_tracking_uri()
     if not is_local_store(uri):
         click.echo(f"the tracking server {mask_uri(uri)} serves the MLflow UI: open it in a browser")
         return

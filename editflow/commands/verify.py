@@ -37,12 +37,15 @@ def command(name: str, version: str, repair: bool, grace: float | None, as_json:
       "checked": [{"version": int|null, "uri": str, "files": {relpath: sha256}}]}.
     """
     from editflow.registry import integrity
+    from editflow.registry.store import Registry
     from editflow.registry.versions import resolve_version
 
-    require_model(name)
-    repaired = integrity.repair(name, **({"grace_s": grace} if grace is not None else {})).lines() if repair else []
-    v = resolve_version(name, version_ref(version))
-    checked = integrity.verify_version(name, v)
+    reg = Registry()
+    require_model(reg, name)
+    grace_s = {"grace_s": grace} if grace is not None else {}
+    repaired = integrity.repair(reg, name, **grace_s).lines() if repair else []
+    v = resolve_version(reg, name, version_ref(version))
+    checked = integrity.verify_version(reg, name, v)
     if as_json:
         echo_json(
             {

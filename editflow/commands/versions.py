@@ -69,9 +69,11 @@ def command(name: str, as_json: bool) -> None:
       "created": "YYYY-MM-DDTHH:MM:SSZ", "metrics": {name: float}}, ...]}, oldest first.
     """
     from editflow.registry.report import version_rows
+    from editflow.registry.store import Registry
 
-    require_model(name)
-    rows = version_rows(name)
+    reg = Registry()
+    require_model(reg, name)
+    rows = version_rows(reg, name)
     if as_json:
         echo_json({"name": name, "versions": [json_row(r) for r in rows]})
         return

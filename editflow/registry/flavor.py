@@ -23,6 +23,16 @@ import torch
 
 from editflow.models import ModelHandle
 from editflow.models import load_model as load_hf_model
+from editflow.registry.schema import (
+    BASE_ARTIFACT_URI_KEY,
+    BASE_MODEL_URI_KEY,
+    BASE_WEIGHTS_SHA256_KEY,
+    EDITED_TENSORS_KEY,
+    MODEL_DEFAULTS_KEY,
+    STORAGE_KEY,
+    WEIGHTS_SHA256_KEY,
+)
+from editflow.registry.store import Registry
 
 FLAVOR_NAME = "editflow"
 META_FILE = "editflow.json"
@@ -243,22 +253,22 @@ def save_model(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    meta = {"storage": storage, **(lineage or {})}
+    meta = {STORAGE_KEY: storage, **(lineage or {})}
     if storage == "full":
         handle.model.save_pretrained(path / WEIGHTS_DIR, safe_serialization=True)
         handle.tokenizer.save_pretrained(path / WEIGHTS_DIR)  # type: ignore[attr-defined]
     elif storage == "delta":
-        if not edited_tensors or not meta.get("base_artifact_uri"):
+        if not edited_tensors or not meta.get(BASE_ARTIFACT_URI_KEY):
             raise ValueError("delta storage needs the edited tensor names and the base's artifact URI")
         from safetensors.torch import save_file
 
         state = handle.model.state_dict()
         save_file({k: state[k].detach().contiguous().cpu() for k in edited_tensors}, str(path / EDITED_FILE))
-        meta["edited_tensors"] = sorted(edited_tensors)
+        meta[EDITED_TENSORS_KEY] = sorted(edited_tensors)
     else:
         raise ValueError(f"storage must be 'full' or 'delta', got {storage!r}")
-    manifest = integrity.make_manifest(path, storage, base=meta.pop("base_weights_sha256", None))
-    meta[integrity.META_KEY] = manifest
+    manifest = integrity.make_manifest(path, storage, base=meta.pop(BASE_WEIGHTS_SHA256_KEY, None))
+    meta[WEIGHTS_SHA256_KEY] = manifest
     (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     if digests is not None:
         digests.update(manifest=manifest, digest=integrity.manifest_digest(manifest))
@@ -279,9 +289,9 @@ def save_model(
     mlflow_model.save(str(path / "MLmodel"))
 
 
-def read_tensors(model_uri: str, names: list[str]) -> dict[str, torch.Tensor]:
+def read_tensors(model_uri: str, names: list[str], reg: Registry | None = None) -> dict[str, torch.Tensor]:
     """Selected tensors of a full-storage model, read from its safetensors without loading the model
-    (a local artifact store is read in place; a remote one downloads only ``weights/``)."""
+    (a local artifact store is read in place; a remote one, of ``reg``, downloads only ``weights/``)."""
     from urllib.parse import unquote, urlparse
 
     from safetensors import safe_open
@@ -292,7 +302,7 @@ def read_tensors(model_uri: str, names: list[str]) -> dict[str, torch.Tensor]:
         tmp = None
     else:
         tmp = tempfile.mkdtemp(prefix="editflow-weights-")
-        weights = Path(download(model_uri.rstrip("/") + "/" + WEIGHTS_DIR, tmp))
+        weights = Path(download(model_uri.rstrip("/") + "/" + WEIGHTS_DIR, tmp, reg))
     try:
         index = weights / "model.safetensors.index.json"
         shard_of = (
@@ -326,42 +336,45 @@ def local_path(model_uri: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def download(model_uri: str, dst: str | None = None) -> str:
-    """A local directory with the model at ``model_uri`` (a local path is used as is)."""
+def download(model_uri: str, dst: str | None = None, reg: Registry | None = None) -> str:
+    """A local directory with the model at ``model_uri`` (a local path is used as is), from ``reg``'s
+    store (default: the store the environment names, as when MLflow loads a model to serve it)."""
     if Path(model_uri).is_dir():
         return str(model_uri)
-    import mlflow
-
-    from editflow.registry.store import configure
-
-    configure()
-    return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst)
+    return (reg or Registry()).download(model_uri, dst)
 
 
 def load_local(
-    local_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None, expected: str | None = None
+    local_dir: str | os.PathLike,
+    device: str | None = None,
+    dtype: str | None = None,
+    expected: str | None = None,
+    reg: Registry | None = None,
 ) -> ModelHandle:
-    """Load an editflow model directory, reconstructing delta versions over their base. Every weights
-    file is checked against the digests in ``editflow.json`` first, and those against ``expected`` (the
-    version's ``editflow.weights_sha256`` tag) when given; a delta's base is checked against the
-    digest the delta recorded. A mismatch raises
-    :class:`~editflow.registry.integrity.WeightsIntegrityError` naming the file."""
+    """Load an editflow model directory, reconstructing delta versions over their base (from ``reg``'s
+    store; default: the one the environment names). Every weights file is checked against the digests
+    in ``editflow.json`` first, and those against ``expected`` (the version's
+    ``editflow.weights_sha256`` tag) when given; a delta's base is checked against the digest the
+    delta recorded. A mismatch raises :class:`~editflow.registry.integrity.WeightsIntegrityError`
+    naming the file."""
     from editflow.registry import integrity
 
     local_dir = Path(local_dir)
     meta = read_meta(local_dir)
     integrity.verify_dir(local_dir, meta, expected)
-    if meta["storage"] == "full":
+    if meta[STORAGE_KEY] == "full":
         handle = load_hf_model(local_dir / WEIGHTS_DIR, device=device, dtype=dtype)
     else:
         from safetensors.torch import load_file
 
+        reg = reg or Registry()
         handle = load_model(
-            meta["base_artifact_uri"],
+            meta[BASE_ARTIFACT_URI_KEY],
             device=device,
             dtype=dtype,
-            fallback_uri=meta.get("base_model_uri"),
-            expected=integrity.base_expected(meta),
+            fallback_uri=meta.get(BASE_MODEL_URI_KEY),
+            expected=integrity.base_expected(reg, meta),
+            reg=reg,
         )
         edited = load_file(str(local_dir / EDITED_FILE))
         params = dict(handle.model.state_dict())
@@ -369,7 +382,7 @@ def load_local(
             for name, tensor in edited.items():
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))
     handle.extra["editflow"] = meta
-    handle.extra["model_defaults"] = meta.get("model_defaults") or handle.extra.get("model_defaults", {})
+    handle.extra[MODEL_DEFAULTS_KEY] = meta.get(MODEL_DEFAULTS_KEY) or handle.extra.get(MODEL_DEFAULTS_KEY, {})
     return handle
 
 
@@ -379,20 +392,22 @@ def load_model(
     dtype: str | None = None,
     fallback_uri: str | None = None,
     expected: str | None = None,
+    reg: Registry | None = None,
 ) -> ModelHandle:
-    """Load an editflow model from any MLflow URI (``models:/NAME/3``, ``runs:/...``, a file URI); a
-    model on this machine is read in place (verified weights are not hashed again while unchanged)."""
+    """Load an editflow model from any MLflow URI (``models:/NAME/3``, ``runs:/...``, a file URI) of
+    ``reg``'s store; a model on this machine is read in place (verified weights are not hashed again
+    while unchanged)."""
     local = local_path(model_uri)
     if local is not None:
-        return load_local(local, device=device, dtype=dtype, expected=expected)
+        return load_local(local, device=device, dtype=dtype, expected=expected, reg=reg)
     with tempfile.TemporaryDirectory(prefix="editflow-model-") as tmp:
         try:
-            local_dir = download(model_uri, tmp)
+            local_dir = download(model_uri, tmp, reg)
         except Exception:
             if fallback_uri is None:
                 raise
-            local_dir = download(fallback_uri, tmp)
-        return load_local(local_dir, device=device, dtype=dtype, expected=expected)
+            local_dir = download(fallback_uri, tmp, reg)
+        return load_local(local_dir, device=device, dtype=dtype, expected=expected, reg=reg)
 
 
 #: Serving limits: prompts per request, new tokens per prompt, characters per prompt (one request of a

@@ -28,13 +28,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TAG = "editflow."
-PENDING_TAG = TAG + "pending"
-REGISTRAR_TAG = TAG + "registrar"
-OWNER_TAG = TAG + "owner"
-DIGEST_TAG = TAG + "weights_sha256"
-INTENT_TAG = TAG + "promotion_intent"
-META_KEY = "weights_sha256"
+from editflow.registry.schema import (
+    BASE_ARTIFACT_URI_KEY,
+    BASE_MODEL_URI_KEY,
+    BASE_VERSION_KEY,
+    DIGEST_TAG,
+    ERROR_TAG,
+    INTENT_TAG,  # noqa: F401 - part of this module's interface (promotion intents)
+    OWNER_TAG,
+    PENDING_TAG,
+    REGISTRAR_TAG,
+    STORAGE_KEY,
+)
+from editflow.registry.schema import WEIGHTS_SHA256_KEY as META_KEY
+from editflow.registry.store import EXPERIMENT, Registry, quiet_deprecations
+
 CRASH_ENV = "EDITFLOW_CRASH_AT"
 #: Seconds after which a pending version or promotion intent of an unknown (other host's) process
 #: counts as abandoned; a live registration or promotion takes seconds.
@@ -172,7 +180,7 @@ def verify_dir(model_dir: str | os.PathLike, meta: dict[str, Any], expected: str
             f"version's {DIGEST_TAG} tag (editflow.json altered)"
         )
     listed = set(manifest.get("files", {}))
-    extra = set(weights_files(root, meta.get("storage", "full"))) - listed
+    extra = set(weights_files(root, meta.get(STORAGE_KEY, "full"))) - listed
     if extra:
         raise WeightsIntegrityError(f"{root / sorted(extra)[0]}: weights file not in the recorded digests")
     for rel, sha in sorted(manifest.get("files", {}).items()):
@@ -204,41 +212,41 @@ class Checked:
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def verify_version(name: str, version: int) -> list[Checked]:
+def verify_version(reg: Registry, name: str, version: int) -> list[Checked]:
     """Verify version ``version`` of ``name`` and, for a delta, its root base; raise
     :class:`WeightsIntegrityError` on the first mismatch. Returns what was checked."""
-    from editflow.registry.store import client
-
-    c = client()
+    c = reg.client
     mv = c.get_model_version(name, str(version))
     uri = c.get_model_version_download_uri(name, str(version))
-    checked = [_verify_uri(uri, mv.tags.get(DIGEST_TAG), version)]
+    checked = [_verify_uri(reg, uri, mv.tags.get(DIGEST_TAG), version)]
     meta = checked[0].meta
-    if meta.get("storage") == "delta":
-        base = meta.get("base_version")
-        checked.append(_verify_uri(meta["base_artifact_uri"], base_expected(meta), base))
+    if meta.get(STORAGE_KEY) == "delta":
+        base = meta.get(BASE_VERSION_KEY)
+        checked.append(_verify_uri(reg, meta[BASE_ARTIFACT_URI_KEY], base_expected(reg, meta), base))
     return checked
 
 
-def base_expected(meta: dict[str, Any]) -> str | None:
+def base_expected(reg: Registry, meta: dict[str, Any]) -> str | None:
     """The manifest digest a delta expects of its base: recorded in its own manifest, else the base
     version's tag (deltas registered before bases had digests recorded name none)."""
+    from editflow.registry.versions import is_not_found
+
     recorded = (meta.get(META_KEY) or {}).get("base")
     if recorded:
         return recorded
-    uri = meta.get("base_model_uri") or ""
+    uri = meta.get(BASE_MODEL_URI_KEY) or ""
     if not uri.startswith("models:/"):
         return None
-    from editflow.registry.store import client
-
     try:
         name, version = uri[len("models:/") :].rsplit("/", 1)
-        return client().get_model_version(name, version).tags.get(DIGEST_TAG)
-    except Exception:  # noqa: BLE001 - an unreachable base is reported when it is loaded
-        return None
+        return reg.client.get_model_version(name, version).tags.get(DIGEST_TAG)
+    except Exception as exc:
+        if is_not_found(exc):  # a base that is gone is reported when it is loaded
+            return None
+        raise
 
 
-def _verify_uri(uri: str, expected: str | None, version: int | None) -> Checked:
+def _verify_uri(reg: Registry, uri: str, expected: str | None, version: int | None) -> Checked:
     import tempfile
 
     from editflow.registry import flavor
@@ -248,7 +256,7 @@ def _verify_uri(uri: str, expected: str | None, version: int | None) -> Checked:
         meta = flavor.read_meta(local)
         return Checked(version, uri, verify_dir(local, meta, expected), meta)
     with tempfile.TemporaryDirectory(prefix="editflow-verify-") as tmp:
-        local_dir = flavor.download(uri, tmp)
+        local_dir = flavor.download(uri, tmp, reg)
         meta = flavor.read_meta(local_dir)
         return Checked(version, uri, verify_dir(local_dir, meta, expected), meta)
 
@@ -265,18 +273,20 @@ def _age_s(ms: int | None) -> float:
     return time.time() - (ms or 0) / 1000
 
 
-def _run_status(run_id: str | None) -> str | None:
-    from editflow.registry.store import client
+def _run_status(reg: Registry, run_id: str | None) -> str | None:
+    from editflow.registry.versions import is_not_found
 
     if not run_id:
         return None
     try:
-        return client().get_run(run_id).info.status
-    except Exception:  # noqa: BLE001 - a deleted run cannot finish the registration
-        return None
+        return reg.client.get_run(run_id).info.status
+    except Exception as exc:
+        if is_not_found(exc):  # a deleted run cannot finish the registration
+            return None
+        raise
 
 
-def abandoned(mv: Any, grace_s: float = GRACE_S) -> bool:
+def abandoned(reg: Registry, mv: Any, grace_s: float = GRACE_S) -> bool:
     """A pending version nobody is finishing: its registering process (on this host) is dead; or,
     when that cannot be told, its run is no longer RUNNING or it is older than ``grace_s``. A live
     registering process (same pid and start time) is never interrupted."""
@@ -285,33 +295,30 @@ def abandoned(mv: Any, grace_s: float = GRACE_S) -> bool:
     alive = owner_alive(mv.tags.get(REGISTRAR_TAG))
     if alive is not None:
         return not alive
-    return _age_s(mv.creation_timestamp) > grace_s or _run_status(mv.run_id) != "RUNNING"
+    return _age_s(mv.creation_timestamp) > grace_s or _run_status(reg, mv.run_id) != "RUNNING"
 
 
-def discard_version(name: str, version: int) -> None:
+def discard_version(reg: Registry, name: str, version: int) -> None:
     """Delete an incomplete version and its ledger rows; if production pointed at it, production goes
     back to the previous production version (a ``void`` ledger event records why)."""
     from editflow.registry import ledger, promotion
-    from editflow.registry.store import client, quiet_deprecations
 
-    if version in ledger.production_history(name):
-        ledger.record_event(name, "void", version, reason="repair: incomplete registration deleted")
-    if promotion.production_version(name) == version:
-        promotion.restore_history_top(name, exclude=version)
+    if version in ledger.production_history(reg, name):
+        ledger.record_event(reg, name, "void", version, reason="repair: incomplete registration deleted")
+    if promotion.production_version(reg, name) == version:
+        promotion.restore_history_top(reg, name, exclude=version)
     with quiet_deprecations():
-        client().delete_model_version(name, str(version))
-    ledger.delete_version(name, version)
+        reg.client.delete_model_version(name, str(version))
+    ledger.delete_version(reg, name, version)
 
 
 # --------------------------------------------------------------------------- orphaned runs
 
 
-def orphaned_runs(run_grace_s: float = RUN_GRACE_S) -> list[Any]:
+def orphaned_runs(reg: Registry, run_grace_s: float = RUN_GRACE_S) -> list[Any]:
     """RUNNING editflow runs whose process is dead (this host), or, when that cannot be told, that
     started more than ``run_grace_s`` ago."""
-    from editflow.registry.store import EXPERIMENT, client
-
-    c = client()
+    c = reg.client
     exps = [e.experiment_id for e in c.search_experiments()]
     if not exps:
         return []
@@ -326,12 +333,10 @@ def orphaned_runs(run_grace_s: float = RUN_GRACE_S) -> list[Any]:
     return out
 
 
-def fail_run(run_id: str, reason: str) -> None:
+def fail_run(reg: Registry, run_id: str, reason: str) -> None:
     """End a run FAILED with ``reason`` as its ``editflow.error`` tag."""
-    from editflow.registry.store import client
-
-    c = client()
-    c.set_tag(run_id, TAG + "error", reason[:4000])
+    c = reg.client
+    c.set_tag(run_id, ERROR_TAG, reason[:4000])
     c.set_terminated(run_id, "FAILED")
 
 
@@ -354,34 +359,35 @@ class RepairReport:
         )
 
 
-def repair(name: str | None = None, grace_s: float = GRACE_S, run_grace_s: float = RUN_GRACE_S) -> RepairReport:
+def repair(
+    reg: Registry, name: str | None = None, grace_s: float = GRACE_S, run_grace_s: float = RUN_GRACE_S
+) -> RepairReport:
     """Finish or revert interrupted promotions, delete abandoned pending versions and end orphaned
     runs FAILED, for ``name`` (every registered model when ``None``). Live work is never touched:
     see :func:`abandoned`, :func:`orphaned_runs` and :func:`editflow.registry.promotion.resolve_intent`."""
     from editflow.registry import promotion
-    from editflow.registry.store import client
 
     report = RepairReport()
-    names = [name] if name else [m.name for m in client().search_registered_models()]
+    names = [name] if name else [m.name for m in reg.client.search_registered_models()]
     for n in names:
-        outcome = promotion.resolve_intent(n, grace_s=grace_s)
+        outcome = promotion.resolve_intent(reg, n, grace_s=grace_s)
         if outcome:
             report.intents.append(f"{n}: {outcome}")
-    for run in orphaned_runs(run_grace_s):
-        fail_run(run.info.run_id, f"orphaned: the process running it died ({_stamp()}, editflow repair)")
+    for run in orphaned_runs(reg, run_grace_s):
+        fail_run(reg, run.info.run_id, f"orphaned: the process running it died ({_stamp()}, editflow repair)")
         report.failed_runs.append(run.info.run_id)
     for n in names:
-        for mv in _all_versions(n):
-            if abandoned(mv, grace_s):
-                discard_version(n, int(mv.version))
+        for mv in _all_versions(reg, n):
+            if abandoned(reg, mv, grace_s):
+                discard_version(reg, n, int(mv.version))
                 report.deleted.append((n, int(mv.version)))
     return report
 
 
-def _all_versions(name: str) -> list[Any]:
+def _all_versions(reg: Registry, name: str) -> list[Any]:
     from editflow.registry.versions import versions_of
 
-    return versions_of(name, include_pending=True)
+    return versions_of(reg, name, include_pending=True)
 
 
 def _stamp() -> str:

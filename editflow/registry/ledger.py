@@ -18,7 +18,7 @@ from sqlalchemy import DateTime, Integer, String, Text, create_engine, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from editflow.registry.store import is_sql, mask_uri, sqlalchemy_uri, tracking_uri
+from editflow.registry.store import Registry, is_sql, mask_uri, sqlalchemy_uri
 from editflow.requests import EditRequest
 
 
@@ -62,23 +62,20 @@ class LedgerLocationError(LookupError):
     """The tracking store keeps no tables editflow can reach and no ledger database was named."""
 
 
-def ledger_uri() -> str:
-    """Where the ledger lives (see module docstring). A remote tracking server (http, https,
-    databricks) has no SQL tables editflow can reach: the ledger must then be named with
-    ``EDITFLOW_LEDGER_URI`` (the team's SQL database); it never falls back to a local file there,
-    which every client folder would grow a different copy of."""
-    explicit = os.environ.get("EDITFLOW_LEDGER_URI")
-    if explicit:
-        return explicit
-    uri = tracking_uri()
-    if is_sql(uri):
-        return uri
-    if uri.split(":", 1)[0].lower() in ("http", "https", "databricks"):
+def ledger_location(tracking_uri: str, cwd: Path) -> str:
+    """Where the ledger of a tracking store lives when none is named: in the store's own database when it
+    is SQL, else ``editflow-ledger.db`` in ``cwd``. A remote tracking server (http, https, databricks)
+    has no SQL tables editflow can reach: the ledger must then be named (``EDITFLOW_LEDGER_URI``, the
+    team's SQL database); it never falls back to a local file there, which every client folder would
+    grow a different copy of."""
+    if is_sql(tracking_uri):
+        return tracking_uri
+    if tracking_uri.split(":", 1)[0].lower() in ("http", "https", "databricks"):
         raise LedgerLocationError(
-            f"the tracking server {mask_uri(uri)} keeps no ledger editflow can reach: set EDITFLOW_LEDGER_URI "
-            "to the SQL database the team shares (e.g. postgresql://user@host/editflow)"
+            f"the tracking server {mask_uri(tracking_uri)} keeps no ledger editflow can reach: set "
+            "EDITFLOW_LEDGER_URI to the SQL database the team shares (e.g. postgresql://user@host/editflow)"
         )
-    return f"sqlite:///{Path.cwd() / 'editflow-ledger.db'}"
+    return f"sqlite:///{cwd / 'editflow-ledger.db'}"
 
 
 @lru_cache(maxsize=8)
@@ -89,8 +86,9 @@ def _engine_for(uri: str) -> Engine:
     return engine
 
 
-def engine() -> Engine:
-    return _engine_for(ledger_uri())
+def engine(reg: Registry) -> Engine:
+    """The ledger database of ``reg`` (tables created on first use)."""
+    return _engine_for(reg.ledger_uri)
 
 
 def actor() -> str:
@@ -102,9 +100,9 @@ def now() -> dt.datetime:
 
 
 def record_facts(
-    model_name: str, version: int, requests: Sequence[EditRequest], digest: str, run_id: str | None
+    reg: Registry, model_name: str, version: int, requests: Sequence[EditRequest], digest: str, run_id: str | None
 ) -> None:
-    with Session(engine()) as s, s.begin():
+    with Session(engine(reg)) as s, s.begin():
         s.add_all(
             FactRow(
                 model_name=model_name,
@@ -121,6 +119,7 @@ def record_facts(
 
 
 def record_event(
+    reg: Registry,
     model_name: str,
     action: str,
     version: int,
@@ -130,7 +129,7 @@ def record_event(
     reason: str = "",
     run_id: str | None = None,
 ) -> None:
-    with Session(engine()) as s, s.begin():
+    with Session(engine(reg)) as s, s.begin():
         s.add(
             EventRow(
                 model_name=model_name,
@@ -146,18 +145,20 @@ def record_event(
         )
 
 
-def last_event_id(model_name: str) -> int:
+def last_event_id(reg: Registry, model_name: str) -> int:
     """The id of ``model_name``'s latest event (0 when none): events after it are newer."""
-    with Session(engine()) as s:
+    with Session(engine(reg)) as s:
         row = s.scalars(
             select(EventRow.id).where(EventRow.model_name == model_name).order_by(EventRow.id.desc())
         ).first()
         return int(row or 0)
 
 
-def has_event(model_name: str, action: str, version: int, previous_version: int | None, after_id: int) -> bool:
+def has_event(
+    reg: Registry, model_name: str, action: str, version: int, previous_version: int | None, after_id: int
+) -> bool:
     """Whether an ``action`` event of ``version`` (from ``previous_version``) was recorded after event ``after_id``."""
-    with Session(engine()) as s:
+    with Session(engine(reg)) as s:
         rows = s.scalars(
             select(EventRow).where(
                 EventRow.model_name == model_name,
@@ -169,9 +170,9 @@ def has_event(model_name: str, action: str, version: int, previous_version: int 
         return any(r.previous_version == previous_version for r in rows)
 
 
-def delete_version(model_name: str, version: int) -> None:
+def delete_version(reg: Registry, model_name: str, version: int) -> None:
     """Forget a version that failed to register completely."""
-    with Session(engine()) as s, s.begin():
+    with Session(engine(reg)) as s, s.begin():
         for row in s.scalars(select(FactRow).where(FactRow.model_name == model_name, FactRow.version == version)):
             s.delete(row)
         for row in s.scalars(
@@ -199,16 +200,16 @@ def _fact(row: FactRow) -> Fact:
     return Fact(row.version, row.subject, row.prompt, row.target_new, row.target_true)
 
 
-def own_facts(model_name: str, version: int) -> list[Fact]:
-    with Session(engine()) as s:
+def own_facts(reg: Registry, model_name: str, version: int) -> list[Fact]:
+    with Session(engine(reg)) as s:
         rows = s.scalars(
             select(FactRow).where(FactRow.model_name == model_name, FactRow.version == version).order_by(FactRow.id)
         )
         return [_fact(r) for r in rows]
 
 
-def parent_of(model_name: str, version: int) -> int | None:
-    with Session(engine()) as s:
+def parent_of(reg: Registry, model_name: str, version: int) -> int | None:
+    with Session(engine(reg)) as s:
         row = s.scalars(
             select(EventRow).where(
                 EventRow.model_name == model_name, EventRow.version == version, EventRow.action == "register"
@@ -217,23 +218,23 @@ def parent_of(model_name: str, version: int) -> int | None:
         return row.parent_version if row else None
 
 
-def held_facts(model_name: str, version: int) -> dict[tuple[str, str], Fact]:
+def held_facts(reg: Registry, model_name: str, version: int) -> dict[tuple[str, str], Fact]:
     """Facts a version holds: its own edits over those of its ancestors (latest edit wins)."""
     chain: list[int] = []
     v: int | None = version
     while v is not None and v not in chain:
         chain.append(v)
-        v = parent_of(model_name, v)
+        v = parent_of(reg, model_name, v)
     held: dict[tuple[str, str], Fact] = {}
     for v in reversed(chain):
-        for f in own_facts(model_name, v):
+        for f in own_facts(reg, model_name, v):
             held[f.key] = f
     return held
 
 
-def facts_for_subject(model_name: str, subject: str) -> list[Fact]:
+def facts_for_subject(reg: Registry, model_name: str, subject: str) -> list[Fact]:
     """Every edit of ``subject`` (case-insensitive substring match), oldest first."""
-    with Session(engine()) as s:
+    with Session(engine(reg)) as s:
         rows = s.scalars(
             select(FactRow)
             .where(FactRow.model_name == model_name, FactRow.subject.ilike(f"%{subject}%"))
@@ -242,18 +243,18 @@ def facts_for_subject(model_name: str, subject: str) -> list[Fact]:
         return [_fact(r) for r in rows]
 
 
-def events(model_name: str) -> list[EventRow]:
-    with Session(engine()) as s:
+def events(reg: Registry, model_name: str) -> list[EventRow]:
+    with Session(engine(reg)) as s:
         rows = list(s.scalars(select(EventRow).where(EventRow.model_name == model_name).order_by(EventRow.id)))
         s.expunge_all()
         return rows
 
 
-def production_history(model_name: str) -> list[int]:
+def production_history(reg: Registry, model_name: str) -> list[int]:
     """Production versions as a stack: a promotion pushes (unless it is already on top), a rollback pops
     back to its target, a ``void`` removes the version everywhere."""
     stack: list[int] = []
-    for e in events(model_name):
+    for e in events(reg, model_name):
         if e.action == "void":
             kept = [v for v in stack if v != e.version]
             stack = [v for i, v in enumerate(kept) if i == 0 or kept[i - 1] != v]
@@ -269,9 +270,9 @@ def production_history(model_name: str) -> list[int]:
     return stack
 
 
-def previous_production(model_name: str, current: int | None) -> int | None:
+def previous_production(reg: Registry, model_name: str, current: int | None) -> int | None:
     """The version that was production before ``current`` (what a plain rollback returns to)."""
-    stack = production_history(model_name)
+    stack = production_history(reg, model_name)
     if stack and stack[-1] == current and len(stack) > 1:
         return stack[-2]
     return None

@@ -20,15 +20,22 @@ from pathlib import Path
 
 from editflow import progress
 from editflow.edit_state import EditState, EditStateError, load_state, save_state
-from editflow.registry.store import client
-from editflow.registry.versions import TAG
+from editflow.registry.schema import (
+    EDIT_STATE_BYTES_TAG,
+    EDIT_STATE_DTYPE_TAG,
+    EDIT_STATE_N_KEYS_TAG,
+    EDIT_STATE_SHA256_TAG,
+    PARENT_VERSION_TAG,
+    ROOT_REFERENCE_TAGS,
+    RUN_ID_TAG,
+    is_edit,
+)
+from editflow.registry.store import Registry
 from editflow.requests import EditRequest
 
 STATE_DIR = "edit_state"
 FACTS_FILE = "facts.jsonl"
 FACTS_DIR = "lineage"
-#: Root references carried in tags: (metric in an evaluation summary, tag suffix).
-ROOT_REFERENCES = (("drift_ppl", "root.drift_ppl"), ("heldout", "root.heldout"))
 #: Retention is measured on at most this many earlier facts (a seeded sample beyond).
 RETENTION_CAP = 500
 
@@ -48,23 +55,21 @@ def log_state(state: EditState, dtype: str, parent_sha256: str | None) -> dict:
 
 def state_tags(record: dict) -> dict[str, str]:
     return {
-        TAG + "edit_state.sha256": record["sha256"],
-        TAG + "edit_state.bytes": str(record["bytes"]),
-        TAG + "edit_state.n_keys": str(record["n_keys"]),
-        TAG + "edit_state.dtype": record["dtype"],
+        EDIT_STATE_SHA256_TAG: record["sha256"],
+        EDIT_STATE_BYTES_TAG: str(record["bytes"]),
+        EDIT_STATE_N_KEYS_TAG: str(record["n_keys"]),
+        EDIT_STATE_DTYPE_TAG: record["dtype"],
     }
 
 
-def read_state(tags: dict[str, str]) -> tuple[EditState, str | None]:
+def read_state(reg: Registry, tags: dict[str, str]) -> tuple[EditState, str | None]:
     """The edit state of the version with ``tags`` and its digest (empty for a base).
 
     Raises :class:`~editflow.edit_state.EditStateError` when the artifact is missing or its digest
     does not match the tag.
     """
-    import mlflow
-
-    sha = tags.get(TAG + "edit_state.sha256")
-    if tags.get(TAG + "role") != "edit":
+    sha = tags.get(EDIT_STATE_SHA256_TAG)
+    if not is_edit(tags):
         return EditState(), None
     if not sha:
         progress.note(
@@ -72,10 +77,10 @@ def read_state(tags: dict[str, str]) -> tuple[EditState, str | None]:
             "the edit preserves only the keys of its own batch"
         )
         return EditState(), None
-    run_id = tags.get(TAG + "run_id")
+    run_id = tags.get(RUN_ID_TAG)
     with tempfile.TemporaryDirectory(prefix="editflow-state-") as tmp:
         try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=STATE_DIR, dst_path=tmp)
+            local = reg.download(f"runs:/{run_id}/{STATE_DIR}", tmp)
         except Exception as exc:  # noqa: BLE001 - any failure to fetch is a missing state
             raise EditStateError(f"edit state of run {run_id} cannot be read: {str(exc)[:200]}") from None
         record = {"sha256": sha, "file": "edit_state.safetensors"}
@@ -98,16 +103,23 @@ def log_facts(requests: Sequence[EditRequest]) -> None:
     mlflow.log_text(text, f"{FACTS_DIR}/{FACTS_FILE}")
 
 
-def own_requests(tags: dict[str, str]) -> list[EditRequest]:
-    """The requests edited into the version with ``tags`` (empty for a base)."""
-    import mlflow
+def own_requests(reg: Registry, tags: dict[str, str]) -> list[EditRequest]:
+    """The requests edited into the version with ``tags`` (empty for a base, or for a version from
+    before facts were logged; a store that cannot be read raises)."""
+    from editflow.registry.versions import is_not_found
 
-    if tags.get(TAG + "role") != "edit":
+    run_id = tags.get(RUN_ID_TAG)
+    if not is_edit(tags) or not run_id:
         return []
     try:
-        text = mlflow.artifacts.load_text(f"runs:/{tags[TAG + 'run_id']}/{FACTS_DIR}/{FACTS_FILE}")
-    except Exception:  # noqa: BLE001 - versions from before facts were logged
+        listed = {Path(a.path).name for a in reg.client.list_artifacts(run_id, FACTS_DIR)}
+    except Exception as exc:
+        if is_not_found(exc):  # the run is gone
+            return []
+        raise
+    if FACTS_FILE not in listed:  # a version from before facts were logged
         return []
+    text = reg.read_text(f"runs:/{run_id}/{FACTS_DIR}/{FACTS_FILE}")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     fields = {f.name for f in dataclasses.fields(EditRequest)}
     return [
@@ -116,24 +128,24 @@ def own_requests(tags: dict[str, str]) -> list[EditRequest]:
     ]
 
 
-def ancestry(name: str, version: int) -> list[tuple[int, dict[str, str]]]:
+def ancestry(reg: Registry, name: str, version: int) -> list[tuple[int, dict[str, str]]]:
     """(version, tags) from ``version`` up to its root base, following ``parent_version`` tags."""
     chain: list[tuple[int, dict[str, str]]] = []
     v: int | None = version
-    c = client()
+    c = reg.client
     while v is not None and all(v != seen for seen, _ in chain):
         tags = dict(c.get_model_version(name, str(v)).tags)
         chain.append((v, tags))
-        parent = tags.get(TAG + "parent_version")
+        parent = tags.get(PARENT_VERSION_TAG)
         v = int(parent) if parent and parent.isdigit() else None
     return chain
 
 
-def lineage_requests(name: str, version: int) -> list[EditRequest]:
+def lineage_requests(reg: Registry, name: str, version: int) -> list[EditRequest]:
     """Every fact ``version`` holds, from its root on: a later edit of the same (subject, prompt) wins."""
     held: dict[tuple[str, str], EditRequest] = {}
-    for _, tags in reversed(ancestry(name, version)):
-        for r in own_requests(tags):
+    for _, tags in reversed(ancestry(reg, name, version)):
+        for r in own_requests(reg, tags):
             held[(r.subject, r.prompt)] = r
     return list(held.values())
 
@@ -156,18 +168,18 @@ def earlier_facts(
 def root_references(parent_tags: dict[str, str], pre_metrics: dict[str, float]) -> dict[str, float]:
     """The root base's references: carried from the parent, or (editing the root itself) its pre figures."""
     out = {}
-    for metric, suffix in ROOT_REFERENCES:
-        carried = parent_tags.get(TAG + suffix)
-        if parent_tags.get(TAG + "role") == "edit" and carried is not None:
+    for metric, tag in ROOT_REFERENCE_TAGS:
+        carried = parent_tags.get(tag)
+        if is_edit(parent_tags) and carried is not None:
             out[metric] = float(carried)
-        elif parent_tags.get(TAG + "role") != "edit" and f"pre/{metric}" in pre_metrics:
+        elif not is_edit(parent_tags) and f"pre/{metric}" in pre_metrics:
             out[metric] = float(pre_metrics[f"pre/{metric}"])
     return out
 
 
 def root_tags(references: dict[str, float]) -> dict[str, str]:
-    names = dict(ROOT_REFERENCES)
-    return {TAG + names[m]: f"{v:.6g}" for m, v in references.items()}
+    names = dict(ROOT_REFERENCE_TAGS)
+    return {names[m]: f"{v:.6g}" for m, v in references.items()}
 
 
 __all__ = [

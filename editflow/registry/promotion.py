@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from editflow.registry import integrity, ledger
-from editflow.registry.store import client, quiet_deprecations, tracking_uri
-from editflow.registry.versions import PRODUCTION, aliases_of, resolve_version, retry
+from editflow.registry.schema import INTENT_TAG, PRODUCTION
+from editflow.registry.store import Registry, quiet_deprecations
+from editflow.registry.versions import aliases_of, resolve_version, retry
 
 SPECIFICITY = ("neighborhood", "neighborhood_auto", "heldout", "zsre_specificity")
 
@@ -119,29 +120,29 @@ def _parent_failures(metrics: dict[str, float], thresholds: GateThresholds) -> l
     return failures
 
 
-def production_version(name: str) -> int | None:
-    return aliases_of(name).get(PRODUCTION)
+def production_version(reg: Registry, name: str) -> int | None:
+    return aliases_of(reg, name).get(PRODUCTION)
 
 
-def _stage(name: str, version: int) -> str:
-    return client().get_model_version(name, str(version)).current_stage
+def _stage(reg: Registry, name: str, version: int) -> str:
+    return reg.client.get_model_version(name, str(version)).current_stage
 
 
-def _lock(name: str) -> Any:
+def _lock(reg: Registry, name: str) -> Any:
     """A host-wide lock serialising production moves of ``name`` in this tracking store."""
     from filelock import FileLock
 
-    digest = hashlib.sha256(f"{tracking_uri()}\0{name}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{reg.tracking_uri}\0{name}".encode()).hexdigest()[:16]
     return FileLock(str(Path(tempfile.gettempdir()) / f"editflow-promote-{digest}.lock"), timeout=600)
 
 
-def _set_alias(name: str, version: int) -> None:
-    c = client()
+def _set_alias(reg: Registry, name: str, version: int) -> None:
+    c = reg.client
     retry(lambda: c.set_registered_model_alias(name, PRODUCTION, str(version)))
 
 
-def _set_stage(name: str, version: int) -> None:
-    c = client()
+def _set_stage(reg: Registry, name: str, version: int) -> None:
+    c = reg.client
     with quiet_deprecations():
         # An int: MLflow's SQL store compares it with the integer version column when archiving the
         # others, which PostgreSQL refuses for a string (its REST client converts it itself).
@@ -150,11 +151,11 @@ def _set_stage(name: str, version: int) -> None:
         )
 
 
-def _restore_production(name: str, version: int, previous: int | None, old_stage: str) -> None:
-    c = client()
+def _restore_production(reg: Registry, name: str, version: int, previous: int | None, old_stage: str) -> None:
+    c = reg.client
     with quiet_deprecations():
         if previous is None:
-            if production_version(name) is not None:
+            if production_version(reg, name) is not None:
                 c.delete_registered_model_alias(name, PRODUCTION)
         else:
             c.set_registered_model_alias(name, PRODUCTION, str(previous))
@@ -166,24 +167,24 @@ def _restore_production(name: str, version: int, previous: int | None, old_stage
 # --------------------------------------------------------------------------- intents
 
 
-def read_intent(name: str) -> dict[str, Any] | None:
+def read_intent(reg: Registry, name: str) -> dict[str, Any] | None:
     """The pending production move of ``name``, if any."""
-    text = (client().get_registered_model(name).tags or {}).get(integrity.INTENT_TAG)
+    text = (reg.client.get_registered_model(name).tags or {}).get(INTENT_TAG)
     return json.loads(text) if text else None
 
 
-def _write_intent(name: str, intent: dict[str, Any]) -> None:
-    c = client()
-    retry(lambda: c.set_registered_model_tag(name, integrity.INTENT_TAG, json.dumps(intent, sort_keys=True)))
+def _write_intent(reg: Registry, name: str, intent: dict[str, Any]) -> None:
+    c = reg.client
+    retry(lambda: c.set_registered_model_tag(name, INTENT_TAG, json.dumps(intent, sort_keys=True)))
 
 
-def _clear_intent(name: str, token: str | None = None) -> None:
+def _clear_intent(reg: Registry, name: str, token: str | None = None) -> None:
     """Remove the intent (only if it is still ``token``'s, when given)."""
-    current = read_intent(name)
+    current = read_intent(reg, name)
     if current is None or (token is not None and current.get("token") != token):
         return
-    c = client()
-    retry(lambda: c.delete_registered_model_tag(name, integrity.INTENT_TAG))
+    c = reg.client
+    retry(lambda: c.delete_registered_model_tag(name, INTENT_TAG))
 
 
 def _intent_live(intent: dict[str, Any], grace_s: float, mine_dead: bool = False) -> bool:
@@ -195,18 +196,19 @@ def _intent_live(intent: dict[str, Any], grace_s: float, mine_dead: bool = False
     return bool(alive) or (alive is None and time.time() - float(intent.get("time", 0)) < grace_s)
 
 
-def resolve_intent(name: str, grace_s: float = integrity.GRACE_S, mine_dead: bool = False) -> str | None:
+def resolve_intent(reg: Registry, name: str, grace_s: float = integrity.GRACE_S, mine_dead: bool = False) -> str | None:
     """Finish (alias already moved: stage and ledger event) or revert (alias not moved: stages back)
     a production move whose process died; ``None`` when there is none, or it is still live."""
-    intent = read_intent(name)
+    intent = read_intent(reg, name)
     if intent is None or _intent_live(intent, grace_s, mine_dead):
         return None
     target, previous, action = int(intent["target"]), intent.get("previous"), intent["action"]
-    current = production_version(name)
+    current = production_version(reg, name)
     if current == target:
-        _set_stage(name, target)
-        if not ledger.has_event(name, action, target, previous, int(intent.get("after_event", 0))):
+        _set_stage(reg, name, target)
+        if not ledger.has_event(reg, name, action, target, previous, int(intent.get("after_event", 0))):
             ledger.record_event(
+                reg,
                 name,
                 action,
                 target,
@@ -217,36 +219,36 @@ def resolve_intent(name: str, grace_s: float = integrity.GRACE_S, mine_dead: boo
         outcome = f"finished {action} of version {target} (from {previous})"
     else:
         if current == previous:
-            _restore_production(name, target, previous, intent.get("old_stage") or "None")
+            _restore_production(reg, name, target, previous, intent.get("old_stage") or "None")
         outcome = f"reverted {action} of version {target}: production stays {current}"
-    _clear_intent(name)
+    _clear_intent(reg, name)
     return outcome
 
 
-def restore_history_top(name: str, exclude: int) -> int | None:
+def restore_history_top(reg: Registry, name: str, exclude: int) -> int | None:
     """Point production at the top of the ledger's production history that still exists (not
     ``exclude``), or remove the alias when there is none. Used when production's version is deleted."""
     from editflow.registry.versions import versions_of
 
-    usable = {int(v.version) for v in versions_of(name)} - {exclude}
-    target = next((v for v in reversed(ledger.production_history(name)) if v in usable), None)
+    usable = {int(v.version) for v in versions_of(reg, name)} - {exclude}
+    target = next((v for v in reversed(ledger.production_history(reg, name)) if v in usable), None)
     if target is None:
         with quiet_deprecations():
-            client().delete_registered_model_alias(name, PRODUCTION)
+            reg.client.delete_registered_model_alias(name, PRODUCTION)
         return None
-    _set_alias(name, target)
-    _set_stage(name, target)
+    _set_alias(reg, name, target)
+    _set_stage(reg, name, target)
     return target
 
 
 # --------------------------------------------------------------------------- moves
 
 
-def _settle(name: str) -> None:
+def _settle(reg: Registry, name: str) -> None:
     """Resolve a production move a dead process left behind (call with the lock held); refuse while
     another process may still be completing one."""
-    pending = read_intent(name)
-    if pending is not None and resolve_intent(name, mine_dead=True) is None:
+    pending = read_intent(reg, name)
+    if pending is not None and resolve_intent(reg, name, mine_dead=True) is None:
         raise RuntimeError(
             f"another production move of {name!r} is in progress "
             f"(version {pending.get('target')}, by {pending.get('owner')})"
@@ -254,32 +256,35 @@ def _settle(name: str) -> None:
 
 
 def move_production(
-    name: str, ref: str | int, action: str = "promote", reason: str = "", run_id: str | None = None
+    reg: Registry, name: str, ref: str | int, action: str = "promote", reason: str = "", run_id: str | None = None
 ) -> dict[str, Any]:
     """Make version ``ref`` production after verifying its weights; on any failure production stays
     where it was. Moving production to the version that already is production changes nothing (no
     ledger entry; ``previous`` equals ``version`` in the result)."""
-    with _lock(name):
-        _settle(name)
-        return _move_locked(name, ref, action, reason, run_id)
+    with _lock(reg, name):
+        _settle(reg, name)
+        return _move_locked(reg, name, ref, action, reason, run_id)
 
 
-def _move_locked(name: str, ref: str | int, action: str, reason: str, run_id: str | None) -> dict[str, Any]:
-    version = resolve_version(name, ref)
-    previous = production_version(name)
+def _move_locked(
+    reg: Registry, name: str, ref: str | int, action: str, reason: str, run_id: str | None
+) -> dict[str, Any]:
+    version = resolve_version(reg, name, ref)
+    previous = production_version(reg, name)
     if version == previous:
         return {"name": name, "version": version, "previous": previous, "action": action}
-    integrity.verify_version(name, version)
-    return _move(name, version, previous, action, reason, run_id)
+    integrity.verify_version(reg, name, version)
+    return _move(reg, name, version, previous, action, reason, run_id)
 
 
 def _move(
-    name: str, version: int, previous: int | None, action: str, reason: str, run_id: str | None
+    reg: Registry, name: str, version: int, previous: int | None, action: str, reason: str, run_id: str | None
 ) -> dict[str, Any]:
     """Intent, alias, stage, ledger event, intent cleared (see the module docstring)."""
-    old_stage = _stage(name, version)
+    old_stage = _stage(reg, name, version)
     token = integrity.owner() + f":{time.time_ns()}"
     _write_intent(
+        reg,
         name,
         {
             "token": token,
@@ -291,34 +296,34 @@ def _move(
             "old_stage": old_stage,
             "reason": reason,
             "run_id": run_id,
-            "after_event": ledger.last_event_id(name),
+            "after_event": ledger.last_event_id(reg, name),
         },
     )
     try:
-        _set_alias(name, version)
+        _set_alias(reg, name, version)
         integrity.crashpoint("after_alias_move")
-        _set_stage(name, version)
+        _set_stage(reg, name, version)
         integrity.crashpoint("before_promote_event")
-        ledger.record_event(name, action, version, previous_version=previous, reason=reason, run_id=run_id)
+        ledger.record_event(reg, name, action, version, previous_version=previous, reason=reason, run_id=run_id)
     except BaseException:
-        _restore_production(name, version, previous, old_stage)
-        _clear_intent(name, token)
+        _restore_production(reg, name, version, previous, old_stage)
+        _clear_intent(reg, name, token)
         raise
-    _clear_intent(name, token)
+    _clear_intent(reg, name, token)
     return {"name": name, "version": version, "previous": previous, "action": action}
 
 
-def promote(name: str, ref: str | int, reason: str = "", run_id: str | None = None) -> dict[str, Any]:
-    return move_production(name, ref, "promote", reason, run_id)
+def promote(reg: Registry, name: str, ref: str | int, reason: str = "", run_id: str | None = None) -> dict[str, Any]:
+    return move_production(reg, name, ref, "promote", reason, run_id)
 
 
-def rollback(name: str, to: str | int | None = None, reason: str = "") -> dict[str, Any]:
+def rollback(reg: Registry, name: str, to: str | int | None = None, reason: str = "") -> dict[str, Any]:
     """Return production to ``to``, or to the version that was production before the current one."""
-    with _lock(name):
-        _settle(name)
+    with _lock(reg, name):
+        _settle(reg, name)
         if to is None:
-            current = production_version(name)
-            to = ledger.previous_production(name, current)
+            current = production_version(reg, name)
+            to = ledger.previous_production(reg, name, current)
             if to is None:
                 raise LookupError(f"no earlier production version of {name!r} in the ledger; pass --to VERSION")
-        return _move_locked(name, to, "rollback", reason or "rollback", None)
+        return _move_locked(reg, name, to, "rollback", reason or "rollback", None)

@@ -6,8 +6,17 @@ import datetime as dt
 from typing import Any
 
 from editflow.registry import ledger
-from editflow.registry.store import client
-from editflow.registry.versions import TAG, aliases_of, resolve_version, versions_of
+from editflow.registry.schema import (
+    BASE_VERSION_TAG,
+    METRIC_TAG_PREFIX,
+    N_FACTS_TAG,
+    PARENT_VERSION_TAG,
+    ROLE_TAG,
+    RUN_ID_TAG,
+    is_edit,
+)
+from editflow.registry.store import Registry
+from editflow.registry.versions import aliases_of, resolve_version, versions_of
 
 
 def _created(ms: int | None) -> str:
@@ -15,17 +24,17 @@ def _created(ms: int | None) -> str:
 
 
 def _metrics(tags: dict[str, str]) -> dict[str, str]:
-    prefix = TAG + "metric."
+    prefix = METRIC_TAG_PREFIX
     return {k[len(prefix) :]: v for k, v in tags.items() if k.startswith(prefix)}
 
 
-def version_rows(name: str) -> list[dict[str, Any]]:
+def version_rows(reg: Registry, name: str) -> list[dict[str, Any]]:
     """One row per version: aliases, stage, parent, facts held, headline metrics, created."""
     by_version: dict[int, list[str]] = {}
-    for alias, v in aliases_of(name).items():
+    for alias, v in aliases_of(reg, name).items():
         by_version.setdefault(v, []).append(alias)
     rows = []
-    for mv in versions_of(name):
+    for mv in versions_of(reg, name):
         v = int(mv.version)
         tags = dict(mv.tags)
         rows.append(
@@ -33,10 +42,10 @@ def version_rows(name: str) -> list[dict[str, Any]]:
                 "version": v,
                 "aliases": ",".join(sorted(by_version.get(v, []))),
                 "stage": mv.current_stage,
-                "role": tags.get(TAG + "role", ""),
-                "parent": tags.get(TAG + "parent_version", ""),
-                "facts": len(ledger.held_facts(name, v)),
-                "new_facts": tags.get(TAG + "n_facts", ""),
+                "role": tags.get(ROLE_TAG, ""),
+                "parent": tags.get(PARENT_VERSION_TAG, ""),
+                "facts": len(ledger.held_facts(reg, name, v)),
+                "new_facts": tags.get(N_FACTS_TAG, ""),
                 **_metrics(tags),
                 "created": _created(mv.creation_timestamp),
             }
@@ -44,30 +53,29 @@ def version_rows(name: str) -> list[dict[str, Any]]:
     return rows
 
 
-def show_version(name: str, ref: str | int) -> dict[str, Any]:
+def show_version(reg: Registry, name: str, ref: str | int) -> dict[str, Any]:
     """Everything editflow knows about one version: tags, description, run metrics, facts, events, and
     the edit defaults ``editflow tune`` stored on its root base (``tuned``, None when never tuned)."""
     from editflow.registry.tuned import read_tuned
 
-    v = resolve_version(name, ref)
-    c = client()
+    v = resolve_version(reg, name, ref)
+    c = reg.client
     mv = c.get_model_version(name, str(v))
-    run_id = mv.tags.get(TAG + "run_id") or mv.run_id
+    run_id = mv.tags.get(RUN_ID_TAG) or mv.run_id
     # a base is logged inside the run of the first edit that used it: that run's figures are not its own
-    is_edit = mv.tags.get(TAG + "role") == "edit"
-    run_metrics = dict(c.get_run(run_id).data.metrics) if run_id and is_edit else {}
-    root = int(mv.tags.get(TAG + "base_version") or v)
+    run_metrics = dict(c.get_run(run_id).data.metrics) if run_id and is_edit(mv.tags) else {}
+    root = int(mv.tags.get(BASE_VERSION_TAG) or v)
     return {
         "name": name,
         "version": v,
-        "tuned": read_tuned(name, root),
+        "tuned": read_tuned(reg, name, root),
         "description": mv.description,
         "stage": mv.current_stage,
-        "aliases": [a for a, x in aliases_of(name).items() if x == v],
+        "aliases": [a for a, x in aliases_of(reg, name).items() if x == v],
         "tags": dict(mv.tags),
         "run_id": run_id,
         "metrics": run_metrics,
-        "facts": [f.__dict__ for f in ledger.own_facts(name, v)],
+        "facts": [f.__dict__ for f in ledger.own_facts(reg, name, v)],
         "events": [
             {
                 "action": e.action,
@@ -76,7 +84,7 @@ def show_version(name: str, ref: str | int) -> dict[str, Any]:
                 "previous": e.previous_version,
                 "reason": e.reason,
             }
-            for e in ledger.events(name)
+            for e in ledger.events(reg, name)
             if e.version == v
         ],
     }
@@ -86,20 +94,20 @@ def _post_metrics(info: dict[str, Any], other: dict[str, Any]) -> dict[str, floa
     """A version's own metrics (``post/*`` of the run that made it); a base version has none, so when
     it is the other version's parent its figures are that run's ``pre/*`` measurements."""
     own = {k[5:]: v for k, v in info["metrics"].items() if k.startswith("post/")}
-    if own or other["tags"].get(TAG + "parent_version") != str(info["version"]):
+    if own or other["tags"].get(PARENT_VERSION_TAG) != str(info["version"]):
         return own
     return {k[4:]: v for k, v in other["metrics"].items() if k.startswith("pre/")}
 
 
-def compare_versions(name: str, a: str | int, b: str | int) -> dict[str, Any]:
+def compare_versions(reg: Registry, name: str, a: str | int, b: str | int) -> dict[str, Any]:
     """Metric deltas (b − a, from each version's run) and the facts held by one and not the other."""
-    va, vb = resolve_version(name, a), resolve_version(name, b)
-    sa, sb = show_version(name, va), show_version(name, vb)
+    va, vb = resolve_version(reg, name, a), resolve_version(reg, name, b)
+    sa, sb = show_version(reg, name, va), show_version(reg, name, vb)
     ma, mb = _post_metrics(sa, sb), _post_metrics(sb, sa)
     deltas = {
         k: (ma.get(k), mb.get(k), (mb[k] - ma[k]) if k in ma and k in mb else None) for k in sorted(set(ma) | set(mb))
     }
-    fa, fb = ledger.held_facts(name, va), ledger.held_facts(name, vb)
+    fa, fb = ledger.held_facts(reg, name, va), ledger.held_facts(reg, name, vb)
     only_a = [fa[k] for k in fa if k not in fb or fb[k].target_new != fa[k].target_new]
     only_b = [fb[k] for k in fb if k not in fa or fa[k].target_new != fb[k].target_new]
     return {"name": name, "a": va, "b": vb, "metrics": deltas, "only_a": only_a, "only_b": only_b}

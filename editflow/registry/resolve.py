@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -14,15 +13,28 @@ from typing import Any
 
 from editflow import gguf_source
 from editflow.config import MemitConfig, default_config
-from editflow.models import fingerprint, is_local, load_model
+from editflow.models import fingerprint, load_model
 from editflow.registry import ledger
-from editflow.registry.store import DEFAULT_MODEL_NAME, configure, ensure_experiment, tracking_uri
-from editflow.registry.versions import (
+from editflow.registry.schema import (
+    BASE_VERSION_KEY,
+    FINGERPRINT_TAG,
+    GGUF_KEY,
+    GGUF_SHA256_TAG,
+    MODEL_DEFAULTS_KEY,
+    N_FACTS_TAG,
+    PARENT_VERSION_KEY,
     PRODUCTION,
-    TAG,
+    ROLE_BASE,
+    ROLE_TAG,
+    SOURCE_KEY,
+    SOURCE_TAG,
+    STORAGE_TAG,
+    prefixed,
+)
+from editflow.registry.store import DEFAULT_MODEL_NAME, Registry
+from editflow.registry.versions import (
     VersionRef,
     aliases_of,
-    client,
     find_base,
     load_version,
     log_and_register,
@@ -34,10 +46,11 @@ from editflow.registry.versions import (
 DEFAULT_STATS_TOKENS = 1_000_000
 
 
-def _lock():
+def _lock(reg: Registry):
+    """A host-wide lock serialising base registrations in ``reg``'s tracking store."""
     from filelock import FileLock
 
-    digest = hashlib.sha256(tracking_uri().encode()).hexdigest()[:16]
+    digest = hashlib.sha256(reg.tracking_uri.encode()).hexdigest()[:16]
     return FileLock(str(Path(tempfile.gettempdir()) / f"editflow-registry-{digest}.lock"), timeout=600)
 
 
@@ -47,13 +60,12 @@ def bundled_model_dir() -> Path:
     return assets.default_model_dir()
 
 
-def ensure_default_model(device: str | None = None) -> int:
+def ensure_default_model(reg: Registry, device: str | None = None) -> int:
     """Register the bundled model as version 1 of ``editflow-default`` (alias production) if absent."""
     import mlflow
 
-    configure()
-    with _lock():
-        existing = versions_of(DEFAULT_MODEL_NAME)
+    with _lock(reg):
+        existing = versions_of(reg, DEFAULT_MODEL_NAME)
         if existing:
             return int(existing[0].version)
         handle = load_model(bundled_model_dir(), device=device or "cpu")
@@ -62,12 +74,13 @@ def ensure_default_model(device: str | None = None) -> int:
         )
         nested = mlflow.active_run() is not None
         if not nested:
-            mlflow.set_experiment(experiment_id=ensure_experiment())
+            mlflow.set_experiment(experiment_id=reg.ensure_experiment())
         with mlflow.start_run(run_name="register-default-model", nested=nested):
             card = bundled_model_dir() / "card.json"
             if card.is_file():
                 mlflow.log_artifact(str(card), "default_model")
             version = _register_base(
+                reg,
                 base,
                 DEFAULT_MODEL_NAME,
                 "The editflow default model: a small GPT-2 "
@@ -76,35 +89,36 @@ def ensure_default_model(device: str | None = None) -> int:
         return version
 
 
-def _register_base(base: VersionRef, name: str, description: str) -> int:
+def _register_base(reg: Registry, base: VersionRef, name: str, description: str) -> int:
     """Register ``base`` in full as a new version of ``name``; production if the model has none."""
 
     def on_registered(version: int) -> None:
-        ledger.record_event(name, "register", version, reason="base model")
-        if PRODUCTION not in aliases_of(name):
+        ledger.record_event(reg, name, "register", version, reason="base model")
+        if PRODUCTION not in aliases_of(reg, name):
             from editflow.registry.promotion import promote
 
-            promote(name, version, reason="first base version")
+            promote(reg, name, version, reason="first base version")
 
     lineage = {
-        "base_version": None,
-        "parent_version": None,
-        "source": base.uri,
-        "model_defaults": base.handle.extra.get("model_defaults", {}),
+        BASE_VERSION_KEY: None,
+        PARENT_VERSION_KEY: None,
+        SOURCE_KEY: base.uri,
+        MODEL_DEFAULTS_KEY: base.handle.extra.get(MODEL_DEFAULTS_KEY, {}),
     }
     tags = {
-        TAG + "role": "base",
-        TAG + "fingerprint": base.fingerprint,
-        TAG + "source": base.uri,
-        TAG + "storage": "full",
-        TAG + "n_facts": "0",
+        ROLE_TAG: ROLE_BASE,
+        FINGERPRINT_TAG: base.fingerprint,
+        SOURCE_TAG: base.uri,
+        STORAGE_TAG: "full",
+        N_FACTS_TAG: "0",
     }
-    gguf = base.handle.extra.get("gguf")
+    gguf = base.handle.extra.get(GGUF_KEY)
     if gguf:  # the source file's identity travels with the version: tags, editflow.json, description
         info = gguf_source.GgufInfo(**gguf)
-        lineage["gguf"] = info.to_dict()
-        tags.update({TAG + k: v for k, v in info.tags().items()})
+        lineage[GGUF_KEY] = info.to_dict()
+        tags.update(prefixed(info.tags()))
     return log_and_register(
+        reg,
         name,
         base.handle,
         storage="full",
@@ -116,45 +130,45 @@ def _register_base(base: VersionRef, name: str, description: str) -> int:
 
 
 def resolve_base(
-    ref: str, device: str | None = None, dtype: str | None = None, registered_model: str | None = None
+    reg: Registry,
+    ref: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    registered_model: str | None = None,
 ) -> VersionRef:
     """Load the model an edit starts from. ``""`` (or ``"default"``) means the default model's
     production version; ``models:/`` URIs are registered versions; a ``.gguf`` file is looked up by
     its SHA-256 among ``registered_model``'s bases (loaded from the registry when found, dequantised
-    otherwise); anything else a path or hub id."""
-    configure()
+    otherwise); anything else a path or hub id. Registered versions and local paths are read with
+    ``local_files_only`` (never the hub); a hub id is fetched unless ``HF_HUB_OFFLINE`` is set."""
     if gguf_source.is_gguf(ref):
-        return _resolve_gguf(ref, registered_model, device, dtype)
-    if not ref or ref == "default" or ref.startswith("models:/"):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return _resolve_gguf(reg, ref, registered_model, device, dtype)
     if not ref or ref == "default":
-        ensure_default_model()
-        return load_version(DEFAULT_MODEL_NAME, "@" + PRODUCTION, device=device, dtype=dtype)
+        ensure_default_model(reg)
+        return load_version(reg, DEFAULT_MODEL_NAME, "@" + PRODUCTION, device=device, dtype=dtype)
     if ref.startswith("models:/"):
         name, version_ref = parse_models_uri(ref)
-        return load_version(name, version_ref, device=device, dtype=dtype)
-    if is_local(ref):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model never needs the hub
-    else:
-        os.environ.pop("HF_HUB_OFFLINE", None)  # a hub id was asked for explicitly
-    handle = load_model(ref, device=device, dtype=dtype)
+        return load_version(reg, name, version_ref, device=device, dtype=dtype)
+    handle = load_model(ref, device=device, dtype=dtype)  # local_files_only for a path (editflow.models)
     return VersionRef(handle=handle, name=None, version=None, uri=handle.source, fingerprint=fingerprint(handle.model))
 
 
-def _resolve_gguf(path: str, registered_model: str | None, device: str | None, dtype: str | None) -> VersionRef:
+def _resolve_gguf(
+    reg: Registry, path: str, registered_model: str | None, device: str | None, dtype: str | None
+) -> VersionRef:
     """A GGUF source: its registered base when one has this file's digest, else the dequantised file."""
     info = gguf_source.inspect_gguf(path)
     name = registered_model or registered_name_for(info.path)
-    for v in versions_of(name):
-        if v.tags.get(TAG + "role") == "base" and v.tags.get(TAG + "gguf.sha256") == info.sha256:
-            return load_version(name, int(v.version), device=device, dtype=dtype)
+    for v in versions_of(reg, name):
+        if v.tags.get(ROLE_TAG) == ROLE_BASE and v.tags.get(GGUF_SHA256_TAG) == info.sha256:
+            return load_version(reg, name, int(v.version), device=device, dtype=dtype)
     handle = gguf_source.load_gguf(info.path, device=device, dtype=dtype, info=info)
     return VersionRef(handle=handle, name=None, version=None, uri=info.path, fingerprint=fingerprint(handle.model))
 
 
-def load_any(ref: str, device: str | None = None, dtype: str | None = None):
+def load_any(reg: Registry, ref: str, device: str | None = None, dtype: str | None = None):
     """A :class:`~editflow.models.ModelHandle` for any reference :func:`resolve_base` accepts."""
-    return resolve_base(ref, device=device, dtype=dtype).handle
+    return resolve_base(reg, ref, device=device, dtype=dtype).handle
 
 
 def default_registered_name(base: VersionRef) -> str:
@@ -170,16 +184,16 @@ def registered_name_for(source: str) -> str:
     return "editflow-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-").lower()
 
 
-def ensure_registered_base(base: VersionRef, name: str) -> VersionRef:
+def ensure_registered_base(reg: Registry, base: VersionRef, name: str) -> VersionRef:
     """``base`` as a registered version of ``name``: reuse it, find it by fingerprint, or register it."""
     if base.version is not None and base.name == name:
         return base
-    with _lock():
-        version = find_base(name, base.fingerprint)
+    with _lock(reg):
+        version = find_base(reg, name, base.fingerprint)
         if version is None:
-            with _registration_run(name):
-                version = _register_base(base, name, _base_description(base))
-    uri = client().get_model_version_download_uri(name, str(version))
+            with _registration_run(reg, name):
+                version = _register_base(reg, base, name, _base_description(base))
+    uri = reg.client.get_model_version_download_uri(name, str(version))
     base.name, base.version, base.base_version, base.base_artifact_uri = name, version, version, uri
     base.uri = f"models:/{name}/{version}"
     base.edited_tensors = []
@@ -187,7 +201,7 @@ def ensure_registered_base(base: VersionRef, name: str) -> VersionRef:
 
 
 @contextlib.contextmanager
-def _registration_run(name: str) -> Iterator[None]:
+def _registration_run(reg: Registry, name: str) -> Iterator[None]:
     """The active run (an edit's), or a run of its own in ``name``'s experiment: a base is always
     logged into a run of this store, never into whatever experiment MLflow last had active."""
     import mlflow
@@ -195,12 +209,12 @@ def _registration_run(name: str) -> Iterator[None]:
     if mlflow.active_run() is not None:
         yield
         return
-    with mlflow.start_run(experiment_id=ensure_experiment(name), run_name=f"register base of {name}"):
+    with mlflow.start_run(experiment_id=reg.ensure_experiment(name), run_name=f"register base of {name}"):
         yield
 
 
 def _base_description(base: VersionRef) -> str:
-    gguf = base.handle.extra.get("gguf")
+    gguf = base.handle.extra.get(GGUF_KEY)
     if gguf:
         return (
             f"Base model {gguf['name']} from the GGUF file {Path(gguf['path']).name} ({gguf['file_type']}, "
@@ -209,14 +223,14 @@ def _base_description(base: VersionRef) -> str:
     return f"Base model {base.uri}, registered in full by editflow."
 
 
-def config_for(base: VersionRef, overrides: dict[str, Any]) -> MemitConfig:
+def config_for(reg: Registry, base: VersionRef, overrides: dict[str, Any]) -> MemitConfig:
     """Published defaults for the architecture, then the model's own recommendations (its
     ``editflow.json``), then what ``editflow tune`` stored with its root base, then overrides."""
     from editflow.registry.tuned import read_tuned
 
-    defaults = dict(base.handle.extra.get("model_defaults", {}).get("hparams", {}))
+    defaults = dict(base.handle.extra.get(MODEL_DEFAULTS_KEY, {}).get("hparams", {}))
     if base.name and base.base_version is not None:
-        defaults.update((read_tuned(base.name, base.base_version) or {}).get("hparams", {}))
+        defaults.update((read_tuned(reg, base.name, base.base_version) or {}).get("hparams", {}))
     adapter = base.handle.adapter
     return default_config(adapter.model_type, adapter.n_layers, defaults, **overrides)
 
@@ -224,4 +238,4 @@ def config_for(base: VersionRef, overrides: dict[str, Any]) -> MemitConfig:
 def stats_tokens(base: VersionRef, explicit: int | None) -> int:
     if explicit:
         return int(explicit)
-    return int(base.handle.extra.get("model_defaults", {}).get("stats_tokens") or DEFAULT_STATS_TOKENS)
+    return int(base.handle.extra.get(MODEL_DEFAULTS_KEY, {}).get("stats_tokens") or DEFAULT_STATS_TOKENS)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from editflow.registry.versions import TAG, retry
+from editflow.registry.schema import TUNED_TAG
+from editflow.registry.store import Registry, quiet_deprecations
+from editflow.registry.versions import retry
 
-TUNED_TAG = TAG + "tuned"
 #: Keys a stored result must have.
 REQUIRED = ("hparams", "validation", "run_id")
 
@@ -47,36 +48,31 @@ def decode(text: str) -> dict[str, Any]:
     return check_result(value)
 
 
-def store_tuned(name: str, version: int, result: dict) -> None:
+def store_tuned(reg: Registry, name: str, version: int, result: dict) -> None:
     """Tag version ``version`` of ``name`` with ``result`` and verify the stored value reads back equal."""
-    from editflow.registry.store import client
-
     text = encode(result)
-    c = client()
+    c = reg.client
     retry(lambda: c.set_model_version_tag(name, str(version), TUNED_TAG, text))
-    back = read_tuned(name, version)
+    back = read_tuned(reg, name, version)
     if back != json.loads(text):
         raise RuntimeError(f"{TUNED_TAG} of {name} version {version} did not read back as written")
 
 
-def read_tuned(name: str, version: int) -> dict | None:
+def read_tuned(reg: Registry, name: str, version: int) -> dict | None:
     """The tune result stored on version ``version`` of ``name``; ``None`` when it was never tuned."""
-    from editflow.registry.store import client
-
-    text = client().get_model_version(name, str(version)).tags.get(TUNED_TAG)
+    text = reg.client.get_model_version(name, str(version)).tags.get(TUNED_TAG)
     return None if text is None else decode(text)
 
 
-def unregister(name: str, version: int, drop_model: bool) -> None:
+def unregister(reg: Registry, name: str, version: int, drop_model: bool) -> None:
     """Delete a version registered by a tune that then failed (and the registered model when ``drop_model``)."""
     from editflow.registry import ledger
-    from editflow.registry.store import client, quiet_deprecations
 
-    c = client()
+    c = reg.client
     with quiet_deprecations():
         try:
             c.delete_model_version(name, str(version))
         finally:
-            ledger.delete_version(name, version)
+            ledger.delete_version(reg, name, version)
         if drop_model:
             c.delete_registered_model(name)

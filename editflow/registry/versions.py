@@ -18,11 +18,24 @@ from typing import Any, TypeVar
 
 from editflow.models import ModelHandle, fingerprint
 from editflow.registry import flavor, integrity, ledger
-from editflow.registry.store import client, configure, quiet_deprecations
+from editflow.registry.schema import (
+    BASE_ARTIFACT_URI_KEY,
+    BASE_VERSION_KEY,
+    BASE_WEIGHTS_SHA256_KEY,
+    DIGEST_TAG,
+    EDITED_TENSORS_KEY,
+    FINGERPRINT_TAG,
+    GATE_TAG,
+    GGUF_KEY,
+    GGUF_SHA256_TAG,
+    PENDING_TAG,
+    REGISTRAR_TAG,
+    ROLE_BASE,
+    ROLE_TAG,
+)
+from editflow.registry.store import Registry, quiet_deprecations
 
 T = TypeVar("T")
-TAG = "editflow."
-CANDIDATE, PRODUCTION = "candidate", "production"
 
 
 @dataclass
@@ -80,14 +93,16 @@ def parse_models_uri(uri: str) -> tuple[str, str]:
     return m.group(1), (m.group(2) or "@" + m.group(3))
 
 
-def resolve_version(name: str, ref: str | int) -> int:
+def resolve_version(reg: Registry, name: str, ref: str | int) -> int:
     """A version number from ``3``, ``"3"`` or ``"@production"``."""
-    c = client()
+    c = reg.client
     ref = str(ref)
     if ref.startswith("@"):
         try:
             mv = c.get_model_version_by_alias(name, ref[1:])
         except Exception as exc:
+            if not (is_not_found(exc) or _is_invalid(exc)):  # no such model; no such (or no valid) alias
+                raise
             raise LookupError(f"registered model {name!r} has no version with alias {ref[1:]!r}") from exc
         check_complete(name, mv)
         return int(mv.version)
@@ -115,18 +130,20 @@ def registering(name: str, version: int) -> Iterator[None]:
         _REGISTERING.reset(token)
 
 
-def tags_of(name: str, version: int) -> dict[str, str]:
-    return dict(client().get_model_version(name, str(version)).tags)
+def tags_of(reg: Registry, name: str, version: int) -> dict[str, str]:
+    return dict(reg.client.get_model_version(name, str(version)).tags)
 
 
-def load_version(name: str, ref: str | int, device: str | None = None, dtype: str | None = None) -> VersionRef:
+def load_version(
+    reg: Registry, name: str, ref: str | int, device: str | None = None, dtype: str | None = None
+) -> VersionRef:
     """Load a registered version (full, or delta over its base), verifying every weights file against
     the version's recorded digests (:class:`~editflow.registry.integrity.WeightsIntegrityError`)."""
-    version = resolve_version(name, ref)
-    c = client()
+    version = resolve_version(reg, name, ref)
+    c = reg.client
     uri = c.get_model_version_download_uri(name, str(version))
-    expected = c.get_model_version(name, str(version)).tags.get(integrity.DIGEST_TAG)
-    handle = flavor.load_model(uri, device=device, dtype=dtype, expected=expected)
+    expected = c.get_model_version(name, str(version)).tags.get(DIGEST_TAG)
+    handle = flavor.load_model(uri, device=device, dtype=dtype, expected=expected, reg=reg)
     meta = handle.extra["editflow"]
     return VersionRef(
         handle=handle,
@@ -134,14 +151,14 @@ def load_version(name: str, ref: str | int, device: str | None = None, dtype: st
         version=version,
         uri=f"models:/{name}/{version}",
         fingerprint=fingerprint(handle.model),
-        base_version=int(meta.get("base_version") or version),
-        base_artifact_uri=meta.get("base_artifact_uri") or uri,
-        edited_tensors=list(meta.get("edited_tensors", [])),
+        base_version=int(meta.get(BASE_VERSION_KEY) or version),
+        base_artifact_uri=meta.get(BASE_ARTIFACT_URI_KEY) or uri,
+        edited_tensors=list(meta.get(EDITED_TENSORS_KEY, [])),
     )
 
 
-def registered_names() -> list[str]:
-    return [m.name for m in client().search_registered_models()]
+def registered_names(reg: Registry) -> list[str]:
+    return [m.name for m in reg.client.search_registered_models()]
 
 
 #: Registered-model names editflow accepts: what MLflow's search filters can quote safely (no quotes,
@@ -160,25 +177,26 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def versions_of(name: str, include_pending: bool = False) -> list[Any]:
+def versions_of(reg: Registry, name: str, include_pending: bool = False) -> list[Any]:
     """The complete versions of ``name``, oldest first (empty when the model is not registered);
     ``include_pending`` adds those whose registration has not finished. A store that cannot be read
     raises: "no versions" is only ever the store's answer."""
-    found = client().search_model_versions(f"name='{check_model_name(name)}'")
+    found = reg.client.search_model_versions(f"name='{check_model_name(name)}'")
     registering = _REGISTERING.get()
     kept = [v for v in found if include_pending or not integrity.is_pending(v) or (name, int(v.version)) in registering]
     return sorted(kept, key=lambda v: int(v.version))
 
 
-def find_base(name: str, fp: str) -> int | None:
+def find_base(reg: Registry, name: str, fp: str) -> int | None:
     """The version of ``name`` registered as a base with this weight fingerprint, if any."""
-    for v in versions_of(name):
-        if v.tags.get(TAG + "role") == "base" and v.tags.get(TAG + "fingerprint") == fp:
+    for v in versions_of(reg, name):
+        if v.tags.get(ROLE_TAG) == ROLE_BASE and v.tags.get(FINGERPRINT_TAG) == fp:
             return int(v.version)
     return None
 
 
 def log_and_register(
+    reg: Registry,
     name: str,
     handle: ModelHandle,
     *,
@@ -198,32 +216,37 @@ def log_and_register(
     """
     import mlflow
 
-    configure()
     integrity.claim_run()
-    info, digest = _log_model(name, handle, storage, edited_tensors, lineage)
-    pending = {integrity.PENDING_TAG: "1", integrity.REGISTRAR_TAG: integrity.owner(), integrity.DIGEST_TAG: digest}
+    info, digest = _log_model(reg, name, handle, storage, edited_tensors, lineage)
+    pending = {PENDING_TAG: "1", REGISTRAR_TAG: integrity.owner(), DIGEST_TAG: digest}
+    # the fluent API registers in the registry URI the Registry set (the run's store)
     mv = retry(lambda: mlflow.register_model(info.model_uri, name, tags={**tags, **pending}, await_registration_for=0))
     version = int(mv.version)
     integrity.crashpoint("after_register_model")
     try:
-        _complete(name, version, description, on_registered)
+        _complete(reg, name, version, description, on_registered)
     except BaseException:
-        _unregister(name, version)
+        _unregister(reg, name, version)
         raise
     return version
 
 
 def _log_model(
-    name: str, handle: ModelHandle, storage: str, edited_tensors: Sequence[str], lineage: dict[str, Any]
+    reg: Registry,
+    name: str,
+    handle: ModelHandle,
+    storage: str,
+    edited_tensors: Sequence[str],
+    lineage: dict[str, Any],
 ) -> tuple[Any, str]:
     """Log the model in the active run; its model info and the digest of its weights manifest. A delta
     records its base's manifest digest, so its own digest covers the base too."""
     from mlflow.models import Model
 
     lineage = dict(lineage)
-    base_version = lineage.get("base_version")
+    base_version = lineage.get(BASE_VERSION_KEY)
     if storage == "delta" and base_version is not None:
-        lineage["base_weights_sha256"] = tags_of(name, int(base_version)).get(integrity.DIGEST_TAG)
+        lineage[BASE_WEIGHTS_SHA256_KEY] = tags_of(reg, name, int(base_version)).get(DIGEST_TAG)
     digests: dict[str, Any] = {}
     info = retry(
         lambda: Model.log(
@@ -240,46 +263,48 @@ def _log_model(
     return info, digests["digest"]
 
 
-def _complete(name: str, version: int, description: str, on_registered: Callable[[int], None] | None) -> None:
+def _complete(
+    reg: Registry, name: str, version: int, description: str, on_registered: Callable[[int], None] | None
+) -> None:
     """Description, ``on_registered`` (alias, ledger), then the pending tag cleared (see the crashpoints)."""
-    c = client()
+    c = reg.client
     retry(lambda: c.update_model_version(name, str(version), description=description))
     integrity.crashpoint("after_tags")
     if on_registered is not None:
         with registering(name, version):
             on_registered(version)
     integrity.crashpoint("after_ledger_write")
-    retry(lambda: c.delete_model_version_tag(name, str(version), integrity.PENDING_TAG))
+    retry(lambda: c.delete_model_version_tag(name, str(version), PENDING_TAG))
 
 
-def _unregister(name: str, version: int) -> None:
+def _unregister(reg: Registry, name: str, version: int) -> None:
     """Delete a version whose registration failed, with its ledger rows (production, if it was
     moved to it, goes back: see :func:`~editflow.registry.integrity.discard_version`)."""
     try:
-        integrity.discard_version(name, version)
+        integrity.discard_version(reg, name, version)
         return
     except Exception:  # noqa: BLE001 - e.g. the ledger is what failed: delete the version regardless
         pass
     with quiet_deprecations():
         try:
-            client().delete_model_version(name, str(version))
+            reg.client.delete_model_version(name, str(version))
         finally:
-            ledger.delete_version(name, version)
+            ledger.delete_version(reg, name, version)
 
 
-def record_gate(name: str, version: int, passed: bool, reasons: Sequence[str], promoted: bool) -> None:
+def record_gate(reg: Registry, name: str, version: int, passed: bool, reasons: Sequence[str], promoted: bool) -> None:
     """Put the gate's decision on the version, where people promote: the ``editflow.gate`` tag and the
     first line of its description."""
-    c = client()
+    c = reg.client
     decision = "passed" if passed else "failed: " + "; ".join(reasons)
     line = f"Gate {decision}" + ("; promoted to production." if promoted else "; kept as a candidate.")
     description = c.get_model_version(name, str(version)).description or ""
-    retry(lambda: c.set_model_version_tag(name, str(version), TAG + "gate", decision[:4000]))
+    retry(lambda: c.set_model_version_tag(name, str(version), GATE_TAG, decision[:4000]))
     retry(lambda: c.update_model_version(name, str(version), description=f"{line}\n\n{description}".strip()))
 
 
-def set_alias(name: str, alias: str, version: int) -> None:
-    c = client()
+def set_alias(reg: Registry, name: str, alias: str, version: int) -> None:
+    c = reg.client
     retry(lambda: c.set_registered_model_alias(name, alias, str(version)))
 
 
@@ -290,10 +315,17 @@ def is_not_found(exc: BaseException) -> bool:
     return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
-def aliases_of(name: str) -> dict[str, int]:
+def _is_invalid(exc: BaseException) -> bool:
+    """MLflow's answer for an alias a model does not have (``INVALID_PARAMETER_VALUE``)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def aliases_of(reg: Registry, name: str) -> dict[str, int]:
     """alias -> version for a registered model ({} when it is not registered; other errors raise)."""
     try:
-        rm = client().get_registered_model(name)
+        rm = reg.client.get_registered_model(name)
     except Exception as exc:
         if is_not_found(exc):
             return {}
@@ -301,39 +333,37 @@ def aliases_of(name: str) -> dict[str, int]:
     return {a: int(v) for a, v in (rm.aliases or {}).items()}
 
 
-def export_version(name: str, ref: str | int, out_dir: str | Path) -> Path:
+def export_version(reg: Registry, name: str, ref: str | int, out_dir: str | Path) -> Path:
     """Write a plain ``save_pretrained`` directory (weights + tokenizer) of any version."""
-    loaded = load_version(name, ref, device="cpu")
+    loaded = load_version(reg, name, ref, device="cpu")
     flavor.export_pretrained(loaded.handle, out_dir)
     return Path(out_dir)
 
 
-def _root_gguf_file(name: str, base_version: int) -> Path | None:
+def _root_gguf_file(reg: Registry, name: str, base_version: int) -> Path | None:
     """The GGUF file the root base was registered from, if it is still at its recorded path with its
     recorded digest."""
     import json
 
-    import mlflow
-
     from editflow.gguf_source import file_sha256
 
-    sha = tags_of(name, base_version).get(TAG + "gguf.sha256")
+    sha = tags_of(reg, name, base_version).get(GGUF_SHA256_TAG)
     if not sha:
         return None
-    uri = client().get_model_version_download_uri(name, str(base_version)).rstrip("/")
-    meta = json.loads(mlflow.artifacts.load_text(f"{uri}/{flavor.META_FILE}"))
-    path = Path((meta.get("gguf") or {}).get("path", ""))
+    uri = reg.client.get_model_version_download_uri(name, str(base_version)).rstrip("/")
+    meta = json.loads(reg.read_text(f"{uri}/{flavor.META_FILE}"))
+    path = Path((meta.get(GGUF_KEY) or {}).get("path", ""))
     return path if path.is_file() and file_sha256(path) == sha else None
 
 
-def export_gguf_version(name: str, ref: str | int, out_path: str | Path, dtype: str = "f16") -> Path:
+def export_gguf_version(reg: Registry, name: str, ref: str | int, out_path: str | Path, dtype: str = "f16") -> Path:
     """Write any version as one GGUF file (``dtype`` f16 or f32). When the root base was registered
     from a GGUF file that is still at its recorded path with its recorded digest, its tokenizer and
     ``general.*`` metadata are copied from it; otherwise they are built from the tokenizer."""
     from editflow.gguf_export import export_gguf
 
-    loaded = load_version(name, ref, device="cpu")
-    source = _root_gguf_file(name, loaded.base_version or loaded.version)
+    loaded = load_version(reg, name, ref, device="cpu")
+    source = _root_gguf_file(reg, name, loaded.base_version or loaded.version)
     out = Path(out_path)
     if out.is_dir():
         out = out / f"{name}-v{loaded.version}.{dtype}.gguf"
