@@ -34,6 +34,7 @@ def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[li
     from editflow.evaluate import Evaluator
     from editflow.pipeline import EditJob, run_edit
     from editflow.registry.promotion import GateThresholds
+    from editflow.registry.store import Registry
     from editflow.registry.versions import load_version
     from editflow.requests import load_requests
 
@@ -73,7 +74,7 @@ def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[li
                 "fluency_root": m.get("pre/fluency") if k == 0 else rows[0]["fluency_root"],
             }
         )
-    handle = load_version(name, "@production").handle
+    handle = load_version(Registry(), name, "@production").handle
     final = [
         Evaluator(handle, load_requests(b), n_auto_neighbors=0, fluency=False)
         .pre()
