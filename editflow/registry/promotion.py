@@ -244,15 +244,38 @@ def restore_history_top(reg: Registry, name: str, exclude: int) -> int | None:
 # --------------------------------------------------------------------------- moves
 
 
+#: The ledger reason of a production move editflow did not make (the MLflow UI, another tool).
+EXTERNAL_MOVE = "the production alias was moved outside editflow"
+
+
+def reconcile(reg: Registry, name: str) -> str | None:
+    """Adopt a production alias moved outside editflow (the MLflow UI, another client): the alias is
+    the truth for what serves, so when it names another version than the top of the ledger's
+    production history (and no editflow move is in progress), record that move as a ``promote``
+    event and bring the version's stage in step; a later plain rollback returns to the version that
+    served before it. A removed alias is left as it is. Returns what was done, or ``None``."""
+    if read_intent(reg, name) is not None:
+        return None
+    current = production_version(reg, name)
+    history = ledger.production_history(reg, name)
+    top = history[-1] if history else None
+    if current is None or current == top:
+        return None
+    _set_stage(reg, name, current)
+    ledger.record_event(reg, name, "promote", current, previous_version=top, reason=EXTERNAL_MOVE)
+    return f"recorded the production alias moved outside editflow: version {top} → {current}"
+
+
 def _settle(reg: Registry, name: str) -> None:
-    """Resolve a production move a dead process left behind (call with the lock held); refuse while
-    another process may still be completing one."""
+    """Resolve a production move a dead process left behind and adopt an alias moved outside editflow
+    (call with the lock held); refuse while another process may still be completing a move."""
     pending = read_intent(reg, name)
     if pending is not None and resolve_intent(reg, name, mine_dead=True) is None:
         raise RuntimeError(
             f"another production move of {name!r} is in progress "
             f"(version {pending.get('target')}, by {pending.get('owner')})"
         )
+    reconcile(reg, name)
 
 
 def move_production(
