@@ -23,6 +23,7 @@ import torch
 from editflow import memit, progress
 from editflow.config import MemitConfig
 from editflow.edit_state import EditState
+from editflow.job_options import PROMOTE_CHOICES, STORAGE_CHOICES
 from editflow.models import with_module_overrides
 from editflow.registry import flavor, integrity, ledger, lineage, promotion, resolve
 from editflow.registry.schema import (
@@ -74,8 +75,6 @@ from editflow.requests import (
 )
 from editflow.tokens import model_positions
 
-PROMOTE_CHOICES = ("never", "if-better", "always")
-STORAGE_CHOICES = ("delta", "full")
 HEADLINE = (
     "efficacy",
     "paraphrase",
@@ -393,10 +392,22 @@ def _retention(plan: _Plan) -> dict[str, float]:
     return retention_metrics(plan.handle, earlier, total, seed=plan.config.seed)
 
 
+def prepost_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """``prepost/<name>`` for every figure measured both before and after, as (step 0 = pre, step 1 =
+    post): one metric per figure, so the MLflow UI charts pre and post on one line."""
+    names = sorted(k[len("pre/") :] for k in metrics if k.startswith("pre/") and "post/" + k[len("pre/") :] in metrics)
+    return (
+        {f"prepost/{n}": float(metrics["pre/" + n]) for n in names},
+        {f"prepost/{n}": float(metrics["post/" + n]) for n in names},
+    )
+
+
 def _log_results(metrics: dict[str, float], timings: dict[str, float]) -> None:
     import mlflow
 
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k.startswith("post/")})
+    for step, values in enumerate(prepost_metrics(metrics)):
+        mlflow.log_metrics(values, step=step)
     mlflow.log_metrics({f"time/{k}": v for k, v in timings.items()})
     mlflow.log_metric("memory/peak_rss_mb", _peak_memory_mb())
     if torch.cuda.is_available():

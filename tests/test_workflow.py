@@ -154,6 +154,9 @@ def test_edit_run_registers_a_version_with_lineage(ws, first_edit):
         "time/eval_post",
         "memory/peak_rss_mb",
     } <= set(m)
+    # pre and post on one chart: one metric per figure, step 0 = pre, step 1 = post
+    prepost = [(h.step, h.value) for h in MlflowClient().get_metric_history(out.run_id, "prepost/efficacy")]
+    assert sorted(prepost) == [(0, m["pre/efficacy"]), (1, m["post/efficacy"])]
     artifacts = {a.path for a in MlflowClient().list_artifacts(out.run_id, "eval")}
     assert {
         "eval/facts.csv",
