@@ -203,6 +203,22 @@ def test_unreachable_server_is_named_fast_and_masked(store, args):
     ]
 
 
+def _commands(command: click.Command, path: str = "editflow"):
+    """``(path, command)`` of ``command`` and, for a group, every subcommand below it."""
+    yield path, command
+    if isinstance(command, click.Group):
+        for name in command.list_commands(None):  # type: ignore[arg-type]
+            yield from _commands(command.get_command(None, name), f"{path} {name}")  # type: ignore[arg-type]
+
+
+def test_every_option_of_every_command_has_help():
+    found = {}
+    for path, command in _commands(main):
+        found[path] = [p.name for p in command.params if isinstance(p, click.Option) and not (p.help or "").strip()]
+    assert {path: names for path, names in found.items() if names} == {}
+    assert {"editflow edit", "editflow stats compute", *(f"editflow {name}" for name in MY_COMMANDS)} <= set(found)
+
+
 def test_every_option_has_help():
     from editflow.cli import _LazyGroup
 

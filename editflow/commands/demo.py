@@ -40,7 +40,9 @@ def recipe_options(func: Callable) -> Callable:
     type=click.Path(exists=True, dir_okay=False),
     help="CounterFact-format JSON file (repeatable; deduplicated by case_id).",
 )
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory the model is saved to."
+)
 @recipe_options
 def build(records: tuple[str, ...], out_dir: str, **options) -> None:
     """Train tokenizer and model on --records and save them (with card.json) to --out.

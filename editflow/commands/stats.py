@@ -24,11 +24,11 @@ def _corpus_options(f: Callable) -> Callable:
             "parquet copy) or a Hugging Face dataset name.",
         ),
         click.option("--config-name", default=None, help="Dataset config (e.g. 20231101.en)."),
-        click.option("--split", default="train", show_default=True),
+        click.option("--split", default="train", show_default=True, help="Dataset split."),
         click.option("--revision", default=None, help="Dataset revision (pins hub datasets in the key)."),
         click.option("--data-files", multiple=True, help="Local data files for a hub/builder dataset (repeatable)."),
         click.option("--data-dir", default=None, help="data_dir passed to load_dataset."),
-        click.option("--text-field", default="text", show_default=True),
+        click.option("--text-field", default="text", show_default=True, help="Field holding the document text."),
         click.option(
             "--txt-mode",
             type=click.Choice(["blocks", "lines"]),
@@ -112,11 +112,11 @@ def command() -> None:
     show_default=True,
     help="Accumulation dtype.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the corpus shuffle (part of the key).")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Padded tokens per batch.")
 @click.option("--device", default=None, help="cuda / cpu (default: cuda when available).")
 @click.option("--model-dtype", default=None, help="Load the model in float16/bfloat16/float32.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @cache_dir_option
 def compute(
     model: str,
@@ -218,18 +218,20 @@ def verify(cache_dir: str | None) -> None:
 @command.command("import")
 @click.argument("npz", type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", "model", required=True, help="The model the statistics belong to (path or HF id).")
-@click.option("--layer", type=int, required=True)
+@click.option("--layer", type=int, required=True, help="The layer the statistics belong to.")
 @_corpus_options
 @click.option("--tokens", type=int, default=None, help="Token budget recorded in the key (default: the file's count).")
-@click.option("--max-length", type=int, default=None)
+@click.option(
+    "--max-length", type=int, default=None, help="Document truncation recorded in the key (default min(context, 1024))."
+)
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "float64"]),
     default=None,
     help="Statistics dtype recorded in the key (default: the file's).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--model-dtype", default=None)
+@click.option("--seed", type=int, default=0, show_default=True, help="Corpus shuffle seed recorded in the key.")
+@click.option("--model-dtype", default=None, help="Load the model in float16/bfloat16/float32.")
 @cache_dir_option
 def import_(
     npz: str,
@@ -285,7 +287,14 @@ def import_(
 @command.command("export")
 @click.argument("key_or_path")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["editflow", "memit"]), default="editflow", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["editflow", "memit"]),
+    default="editflow",
+    show_default=True,
+    help="editflow: sum/count arrays; memit: the public MEMIT code's mom2.mom2/mom2.count arrays.",
+)
 @cache_dir_option
 def export(key_or_path: str, out_dir: str, fmt: str, cache_dir: str | None) -> None:
     """Copy one verified entry (by key, key prefix or path) and its manifest to OUT_DIR."""

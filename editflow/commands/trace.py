@@ -65,13 +65,20 @@ def save_summary(summary: TraceSummary, out_dir: str | Path) -> Path:
     help="Request file: plain, CounterFact or zsRE records (JSON or JSON Lines).",
 )
 @click.option("--n", default=50, show_default=True, help="Number of records traced (first N).")
-@click.option("--out", "out_dir", default="trace_out", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    "out_dir",
+    default="trace_out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory for trace.json and trace.png.",
+)
 @click.option("--noise", default=3.0, show_default=True, help="Noise std as a multiple of the embedding std.")
 @click.option("--samples", default=10, show_default=True, help="Noise samples per prompt.")
 @click.option("--window", default=1, show_default=True, help="Number of MLP layers restored together.")
 @click.option("--width", default=3, show_default=True, help="Width of the best MLP window reported.")
 @click.option("--device", default="", help="cpu, cuda, ... (default: cuda when available).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the noise samples.")
 @user_errors
 def command(
     model: str,

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import sys
 
-INT_OPTIONS = {"--chunk-size", "--stats-tokens", "--seed", "--tokens"}
+from editflow.job_options import OPTIONS
+
+#: MLproject spelling of an integer option (``--tokens``: the ``stats`` entry point).
+INT_OPTIONS = {"--tokens"} | {f"--{o.parameter.replace('_', '-')}" for o in OPTIONS if o.parameter and o.type is int}
+#: MLproject flag parameter -> (``editflow edit``'s flag, whether "false" is what sets it).
+FLAGS = {f"--{o.parameter.replace('_', '-')}": (o.flag, o.negate) for o in OPTIONS if o.parameter and o.type is bool}
 
 
 def normalise(args: list[str]) -> list[str]:
-    """Drop options whose value is empty, turn "100.0" into "100" for integer options and
-    ``--fluency false`` into ``--no-fluency``."""
+    """Drop options whose value is empty (unset: ``editflow edit``'s default), turn "100.0" into "100"
+    for integer options and flags' "true"/"false" into the flag or nothing (``--fluency false`` ->
+    ``--no-fluency``, ``--from-zero true`` -> ``--from-zero``)."""
     out: list[str] = []
     i = 0
     while i < len(args):
@@ -21,9 +27,11 @@ def normalise(args: list[str]) -> list[str]:
         if arg.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
             value = args[i + 1]
             i += 2
-            if arg == "--fluency":
-                if value.strip().lower() in ("false", "0", "no"):
-                    out.append("--no-fluency")
+            if arg in FLAGS:
+                flag, negate = FLAGS[arg]
+                word = value.strip().lower()
+                if word and (word in ("false", "0", "no")) == negate:
+                    out.append(flag)
                 continue
             if value == "" or (arg in INT_OPTIONS and value in ("0", "0.0") and arg != "--seed"):
                 continue
