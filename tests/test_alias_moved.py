@@ -74,3 +74,12 @@ def test_a_removed_alias_is_left_removed(store):
     assert promotion.reconcile(reg, NAME) is None
     assert PRODUCTION not in aliases_of(reg, NAME)
     assert ledger.production_history(reg, NAME) == [1]
+
+
+def test_repair_adopts_the_moved_alias(store):
+    reg = store
+    reg.client.set_registered_model_alias(NAME, PRODUCTION, "2")
+    result = CliRunner().invoke(cli, ["verify", NAME, "--repair"])
+    assert result.exit_code == 0, result.output
+    assert "recorded the production alias moved outside editflow: version 1 → 2" in result.output
+    assert ledger.production_history(reg, NAME) == [1, 2]

@@ -363,3 +363,54 @@ def test_concurrent_first_edits_land_as_distinct_versions(lineage):
     assert [e.previous_version for e in promotes] == [None] + [e.version for e in promotes[:-1]]
     assert sorted(e.version for e in promotes) == [1, 2, 3, 4, 5]
     consistent("conc")
+
+
+# --------------------------------------------------------------------------- leftovers: files of discarded versions
+
+
+def tree(path: Path) -> dict[str, int]:
+    """Size of every file under ``path``, by relative path."""
+    return {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_repair_deletes_the_files_of_an_abandoned_version(lineage):
+    """A kill after registration leaves a pending version with its model files written: repair deletes
+    the version, its files and its logged model; the other versions' files stay and still verify."""
+    reg = Registry()
+    kept = {int(v.version): artifact_dir("tiny", int(v.version)) for v in versions_of(reg, "tiny")}
+    before = {v: tree(path) for v, path in kept.items()}
+    out = cli(lineage, *edit_args(lineage), crash="after_register_model")
+    assert out.returncode == -9, out.stderr[-2000:]
+    [half] = [v for v in versions_of(reg, "tiny", include_pending=True) if int(v.version) not in kept]
+    files = artifact_dir("tiny", int(half.version))
+    assert integrity.is_pending(half) and {"editflow.json", "edited.safetensors"} <= set(tree(files))
+    model_id = half.source.removeprefix("models:/")
+    assert model_id.startswith("m-") and reg.client.get_logged_model(model_id).artifact_location == files.as_uri()
+
+    repaired = cli(lineage, "verify", "tiny", "--repair")
+    assert repaired.returncode == 0, repaired.stderr[-2000:]
+    assert f"repair: deleted incomplete version tiny {half.version}" in repaired.stdout
+    assert "could not delete" not in repaired.stdout
+    assert int(half.version) not in {int(v.version) for v in versions_of(reg, "tiny", include_pending=True)}
+    assert not files.exists() or tree(files) == {}
+    with pytest.raises(Exception, match="(?i)not found"):  # a deleted logged model is not found
+        reg.client.get_logged_model(model_id)
+    assert {v: tree(path) for v, path in kept.items()} == before
+    for v in kept:
+        checked = cli(lineage, "verify", "tiny", str(v))
+        assert checked.returncode == 0, checked.stderr[-2000:]
+    consistent("tiny")
+
+
+def test_files_that_cannot_be_deleted_are_reported_not_raised(ws):
+    """Repair still deletes a version whose files cannot be deleted, and says so."""
+    reg = Registry()
+    c = reg.client
+    c.create_registered_model("leftover")
+    c.create_model_version("leftover", "nosuchstore://bucket/model", tags={integrity.PENDING_TAG: "1"})
+    report = integrity.repair(reg, "leftover", grace_s=0)
+    assert report.deleted == [("leftover", 1)] and versions_of(reg, "leftover", include_pending=True) == []
+    [(name, version, what)] = report.leftovers
+    assert (name, version) == ("leftover", 1) and "nosuchstore://bucket/model" in what
+    assert report.lines()[1].startswith("deleted version leftover 1: could not delete files at nosuchstore://")

@@ -492,8 +492,17 @@ def test_server_killed_mid_registration(cache, tmp_path):
         (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
         assert run.info.status == "RUNNING"  # the client could not end it: the server was gone
 
+        # the pending version's model files are in the bucket until repair deletes them (the base's stay)
+        sources = {int(v.version): v.source for v in client.search_model_versions(f"name='{name}'")}
+        half, base = (
+            s3_prefix(client.get_logged_model(sources[v][len("models:/") :]).artifact_location) for v in (2, 1)
+        )
+        base_files = srv.objects(base)
+        assert "editflow.json" in srv.objects(half) and "editflow.json" in base_files
+
         repaired = dev.json("verify", name, "--repair")["repaired"]
         assert repaired == [f"deleted incomplete version {name} 2", f"marked orphaned run {run.info.run_id} FAILED"]
+        assert srv.objects(half) == {} and srv.objects(base) == base_files
         assert [int(v.version) for v in client.search_model_versions(f"name='{name}'")] == [1]
         assert client.get_run(run.info.run_id).info.status == "FAILED"
         assert client.get_registered_model(name).aliases == {"production": "1"}

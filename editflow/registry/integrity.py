@@ -7,7 +7,8 @@
   manifest digest, so one verified tag covers the whole lineage.
 * **Registration** is a transaction: a version is registered with ``editflow.pending`` set (atomically
   with the version) and the tag is cleared last, after the weights, tags and ledger entry exist.
-  Readers skip or refuse pending versions; :func:`repair` deletes those left by a dead process.
+  Readers skip or refuse pending versions; :func:`repair` deletes those left by a dead process,
+  with their model files.
 * **Promotion** writes an intent (registered-model tag ``editflow.promotion_intent``) before moving
   the alias; :func:`repair` (and the next promotion) finishes or reverts an intent left behind.
 * **Crash tests.** :func:`crashpoint` kills the process at a named step when ``EDITFLOW_CRASH_AT``
@@ -20,6 +21,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -298,18 +300,84 @@ def abandoned(reg: Registry, mv: Any, grace_s: float = GRACE_S) -> bool:
     return _age_s(mv.creation_timestamp) > grace_s or _run_status(reg, mv.run_id) != "RUNNING"
 
 
-def discard_version(reg: Registry, name: str, version: int) -> None:
-    """Delete an incomplete version and its ledger rows; if production pointed at it, production goes
-    back to the previous production version (a ``void`` ledger event records why)."""
+def discard_version(reg: Registry, name: str, version: int) -> list[str]:
+    """Delete an incomplete version, its model files (:func:`discard_files`) and its ledger rows; if
+    production pointed at it, production goes back to the previous production version (a ``void``
+    ledger event records why). Returns what could not be deleted of its files (reported, not raised)."""
     from editflow.registry import ledger, promotion
 
+    mv = reg.client.get_model_version(name, str(version))
     if version in ledger.production_history(reg, name):
         ledger.record_event(reg, name, "void", version, reason="repair: incomplete registration deleted")
     if promotion.production_version(reg, name) == version:
         promotion.restore_history_top(reg, name, exclude=version)
+    problems, model_id = discard_files(reg, mv)  # files first: a kill after this leaves no orphan files
     with quiet_deprecations():
         reg.client.delete_model_version(name, str(version))
     ledger.delete_version(reg, name, version)
+    if model_id:
+        problems += _attempt(f"logged model {model_id}", lambda: reg.client.delete_logged_model(model_id))
+    return problems
+
+
+#: A version registered from a logged model (MLflow 3): ``models:/m-<id>``.
+_LOGGED_MODEL = re.compile(r"models:/(m-[0-9A-Za-z]+)/?")
+
+
+def model_files(reg: Registry, mv: Any) -> tuple[str | None, str | None]:
+    """(artifact URI of a version's own model files, its logged model id). A ``models:/m-<id>`` source
+    is a logged model; ``runs:/RUN/PATH`` and store URIs are run artifacts (older registrations). A
+    source naming another registered version, or a whole run's artifacts, gives ``None``: those files
+    are not the version's own."""
+    source = mv.source or ""
+    if m := _LOGGED_MODEL.fullmatch(source):
+        return reg.client.get_logged_model(m.group(1)).artifact_location, m.group(1)
+    if not source or source.startswith("models:/"):
+        return None, None
+    if source.startswith("runs:/"):
+        from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+        source = RunsArtifactRepository.get_underlying_uri(source, reg.tracking_uri)
+    run_root = reg.client.get_run(mv.run_id).info.artifact_uri if mv.run_id else None
+    return (None if run_root and source.rstrip("/") == run_root.rstrip("/") else source), None
+
+
+def discard_files(reg: Registry, mv: Any) -> tuple[list[str], str | None]:
+    """Delete the model files of version ``mv`` (local files, S3, the server's proxied artifacts: any
+    store MLflow deletes from), unless another version was registered from the same source. Returns
+    (what could not be deleted, the logged model id to delete once the version is gone)."""
+    try:
+        uri, model_id = model_files(reg, mv)
+    except Exception as exc:  # noqa: BLE001 - reported: the files stay, the version still goes
+        return [f"files of {mv.source}: {type(exc).__name__}: {exc}"], None
+    if uri is None or _shared(reg, mv):
+        return [], None
+    return _attempt(f"files at {uri}", lambda: _delete_artifacts(reg, uri)), model_id
+
+
+def _delete_artifacts(reg: Registry, uri: str) -> None:
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    get_artifact_repository(uri, tracking_uri=reg.tracking_uri, registry_uri=reg.registry_uri).delete_artifacts()
+
+
+def _shared(reg: Registry, mv: Any) -> bool:
+    """Whether any other version (of any model) was registered from ``mv``'s source; ``True`` when the
+    store cannot tell (files are only deleted when they are surely this version's alone)."""
+    try:
+        found = reg.client.search_model_versions(f"source_path = '{mv.source}'")
+    except Exception:  # noqa: BLE001 - unknown: keep the files
+        return True
+    return any((v.name, str(v.version)) != (mv.name, str(mv.version)) for v in found)
+
+
+def _attempt(what: str, fn: Any) -> list[str]:
+    """``[]`` when ``fn()`` succeeds, else one line saying what could not be deleted and why."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - reported by the caller
+        return [f"{what}: {type(exc).__name__}: {exc}"[:500]]
+    return []
 
 
 # --------------------------------------------------------------------------- orphaned runs
@@ -350,11 +418,14 @@ class RepairReport:
     intents: list[str] = field(default_factory=list)
     deleted: list[tuple[str, int]] = field(default_factory=list)
     failed_runs: list[str] = field(default_factory=list)
+    #: (name, version, what could not be deleted of a deleted version's files, and why)
+    leftovers: list[tuple[str, int, str]] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         return (
             [f"promotion intent: {i}" for i in self.intents]
             + [f"deleted incomplete version {n} {v}" for n, v in self.deleted]
+            + [f"deleted version {n} {v}: could not delete {what}" for n, v, what in self.leftovers]
             + [f"marked orphaned run {r} FAILED" for r in self.failed_runs]
         )
 
@@ -362,25 +433,26 @@ class RepairReport:
 def repair(
     reg: Registry, name: str | None = None, grace_s: float = GRACE_S, run_grace_s: float = RUN_GRACE_S
 ) -> RepairReport:
-    """Finish or revert interrupted promotions, delete abandoned pending versions and end orphaned
-    runs FAILED, for ``name`` (every registered model when ``None``). Live work is never touched:
-    see :func:`abandoned`, :func:`orphaned_runs` and :func:`editflow.registry.promotion.resolve_intent`."""
+    """Finish or revert interrupted promotions, adopt a production alias moved outside editflow, delete
+    abandoned pending versions (their files too) and end orphaned runs FAILED, for ``name`` (every
+    registered model when ``None``). Live work is never touched: see :func:`abandoned`, :func:`orphaned_runs` and :func:`editflow.registry.promotion.resolve_intent`."""
     from editflow.registry import promotion
 
     report = RepairReport()
     names = [name] if name else [m.name for m in reg.client.search_registered_models()]
     for n in names:
-        outcome = promotion.resolve_intent(reg, n, grace_s=grace_s)
-        if outcome:
-            report.intents.append(f"{n}: {outcome}")
+        for outcome in (promotion.resolve_intent(reg, n, grace_s=grace_s), promotion.reconcile(reg, n)):
+            if outcome:
+                report.intents.append(f"{n}: {outcome}")
     for run in orphaned_runs(reg, run_grace_s):
         fail_run(reg, run.info.run_id, f"orphaned: the process running it died ({_stamp()}, editflow repair)")
         report.failed_runs.append(run.info.run_id)
     for n in names:
         for mv in _all_versions(reg, n):
             if abandoned(reg, mv, grace_s):
-                discard_version(reg, n, int(mv.version))
+                problems = discard_version(reg, n, int(mv.version))
                 report.deleted.append((n, int(mv.version)))
+                report.leftovers += [(n, int(mv.version), p) for p in problems]
     return report
 
 

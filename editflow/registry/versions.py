@@ -279,9 +279,13 @@ def _complete(
 
 def _unregister(reg: Registry, name: str, version: int) -> None:
     """Delete a version whose registration failed, with its ledger rows (production, if it was
-    moved to it, goes back: see :func:`~editflow.registry.integrity.discard_version`)."""
+    moved to it, goes back: see :func:`~editflow.registry.integrity.discard_version`); model files that
+    could not be deleted are logged as a warning."""
+    import logging
+
     try:
-        integrity.discard_version(reg, name, version)
+        for problem in integrity.discard_version(reg, name, version):
+            logging.getLogger(__name__).warning("deleted version %s %s: could not delete %s", name, version, problem)
         return
     except Exception:  # noqa: BLE001 - e.g. the ledger is what failed: delete the version regardless
         pass
