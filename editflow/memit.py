@@ -26,6 +26,7 @@ from editflow.tokens import (
     encode,
     encode_target,
     fact_token_index,
+    model_positions,
     pad_id,
     pad_right,
 )
@@ -172,8 +173,8 @@ def check_lengths(
     model: nn.Module, tokenizer: object, requests: Sequence[EditRequest], templates: Sequence[str]
 ) -> None:
     """Raise ``ValueError`` naming the first request whose longest row (context template, prompt and
-    target) exceeds the model's ``max_position_embeddings``, before any work is done."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+    target) exceeds the model's positions (:func:`~editflow.tokens.model_positions`), before any work."""
+    limit = model_positions(model)
     if not limit:
         return
     rows = _prompt_rows(tokenizer, requests, templates, lambda i: encode_target(tokenizer, requests[i].target_new))

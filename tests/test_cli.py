@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import click
 import pytest
+from _processes import free_port, stop_group, wait_healthy
 from click.testing import CliRunner
 from test_workflow import LOOSE, make_workspace
 
@@ -177,12 +176,6 @@ def test_failed_promotion_leaves_production(store):
     assert aliases_of(reg, DEFAULT) == {"production": 1}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     "args",
     [
@@ -272,37 +265,15 @@ def test_ui_serves_the_local_store(store):
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    assert r.status == 200
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(1)
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, log)
         api = f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/get?name={DEFAULT}"
         with urllib.request.urlopen(api, timeout=30) as r:
             assert json.loads(r.read())["registered_model"]["name"] == DEFAULT
     finally:
-        stop_group(proc)
+        stop_group(proc, grace_s=60)
     assert log.read_text().startswith(
         f"mlflow ui --host 127.0.0.1 --port {port} --workers 1 --backend-store-uri sqlite:"
     )
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group ``proc`` leads (mlflow ui and its workers), SIGKILL what is left after 60 s."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            os.killpg(proc.pid, 0)
-            time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def installable(line: str, model_dir: Path) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _processes import free_port
 from click.testing import CliRunner, Result
 
 from editflow.cli import main
@@ -509,12 +510,6 @@ def test_server_killed_mid_registration(cache, tmp_path):
         only_requests(dev)
     finally:
         script(srv.root, "stop")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(

@@ -15,16 +15,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from _processes import free_port, stop_group, wait_healthy
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SHOTS = Path("/tmp/ui_shots")
@@ -104,12 +101,6 @@ def quickstart(tmp_path_factory):
     return {"root": root, "env": env, "out": out, "client": client, "versions": versions, "aliases": aliases}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ui(quickstart):
     """``editflow ui`` on the quick start's store, on 127.0.0.1 and a free port; its URL."""
@@ -126,34 +117,10 @@ def ui(quickstart):
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    assert r.status == 200
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(1)
+        wait_healthy(f"{url}/health", proc, log)
         yield url
     finally:
         stop_group(proc)
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group ``proc`` leads (mlflow ui, its server and job workers), SIGKILL what is
-    left after 20 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            os.killpg(proc.pid, 0)
-            proc.poll()
-            time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from editflow.stats.corpus import CorpusSpec, Sampling, corpus_identity, sample_
 from editflow.stats.fingerprint import combine, layer_dependencies, tensor_digests, tokenizer_fingerprint
 from editflow.stats.moments import LayerStats, stats_dtype
 from editflow.stats.sanity import check_covariance
+from editflow.tokens import model_positions
 
 #: Documents longer than this are truncated unless ``max_length`` says otherwise.
 MAX_LENGTH_CAP = 1024
@@ -44,9 +45,7 @@ class CovarianceResult:
 
 def default_max_length(model: torch.nn.Module, tokenizer: object | None = None, cap: int = MAX_LENGTH_CAP) -> int:
     """min(model context, tokenizer limit, ``cap``): never the raw maximum of long-context models."""
-    config = getattr(model, "config", None)
-    limits = [getattr(config, k, None) for k in ("n_positions", "max_position_embeddings", "n_ctx")]
-    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [model_positions(model), getattr(tokenizer, "model_max_length", None)]
     return min([cap, *(int(x) for x in limits if isinstance(x, int) and 0 < x < 10**8)])
 
 
