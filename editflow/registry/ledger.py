@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import DateTime, Integer, String, Text, create_engine, select
+from sqlalchemy import DateTime, Integer, String, Text, create_engine, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -276,3 +276,64 @@ def previous_production(reg: Registry, model_name: str, current: int | None) -> 
     if stack and stack[-1] == current and len(stack) > 1:
         return stack[-2]
     return None
+
+
+# --------------------------------------------------------------------------- migration
+
+
+@dataclass(frozen=True)
+class MigrationReport:
+    facts: int  # rows copied
+    events: int
+    skipped: int  # rows the destination already held
+
+
+def _fact_key(r: FactRow) -> tuple:
+    return (r.model_name, r.version, r.subject, r.prompt, r.target_new, r.target_true, r.requests_digest, r.run_id)
+
+
+def _event_key(r: EventRow) -> tuple:
+    stamp = r.time.replace(tzinfo=None) if r.time is not None else None  # sqlite drops the zone
+    return (r.model_name, r.action, r.version, r.previous_version, r.parent_version, r.actor, r.reason, r.run_id, stamp)
+
+
+def migrate(source_uri: str, reg: Registry, model_name: str | None = None) -> MigrationReport:
+    """Copy the facts and events of the ledger at ``source_uri`` (e.g. a per-folder
+    ``editflow-ledger.db`` an older editflow wrote beside a remote tracking server) into ``reg``'s
+    ledger, in their original order, for every model or only ``model_name``. Rows the destination
+    already holds are skipped, so running it again copies nothing; one transaction, so a failure
+    copies nothing."""
+    if sqlalchemy_uri(source_uri) == sqlalchemy_uri(reg.ledger_uri):
+        raise ValueError("the source ledger is the destination ledger")
+    src = create_engine(sqlalchemy_uri(source_uri))
+    tables = set(inspect(src).get_table_names())
+    if not {FactRow.__tablename__, EventRow.__tablename__} <= tables:
+        raise ValueError(f"{mask_uri(source_uri)} holds no editflow ledger (tables editflow_facts, editflow_events)")
+    with Session(src) as s:
+        facts, events = (
+            list(s.scalars(select(row).where(row.model_name == model_name if model_name else True).order_by(row.id)))
+            for row in (FactRow, EventRow)
+        )
+        s.expunge_all()
+    copied_facts = copied_events = skipped = 0
+    with Session(engine(reg)) as d, d.begin():
+        have_facts = {_fact_key(r) for r in d.scalars(select(FactRow))}
+        have_events = {_event_key(r) for r in d.scalars(select(EventRow))}
+        for r in facts:
+            if _fact_key(r) in have_facts:
+                skipped += 1
+                continue
+            d.add(FactRow(**{c: getattr(r, c) for c in _columns(FactRow)}))
+            copied_facts += 1
+        for r in events:
+            if _event_key(r) in have_events:
+                skipped += 1
+                continue
+            d.add(EventRow(**{c: getattr(r, c) for c in _columns(EventRow)}))
+            copied_events += 1
+    return MigrationReport(copied_facts, copied_events, skipped)
+
+
+def _columns(row: type[Base]) -> list[str]:
+    """The columns of a row type, without its surrogate id (the destination numbers rows itself)."""
+    return [c.name for c in row.__table__.columns if c.name != "id"]
