@@ -46,7 +46,8 @@ def run_setting(handle, covs, batches, base_cfg, overrides: dict, evaluate) -> d
 
     cfg = base_cfg.replace(**overrides)
     state = EditState()
-    original = {n: p.detach().clone() for n, p in handle.model.named_parameters()}
+    params = dict(handle.model.named_parameters())
+    backup = {n: params[n].detach().clone() for n in (handle.adapter.rewrite_weight(layer) for layer in cfg.layers)}
     t0 = time.perf_counter()
     try:
         for batch in batches:
@@ -65,11 +66,7 @@ def run_setting(handle, covs, batches, base_cfg, overrides: dict, evaluate) -> d
         seconds = time.perf_counter() - t0
         return {**evaluate(), "seconds": seconds}
     finally:
-        memit.restore(handle.model, {n: original[n] for n in memit_names(handle, cfg)})
-
-
-def memit_names(handle, cfg) -> list[str]:
-    return [handle.adapter.rewrite_weight(layer) for layer in cfg.layers]
+        memit.restore(handle.model, backup)
 
 
 def first(metrics: dict, *names: str) -> float:

@@ -341,18 +341,24 @@ def test_repair_leaves_live_work_alone(lineage):
 # --------------------------------------------------------------------------- concurrency
 
 
+def concurrent_first_edits(ws: dict, name: str, n: int = 4) -> tuple[list[int], list[str]]:
+    """``n`` CLI edits of the new registered model ``name`` started at once: exit codes, stderr tails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDITFLOW_QUIET": "1"}
+    cmd = [sys.executable, "-m", "editflow.cli", *edit_args(ws, name=name, model=str(ws["model"]))]
+    procs = [
+        subprocess.Popen(cmd, cwd=ws["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(n)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    return [p.returncode for p in procs], [err[-2000:] for _, err in outs]
+
+
 @pytest.mark.slow
 def test_concurrent_first_edits_land_as_distinct_versions(lineage):
     """Four edits of a new registered model at once: one base, four edits, a consistent ledger."""
     reg = Registry()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDITFLOW_QUIET": "1"}
-    cmd = [sys.executable, "-m", "editflow.cli", *edit_args(lineage, name="conc", model=str(lineage["model"]))]
-    procs = [
-        subprocess.Popen(cmd, cwd=lineage["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(4)
-    ]
-    outs = [p.communicate(timeout=900) for p in procs]
-    assert [p.returncode for p in procs] == [0] * 4, [e[-2000:] for _, e in outs]
+    codes, errors = concurrent_first_edits(lineage, "conc")
+    assert codes == [0] * 4, errors
     versions = versions_of(reg, "conc")
     assert [int(v.version) for v in versions] == [1, 2, 3, 4, 5]
     assert [v.tags["editflow.role"] for v in versions] == ["base"] + ["edit"] * 4

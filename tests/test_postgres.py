@@ -14,10 +14,10 @@ import uuid
 
 import pytest
 from sqlalchemy.exc import OperationalError
-from test_integrity import consistent, edit_args
-from test_workflow import LOOSE, InjectedFailure, fail_after, make_workspace, state_hash
+from test_integrity import concurrent_first_edits, consistent, edit_args
+from test_workflow import InjectedFailure, fail_after, job, make_workspace, state_hash
 
-from editflow.pipeline import EditJob, run_edit
+from editflow.pipeline import run_edit
 from editflow.registry import ledger, promotion
 from editflow.registry.store import Registry, sqlalchemy_uri
 from editflow.registry.versions import aliases_of, load_version, versions_of
@@ -72,18 +72,6 @@ def ws(tmp_path_factory):
     server.dispose()
 
 
-def job(ws, **kw) -> EditJob:
-    base = dict(
-        requests=str(ws["facts"]),
-        model=str(ws["model"]),
-        corpus=str(ws["corpus"]),
-        fluency=False,
-        thresholds=LOOSE,
-        registered_model="tiny",
-    )
-    return EditJob(**{**base, **kw})
-
-
 def test_edit_promote_rollback_on_postgres(ws):
     import mlflow
     from sqlalchemy import text
@@ -127,15 +115,9 @@ def test_edit_promote_rollback_on_postgres(ws):
 def test_concurrent_edits_on_postgres(ws):
     """Four CLI edits of a new registered model at once: one base, four distinct edits, a consistent ledger."""
     reg = Registry()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDITFLOW_QUIET": "1"}
-    cmd = [sys.executable, "-m", "editflow.cli", *edit_args(ws, name="conc", model=str(ws["model"]))]
-    procs = [
-        subprocess.Popen(cmd, cwd=ws["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(4)
-    ]
-    outs = [p.communicate(timeout=900) for p in procs]
+    codes, errors = concurrent_first_edits(ws, "conc")
     # 0: registered and promoted; 3: registered, but the gate kept it a candidate.
-    assert all(p.returncode in (0, 3) for p in procs), [e[-2000:] for _, e in outs]
+    assert all(code in (0, 3) for code in codes), errors
     versions = versions_of(reg, "conc")
     assert [int(v.version) for v in versions] == [1, 2, 3, 4, 5]
     assert [v.tags["editflow.role"] for v in versions] == ["base"] + ["edit"] * 4

@@ -9,10 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import DateTime, Integer, String, Text, create_engine, inspect, select
 from sqlalchemy.engine import Engine
@@ -315,23 +316,18 @@ def migrate(source_uri: str, reg: Registry, model_name: str | None = None) -> Mi
             for row in (FactRow, EventRow)
         )
         s.expunge_all()
-    copied_facts = copied_events = skipped = 0
     with Session(engine(reg)) as d, d.begin():
-        have_facts = {_fact_key(r) for r in d.scalars(select(FactRow))}
-        have_events = {_event_key(r) for r in d.scalars(select(EventRow))}
-        for r in facts:
-            if _fact_key(r) in have_facts:
-                skipped += 1
-                continue
-            d.add(FactRow(**{c: getattr(r, c) for c in _columns(FactRow)}))
-            copied_facts += 1
-        for r in events:
-            if _event_key(r) in have_events:
-                skipped += 1
-                continue
-            d.add(EventRow(**{c: getattr(r, c) for c in _columns(EventRow)}))
-            copied_events += 1
-    return MigrationReport(copied_facts, copied_events, skipped)
+        copied_facts, skipped_facts = _copy_new(d, facts, FactRow, _fact_key)
+        copied_events, skipped_events = _copy_new(d, events, EventRow, _event_key)
+    return MigrationReport(copied_facts, copied_events, skipped_facts + skipped_events)
+
+
+def _copy_new(d: Session, rows: Sequence[Base], row_type: type[Base], key: Callable[[Any], tuple]) -> tuple[int, int]:
+    """Add to ``d`` the ``rows`` whose ``key`` the destination does not hold yet: (copied, skipped)."""
+    have = {key(r) for r in d.scalars(select(row_type))}
+    new = [r for r in rows if key(r) not in have]
+    d.add_all(row_type(**{c: getattr(r, c) for c in _columns(row_type)}) for r in new)
+    return len(new), len(rows) - len(new)
 
 
 def _columns(row: type[Base]) -> list[str]:
