@@ -27,17 +27,17 @@ from editflow.job_options import PROMOTE_CHOICES, STORAGE_CHOICES
 from editflow.models import with_module_overrides
 from editflow.registry import flavor, integrity, ledger, lineage, promotion, resolve
 from editflow.registry.schema import (
-    ALGORITHM_TAG,
     BASE_ARTIFACT_URI_KEY,
     BASE_MODEL_URI_KEY,
     BASE_VERSION_KEY,
     BASE_VERSION_TAG,
     CANDIDATE,
+    EDIT_STATE_KEY,
     ERROR_TAG,
+    FINGERPRINT_KEY,
     FINGERPRINT_TAG,
     GATE_TAG,
     HPARAMS_KEY,
-    MODE_TAG,
     MODEL_DEFAULTS_KEY,
     N_FACTS_KEY,
     N_FACTS_TAG,
@@ -46,12 +46,10 @@ from editflow.registry.schema import (
     PROMOTED_TAG,
     PROMOTION_ERROR_TAG,
     REQUESTS_DIGEST_KEY,
-    REQUESTS_DIGEST_TAG,
     ROLE_EDIT,
     ROLE_TAG,
+    ROOT_REFERENCES_KEY,
     RUN_ID_KEY,
-    RUN_ID_TAG,
-    STORAGE_TAG,
     metric_tag,
     stats_tag,
 )
@@ -85,6 +83,9 @@ HEADLINE = (
     "drift_ppl_rel",
     "retention",
 )
+#: The headline figures also kept as version tags (``editflow.metric.<name>``); the others are in the
+#: description and the run.
+HEADLINE_TAGS = ("efficacy", "neighborhood", "drift_ppl_rel", "retention")
 #: Figures logged with the version number as the step.
 LINEAGE_CURVE = ("efficacy", "paraphrase", "neighborhood", "heldout", "drift_ppl", "retention", "retention_top1")
 
@@ -182,6 +183,7 @@ class _Plan:
     name: str
     config: MemitConfig
     parent_tags: dict[str, str]
+    parent_meta: dict[str, Any]  # the parent version's editflow.json (empty for a base from a folder)
     state: EditState
     state_sha256: str | None
     held: list[EditRequest]  # the facts the lineage holds before this batch (from its versions' runs)
@@ -253,7 +255,7 @@ def _run_phases(reg: Registry, job: EditJob, run_id: str) -> EditOutcome:
     _log_results(metrics, timings)
     _log_artifacts(job, plan.requests, evaluator, pre, post, result)
 
-    root = lineage.root_references(plan.parent_tags, pre.summary)
+    root = lineage.root_references(plan.parent_tags, plan.parent_meta, pre.summary)
     verdict = promotion.gate(metrics, job.thresholds, root)
     with timed("register", timings, f"registering a new version of {plan.name}"):
         state_record = _log_lineage(plan, result)
@@ -267,7 +269,7 @@ def _run_phases(reg: Registry, job: EditJob, run_id: str) -> EditOutcome:
             plan.config,
             metrics,
             run_id,
-            {**lineage.state_tags(state_record), **lineage.root_tags(root)},
+            {EDIT_STATE_KEY: lineage.state_entry(state_record), ROOT_REFERENCES_KEY: root},
         )
     _log_lineage_curve(metrics, version)
     promoted, error = _promote(reg, job, plan.name, version, verdict, run_id)
@@ -297,10 +299,11 @@ def _resolve(reg: Registry, job: EditJob) -> _Plan:
     base = resolve.ensure_registered_base(reg, base, name)
     config = resolve.config_for(reg, base, job.hparams)  # a newly registered base: its stored tune result
     parent_tags = tags_of(reg, name, base.version)
+    parent_meta = base.handle.extra.get(flavor.FLAVOR_NAME) or {}
     # the lineage's edit state is read now, so that a missing or damaged one fails before any work
-    state, sha = lineage.read_state(reg, parent_tags) if job.carry_state else (EditState(), None)
+    state, sha = lineage.read_state(reg, parent_tags, parent_meta) if job.carry_state else (EditState(), None)
     held = lineage.lineage_requests(reg, name, base.version)
-    return _Plan(requests, base, name, config, parent_tags, state, sha, held)
+    return _Plan(requests, base, name, config, parent_tags, parent_meta, state, sha, held)
 
 
 def _repair(reg: Registry, name: str) -> None:
@@ -416,9 +419,13 @@ def _log_results(metrics: dict[str, float], timings: dict[str, float]) -> None:
 
 def _log_lineage(plan: _Plan, result: memit.EditResult) -> dict:
     """Log the batch's facts and the lineage's edit state extended by this batch's keys."""
+    import mlflow
+
     lineage.log_facts(plan.requests)
     state = plan.state.extended(result.keys)
-    return lineage.log_state(state, plan.config.state_dtype, plan.state_sha256)
+    record = lineage.log_state(state, plan.config.state_dtype, plan.state_sha256)
+    mlflow.log_metrics({"edit_state/bytes": record["bytes"], "edit_state/n_keys": record["n_keys"]})
+    return record
 
 
 def _log_lineage_curve(metrics: dict[str, float], version: int) -> None:
@@ -592,6 +599,13 @@ def _log_artifacts(
         mlflow.log_metric(f"output_ratio/{name}", ratio)
 
 
+def _state_note(entry: dict | None) -> str:
+    """``; edit state 1.2 MB (40 keys, float32)``: what the version carries for the next edit."""
+    if not entry:
+        return ""
+    return f"; edit state {entry['bytes'] / 1e6:.1f} MB ({entry['n_keys']} keys, {entry['dtype']})"
+
+
 def _register(
     reg: Registry,
     job: EditJob,
@@ -602,8 +616,10 @@ def _register(
     config: MemitConfig,
     metrics: dict[str, float],
     run_id: str,
-    extra_tags: dict[str, str],
+    carried: dict[str, Any],
 ) -> int:
+    """Log and register the edited model; ``carried`` (edit state, root references) goes into its
+    ``editflow.json`` with the rest of the lineage."""
     from editflow.models import fingerprint
 
     digest = requests_digest(requests)
@@ -618,25 +634,21 @@ def _register(
         RUN_ID_KEY: run_id,
         HPARAMS_KEY: config.to_dict(),
         MODEL_DEFAULTS_KEY: base.handle.extra.get(MODEL_DEFAULTS_KEY, {}),
+        FINGERPRINT_KEY: fingerprint(handle.model),
+        **carried,
     }
-    headline = {metric_tag(k): f"{metrics[f'post/{k}']:.2f}" for k in HEADLINE if f"post/{k}" in metrics}
+    headline = {k: f"{metrics[f'post/{k}']:.2f}" for k in HEADLINE if f"post/{k}" in metrics}
     tags = {
         ROLE_TAG: ROLE_EDIT,
         PARENT_VERSION_TAG: str(base.version),
         BASE_VERSION_TAG: str(base.base_version),
-        REQUESTS_DIGEST_TAG: digest,
         N_FACTS_TAG: str(len(requests)),
-        ALGORITHM_TAG: config.algorithm,
-        MODE_TAG: config.mode,
-        RUN_ID_TAG: run_id,
-        STORAGE_TAG: job.storage,
-        FINGERPRINT_TAG: fingerprint(handle.model),
-        **headline,
-        **extra_tags,
+        **{metric_tag(k): v for k, v in headline.items() if k in HEADLINE_TAGS},
     }
     description = job.description or (
         f"{len(requests)} facts edited into v{base.version} with {config.algorithm} ({config.mode}); "
-        + ", ".join(f"{k.split('.')[-1]} {v}" for k, v in headline.items())
+        + ", ".join(f"{k} {v}" for k, v in headline.items())
+        + _state_note(carried.get(EDIT_STATE_KEY))
     )
 
     def on_registered(version: int) -> None:

@@ -16,7 +16,7 @@ from editflow.edit_state import EditStateError
 from editflow.pipeline import EditJob, run_edit
 from editflow.registry import lineage, promotion
 from editflow.registry.store import Registry
-from editflow.registry.versions import load_version, tags_of, versions_of
+from editflow.registry.versions import load_version, versions_of
 from editflow.requests import load_requests
 
 ALPHA = {**HPARAMS, "algorithm": "alphaedit", "alphaedit_l2": 0.5, "nullspace_threshold": 1e-6}
@@ -60,12 +60,17 @@ def weights(name: str, version: int, names: list[str]) -> dict[str, torch.Tensor
     return {n: state[n].detach().clone() for n in names}
 
 
+def state_keys(reg: Registry, name: str, version: int) -> int:
+    """Keys in the edit state a version carries (its ``editflow.json``)."""
+    return load_version(reg, name, version, device="cpu").handle.extra["editflow"]["edit_state"]["n_keys"]
+
+
 def test_two_runs_carrying_the_state_equal_one_sequential_run(ws):
     reg = Registry()
     first = edit(ws, ws["facts"], str(ws["model"]))
     second = edit(ws, ws["second"], "models:/life@production")
     assert (first.version, second.version) == (2, 3)
-    assert tags_of(reg, "life", 3)["editflow.edit_state.n_keys"] == "4"
+    assert state_keys(reg, "life", 3) == 4
 
     # The same four facts as one sequential AlphaEdit call of two chunks, on the base, with the same C.
     base = load_version(reg, "life", 1, device="cpu").handle
@@ -90,7 +95,7 @@ def test_from_zero_forgets_what_the_state_preserves(ws):
     reg = Registry()
     edit(ws, ws["facts"], str(ws["model"]))
     stateless = edit(ws, ws["second"], "models:/life@production", carry_state=False)
-    assert tags_of(reg, "life", stateless.version)["editflow.edit_state.n_keys"] == "2"
+    assert state_keys(reg, "life", stateless.version) == 2
 
 
 def test_rollback_then_edit_uses_the_rolled_back_state_and_retention_uses_the_newest_targets(ws):
@@ -100,7 +105,7 @@ def test_rollback_then_edit_uses_the_rolled_back_state_and_retention_uses_the_ne
     promotion.rollback(reg, "life")  # production back to v2
     out = edit(ws, ws["third"], "models:/life@production")  # v4 on v2: rho → golf
     assert out.parent_version == 2
-    assert tags_of(reg, "life", 4)["editflow.edit_state.n_keys"] == "3"  # v2's two keys + one; not v3's
+    assert state_keys(reg, "life", 4) == 3  # v2's two keys + one; not v3's
     held = {r.subject: r.target_new for r in lineage.lineage_requests(reg, "life", 4)}
     assert held == {"gamma delta": "Paris", "rho": "golf"}
     # Retention is measured on the earlier facts the batch does not overwrite: gamma delta only.

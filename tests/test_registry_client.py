@@ -109,19 +109,12 @@ def test_the_tag_schema_names_are_stable():
         "N_FACTS_TAG": "editflow.n_facts",
         "PARENT_VERSION_TAG": "editflow.parent_version",
         "BASE_VERSION_TAG": "editflow.base_version",
-        "REQUESTS_DIGEST_TAG": "editflow.requests_digest",
-        "ALGORITHM_TAG": "editflow.algorithm",
-        "MODE_TAG": "editflow.mode",
-        "RUN_ID_TAG": "editflow.run_id",
         "GATE_TAG": "editflow.gate",
         "TUNED_TAG": "editflow.tuned",
         "PENDING_TAG": "editflow.pending",
         "REGISTRAR_TAG": "editflow.registrar",
         "DIGEST_TAG": "editflow.weights_sha256",
-        "EDIT_STATE_SHA256_TAG": "editflow.edit_state.sha256",
-        "EDIT_STATE_BYTES_TAG": "editflow.edit_state.bytes",
-        "EDIT_STATE_N_KEYS_TAG": "editflow.edit_state.n_keys",
-        "EDIT_STATE_DTYPE_TAG": "editflow.edit_state.dtype",
+        "LEGACY_EDIT_STATE_SHA256_TAG": "editflow.edit_state.sha256",
         "GGUF_SHA256_TAG": "editflow.gguf.sha256",
         "INTENT_TAG": "editflow.promotion_intent",
         "OWNER_TAG": "editflow.owner",
@@ -134,7 +127,7 @@ def test_the_tag_schema_names_are_stable():
         "TUNE_STOPPED_TAG": "editflow.tune.stopped",
         "TUNE_MESSAGE_TAG": "editflow.tune.message",
     }
-    assert dict(schema.ROOT_REFERENCE_TAGS) == {
+    assert schema.LEGACY_ROOT_REFERENCE_TAGS == {
         "drift_ppl": "editflow.root.drift_ppl",
         "heldout": "editflow.root.heldout",
     }

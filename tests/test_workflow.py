@@ -168,8 +168,23 @@ def test_edit_run_registers_a_version_with_lineage(ws, first_edit):
     assert sum(s.endswith(".npz") for s in stats) == 2 and sum(s.endswith(".manifest.json") for s in stats) == 2
     tags = tags_of(reg, "tiny", 2)
     assert tags["editflow.parent_version"] == "1" and tags["editflow.base_version"] == "1"
-    assert tags["editflow.n_facts"] == "2" and tags["editflow.run_id"] == out.run_id
-    assert tags["editflow.metric.efficacy"] == "100.00" and tags["editflow.algorithm"] == "memit"
+    assert tags["editflow.n_facts"] == "2" and tags["editflow.metric.efficacy"] == "100.00"
+    # a few headline tags on the version; the rest is in its editflow.json, its run and its description
+    assert set(tags) <= {
+        "editflow.role",
+        "editflow.parent_version",
+        "editflow.base_version",
+        "editflow.n_facts",
+        "editflow.gate",
+        "editflow.weights_sha256",
+        *(f"editflow.metric.{m}" for m in ("efficacy", "neighborhood", "drift_ppl_rel", "retention")),
+    }
+    mv = MlflowClient().get_model_version("tiny", "2")
+    assert mv.run_id == out.run_id and "with memit (batch)" in mv.description and "edit state" in mv.description
+    meta = load_version(reg, "tiny", 2, device="cpu").handle.extra["editflow"]
+    assert meta["run_id"] == out.run_id and meta["hparams"]["algorithm"] == "memit"
+    assert meta["edit_state"]["n_keys"] == 2 and len(meta["edit_state"]["sha256"]) == 64
+    assert set(meta["root_references"]) <= {"drift_ppl", "heldout"} and meta["fingerprint"]
     assert aliases_of(reg, "tiny") == {"candidate": 2, "production": 2}
     assert [f.subject for f in ledger.own_facts(reg, "tiny", 2)] == ["gamma delta", "rho"]
 
@@ -178,7 +193,7 @@ def test_delta_version_stores_only_edited_tensors_and_reconstructs(ws, first_edi
 
     reg = Registry()
     v2 = load_version(reg, "tiny", 2, device="cpu")
-    assert v2.fingerprint == tags_of(reg, "tiny", 2)["editflow.fingerprint"]
+    assert v2.fingerprint == v2.handle.extra["editflow"]["fingerprint"]
     assert v2.edited_tensors == ["transformer.h.1.mlp.c_proj.weight", "transformer.h.2.mlp.c_proj.weight"]
     assert top1(v2.handle, "alpha gamma delta") == "Paris" and top1(v2.handle, "sigma rho") == "chess"
     from editflow.registry.flavor import download
@@ -292,7 +307,6 @@ def test_failed_promotion_leaves_production(ws, first_edit):
 def test_sequential_mode_logs_chunk_curves(ws, first_edit):
     from mlflow import MlflowClient
 
-    reg = Registry()
     facts = ws["root"] / "three.json"
     facts.write_text(json.dumps(FACTS + MORE_FACTS))
     out = run_edit(
@@ -305,7 +319,7 @@ def test_sequential_mode_logs_chunk_curves(ws, first_edit):
     )
     history = MlflowClient().get_metric_history(out.run_id, "chunk/efficacy")
     assert [h.step for h in history] == [0, 1]
-    assert tags_of(reg, "tiny", out.version)["editflow.mode"] == "sequential"
+    assert "(sequential)" in MlflowClient().get_model_version("tiny", str(out.version)).description
     assert "eval/chunk_curve.png" in {a.path for a in MlflowClient().list_artifacts(out.run_id, "eval")}
 
 
@@ -401,7 +415,7 @@ def test_mlflow_run_project_with_local_env(ws, first_edit):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "registered tiny-project version 2" in proc.stdout
     assert aliases_of(reg, "tiny-project")["production"] == 2
-    run = MlflowClient().get_run(tags_of(reg, "tiny-project", 2)["editflow.run_id"])
+    run = MlflowClient().get_run(MlflowClient().get_model_version("tiny-project", "2").run_id)
     assert run.data.params["promote"] == "always" and run.data.params["gate.promote"] == "always"
     assert run.data.tags.get("mlflow.project.entryPoint") == "main"
     bad = subprocess.run(

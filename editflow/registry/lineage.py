@@ -1,12 +1,12 @@
 """What a version carries for the edits after it: its edit state, its facts and the root's references.
 
 * The **edit state** (:mod:`editflow.edit_state`) is logged as an artifact of the run that produced the
-  version, and its SHA-256 and size go into the version's tags; reading it back checks the digest,
-  so a corrupt or swapped file stops the next edit before any work.
+  version, and its SHA-256, size and key count go into the version's ``editflow.json``; reading it back
+  checks the digest, so a corrupt or swapped file stops the next edit before any work.
 * The version's **facts** (the parsed requests, every field) are logged beside it as ``facts.jsonl``,
   so retention can be measured on the whole lineage with paraphrases, on any MLflow backend.
 * The **root references** (held-out perplexity and known-fact accuracy of the unedited root base) are
-  carried from version to version in tags, so the gate can compare each version with the root.
+  carried from version to version in ``editflow.json``, so the gate can compare each version with the root.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from pathlib import Path
 from editflow import progress
 from editflow.edit_state import EditState, EditStateError, load_state, save_state
 from editflow.registry.schema import (
-    EDIT_STATE_BYTES_TAG,
-    EDIT_STATE_DTYPE_TAG,
-    EDIT_STATE_N_KEYS_TAG,
-    EDIT_STATE_SHA256_TAG,
+    EDIT_STATE_KEY,
+    LEGACY_EDIT_STATE_SHA256_TAG,
+    LEGACY_ROOT_REFERENCE_TAGS,
     PARENT_VERSION_TAG,
-    ROOT_REFERENCE_TAGS,
-    RUN_ID_TAG,
+    ROOT_REFERENCE_METRICS,
+    ROOT_REFERENCES_KEY,
+    RUN_ID_KEY,
     is_edit,
 )
 from editflow.registry.store import Registry
@@ -53,31 +53,28 @@ def log_state(state: EditState, dtype: str, parent_sha256: str | None) -> dict:
     return record
 
 
-def state_tags(record: dict) -> dict[str, str]:
-    return {
-        EDIT_STATE_SHA256_TAG: record["sha256"],
-        EDIT_STATE_BYTES_TAG: str(record["bytes"]),
-        EDIT_STATE_N_KEYS_TAG: str(record["n_keys"]),
-        EDIT_STATE_DTYPE_TAG: record["dtype"],
-    }
+def state_entry(record: dict) -> dict:
+    """The ``editflow.json`` entry of a logged state record: what verifies it and what it costs."""
+    return {k: record[k] for k in ("sha256", "bytes", "n_keys", "dtype")}
 
 
-def read_state(reg: Registry, tags: dict[str, str]) -> tuple[EditState, str | None]:
-    """The edit state of the version with ``tags`` and its digest (empty for a base).
+def read_state(reg: Registry, tags: dict[str, str], meta: dict) -> tuple[EditState, str | None]:
+    """The edit state of the version with ``tags`` and ``editflow.json`` ``meta``, and its digest
+    (empty for a base).
 
     Raises :class:`~editflow.edit_state.EditStateError` when the artifact is missing or its digest
-    does not match the tag.
+    does not match the one recorded.
     """
-    sha = tags.get(EDIT_STATE_SHA256_TAG)
     if not is_edit(tags):
         return EditState(), None
+    sha = (meta.get(EDIT_STATE_KEY) or {}).get("sha256") or tags.get(LEGACY_EDIT_STATE_SHA256_TAG)
     if not sha:
         progress.note(
             "editflow: this version has no edit state (registered before editflow kept one); "
             "the edit preserves only the keys of its own batch"
         )
         return EditState(), None
-    run_id = tags.get(RUN_ID_TAG)
+    run_id = meta.get(RUN_ID_KEY)
     with tempfile.TemporaryDirectory(prefix="editflow-state-") as tmp:
         try:
             local = reg.download(f"runs:/{run_id}/{STATE_DIR}", tmp)
@@ -103,12 +100,11 @@ def log_facts(requests: Sequence[EditRequest]) -> None:
     mlflow.log_text(text, f"{FACTS_DIR}/{FACTS_FILE}")
 
 
-def own_requests(reg: Registry, tags: dict[str, str]) -> list[EditRequest]:
-    """The requests edited into the version with ``tags`` (empty for a base, or for a version from
-    before facts were logged; a store that cannot be read raises)."""
+def own_requests(reg: Registry, tags: dict[str, str], run_id: str | None) -> list[EditRequest]:
+    """The requests edited into the version with ``tags`` by run ``run_id`` (empty for a base, or for
+    a version from before facts were logged; a store that cannot be read raises)."""
     from editflow.registry.versions import is_not_found
 
-    run_id = tags.get(RUN_ID_TAG)
     if not is_edit(tags) or not run_id:
         return []
     try:
@@ -128,14 +124,15 @@ def own_requests(reg: Registry, tags: dict[str, str]) -> list[EditRequest]:
     ]
 
 
-def ancestry(reg: Registry, name: str, version: int) -> list[tuple[int, dict[str, str]]]:
-    """(version, tags) from ``version`` up to its root base, following ``parent_version`` tags."""
-    chain: list[tuple[int, dict[str, str]]] = []
+def ancestry(reg: Registry, name: str, version: int) -> list[tuple[int, dict[str, str], str | None]]:
+    """(version, tags, run id) from ``version`` up to its root base, following ``parent_version`` tags."""
+    chain: list[tuple[int, dict[str, str], str | None]] = []
     v: int | None = version
     c = reg.client
-    while v is not None and all(v != seen for seen, _ in chain):
-        tags = dict(c.get_model_version(name, str(v)).tags)
-        chain.append((v, tags))
+    while v is not None and all(v != seen for seen, _, _ in chain):
+        mv = c.get_model_version(name, str(v))
+        tags = dict(mv.tags)
+        chain.append((v, tags, mv.run_id))
         parent = tags.get(PARENT_VERSION_TAG)
         v = int(parent) if parent and parent.isdigit() else None
     return chain
@@ -144,8 +141,8 @@ def ancestry(reg: Registry, name: str, version: int) -> list[tuple[int, dict[str
 def lineage_requests(reg: Registry, name: str, version: int) -> list[EditRequest]:
     """Every fact ``version`` holds, from its root on: a later edit of the same (subject, prompt) wins."""
     held: dict[tuple[str, str], EditRequest] = {}
-    for _, tags in reversed(ancestry(reg, name, version)):
-        for r in own_requests(reg, tags):
+    for _, tags, run_id in reversed(ancestry(reg, name, version)):
+        for r in own_requests(reg, tags, run_id):
             held[(r.subject, r.prompt)] = r
     return list(held.values())
 
@@ -165,21 +162,18 @@ def earlier_facts(
 # --------------------------------------------------------------------------- root references
 
 
-def root_references(parent_tags: dict[str, str], pre_metrics: dict[str, float]) -> dict[str, float]:
-    """The root base's references: carried from the parent, or (editing the root itself) its pre figures."""
+def root_references(parent_tags: dict[str, str], parent_meta: dict, pre_metrics: dict[str, float]) -> dict[str, float]:
+    """The root base's references: carried from the parent's ``editflow.json``, or (editing the root
+    itself) its pre figures."""
+    legacy = {m: parent_tags[t] for m, t in LEGACY_ROOT_REFERENCE_TAGS.items() if t in parent_tags}
+    carried = parent_meta.get(ROOT_REFERENCES_KEY) or legacy
     out = {}
-    for metric, tag in ROOT_REFERENCE_TAGS:
-        carried = parent_tags.get(tag)
-        if is_edit(parent_tags) and carried is not None:
-            out[metric] = float(carried)
+    for metric in ROOT_REFERENCE_METRICS:
+        if is_edit(parent_tags) and metric in carried:
+            out[metric] = float(carried[metric])
         elif not is_edit(parent_tags) and f"pre/{metric}" in pre_metrics:
             out[metric] = float(pre_metrics[f"pre/{metric}"])
     return out
-
-
-def root_tags(references: dict[str, float]) -> dict[str, str]:
-    names = dict(ROOT_REFERENCE_TAGS)
-    return {names[m]: f"{v:.6g}" for m, v in references.items()}
 
 
 __all__ = [
@@ -192,6 +186,5 @@ __all__ = [
     "own_requests",
     "read_state",
     "root_references",
-    "root_tags",
-    "state_tags",
+    "state_entry",
 ]

@@ -12,7 +12,6 @@ from editflow.registry.schema import (
     N_FACTS_TAG,
     PARENT_VERSION_TAG,
     ROLE_TAG,
-    RUN_ID_TAG,
     is_edit,
 )
 from editflow.registry.store import Registry
@@ -61,7 +60,7 @@ def show_version(reg: Registry, name: str, ref: str | int) -> dict[str, Any]:
     v = resolve_version(reg, name, ref)
     c = reg.client
     mv = c.get_model_version(name, str(v))
-    run_id = mv.tags.get(RUN_ID_TAG) or mv.run_id
+    run_id = mv.run_id
     # a base is logged inside the run of the first edit that used it: that run's figures are not its own
     run_metrics = dict(c.get_run(run_id).data.metrics) if run_id and is_edit(mv.tags) else {}
     root = int(mv.tags.get(BASE_VERSION_TAG) or v)

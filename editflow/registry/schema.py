@@ -26,11 +26,9 @@ STORAGE_TAG = TAG + "storage"  # "full" or "delta"
 N_FACTS_TAG = TAG + "n_facts"  # facts edited in this version (0 for a base)
 PARENT_VERSION_TAG = TAG + "parent_version"
 BASE_VERSION_TAG = TAG + "base_version"  # the root base of the lineage
-REQUESTS_DIGEST_TAG = TAG + "requests_digest"
-ALGORITHM_TAG = TAG + "algorithm"
-MODE_TAG = TAG + "mode"
-RUN_ID_TAG = TAG + "run_id"  # the edit run that made the version
-#: Headline post-edit figures: ``editflow.metric.<name>`` (two decimals).
+#: Headline post-edit figures: ``editflow.metric.<name>`` (two decimals). An edit version's other
+#: facts (algorithm, mode, requests digest, fingerprint, edit state, root references) are in its
+#: ``editflow.json`` (the lineage keys below), its run (``ModelVersion.run_id``) and its description.
 METRIC_TAG_PREFIX = TAG + "metric."
 #: The gate's decision (``passed`` or ``failed: reasons``); also a tag of the edit run.
 GATE_TAG = TAG + "gate"
@@ -40,16 +38,13 @@ TUNED_TAG = TAG + "tuned"
 PENDING_TAG = TAG + "pending"
 REGISTRAR_TAG = TAG + "registrar"  # owner (host:pid:start) of the registering process
 DIGEST_TAG = TAG + "weights_sha256"  # digest of the weights manifest in editflow.json
-#: The lineage's edit state (:mod:`editflow.edit_state`), logged in the edit run.
-EDIT_STATE_SHA256_TAG = TAG + "edit_state.sha256"
-EDIT_STATE_BYTES_TAG = TAG + "edit_state.bytes"
-EDIT_STATE_N_KEYS_TAG = TAG + "edit_state.n_keys"
-EDIT_STATE_DTYPE_TAG = TAG + "edit_state.dtype"
-#: The root base's references, carried from version to version: (summary metric, tag).
-ROOT_REFERENCE_TAGS = (("drift_ppl", TAG + "root.drift_ppl"), ("heldout", TAG + "root.heldout"))
 #: A base registered from a GGUF file also carries ``GgufInfo.tags()`` (:mod:`editflow.gguf_source`),
 #: each under :data:`TAG` (see :func:`prefixed`); bases are found again by the file's digest.
 GGUF_SHA256_TAG = TAG + "gguf.sha256"
+
+#: Read from versions registered before these moved into ``editflow.json``; never written.
+LEGACY_EDIT_STATE_SHA256_TAG = TAG + "edit_state.sha256"
+LEGACY_ROOT_REFERENCE_TAGS = {"drift_ppl": TAG + "root.drift_ppl", "heldout": TAG + "root.heldout"}
 
 # --------------------------------------------------------------------------- registered-model tags
 
@@ -88,6 +83,12 @@ RUN_ID_KEY = "run_id"
 HPARAMS_KEY = "hparams"
 EDITED_TENSORS_KEY = "edited_tensors"  # a delta: the tensors it stores
 WEIGHTS_SHA256_KEY = "weights_sha256"  # the weights manifest (see editflow.registry.integrity)
+FINGERPRINT_KEY = "fingerprint"  # an edit: content hash of its weights (editflow.models.fingerprint)
+#: An edit: the lineage's edit state logged in its run (sha256, bytes, n_keys, dtype; editflow.edit_state).
+EDIT_STATE_KEY = "edit_state"
+#: An edit: the root base's references carried from version to version (summary metric -> value).
+ROOT_REFERENCES_KEY = "root_references"
+ROOT_REFERENCE_METRICS = ("drift_ppl", "heldout")
 
 
 def prefixed(tags: dict[str, str]) -> dict[str, str]:

@@ -275,6 +275,8 @@ def _complete(
             on_registered(version)
     integrity.crashpoint("after_ledger_write")
     retry(lambda: c.delete_model_version_tag(name, str(version), PENDING_TAG))
+    # only a pending version needs its registrar (repair asks whether it is alive)
+    retry(lambda: c.delete_model_version_tag(name, str(version), REGISTRAR_TAG))
 
 
 def _unregister(reg: Registry, name: str, version: int) -> None:
