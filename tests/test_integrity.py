@@ -342,13 +342,18 @@ def test_repair_leaves_live_work_alone(lineage):
 
 
 def concurrent_first_edits(ws: dict, name: str, n: int = 4) -> tuple[list[int], list[str]]:
-    """``n`` CLI edits of the new registered model ``name`` started at once: exit codes, stderr tails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDITFLOW_QUIET": "1"}
+    """``n`` CLI edits of the new registered model ``name`` started at once: exit codes, stderr tails.
+    Each process has its own temporary folder, as processes on different hosts would: nothing but
+    the shared store may serialise them."""
     cmd = [sys.executable, "-m", "editflow.cli", *edit_args(ws, name=name, model=str(ws["model"]))]
-    procs = [
-        subprocess.Popen(cmd, cwd=ws["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(n)
-    ]
+    procs = []
+    for i in range(n):
+        tmp = ws["root"] / f"host-{name}-{i}"
+        tmp.mkdir(exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "EDITFLOW_QUIET": "1", "TMPDIR": str(tmp)}
+        procs.append(
+            subprocess.Popen(cmd, cwd=ws["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     outs = [p.communicate(timeout=900) for p in procs]
     return [p.returncode for p in procs], [err[-2000:] for _, err in outs]
 

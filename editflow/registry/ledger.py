@@ -59,6 +59,16 @@ class EventRow(Base):
     time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
 
+class LockRow(Base):
+    """A held lock (:mod:`editflow.registry.mutex`): one row per lock name while someone holds it."""
+
+    __tablename__ = "editflow_locks"
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(256))  # host:pid:start (editflow.registry.integrity.owner)
+    token: Mapped[str] = mapped_column(String(64))  # this acquisition (a holder releases only its own)
+    acquired: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
 class LedgerLocationError(LookupError):
     """The tracking store keeps no tables editflow can reach and no ledger database was named."""
 

@@ -10,13 +10,10 @@ was; if the process dies, :func:`resolve_intent` (run by the next promotion and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from editflow.registry import integrity, ledger
@@ -129,11 +126,10 @@ def _stage(reg: Registry, name: str, version: int) -> str:
 
 
 def _lock(reg: Registry, name: str) -> Any:
-    """A host-wide lock serialising production moves of ``name`` in this tracking store."""
-    from filelock import FileLock
+    """The store-wide lock serialising production moves of ``name`` (every client, every host)."""
+    from editflow.registry import mutex
 
-    digest = hashlib.sha256(f"{reg.tracking_uri}\0{name}".encode()).hexdigest()[:16]
-    return FileLock(str(Path(tempfile.gettempdir()) / f"editflow-promote-{digest}.lock"), timeout=600)
+    return mutex.held(reg, f"production:{name}")
 
 
 def _set_alias(reg: Registry, name: str, version: int) -> None:

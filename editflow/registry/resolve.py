@@ -4,9 +4,7 @@ local path or a hub id; register a base in full the first time it is used."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,12 +44,11 @@ from editflow.registry.versions import (
 DEFAULT_STATS_TOKENS = 1_000_000
 
 
-def _lock(reg: Registry):
-    """A host-wide lock serialising base registrations in ``reg``'s tracking store."""
-    from filelock import FileLock
+def _lock(reg: Registry, name: str):
+    """The store-wide lock serialising base registrations of ``name`` (every client, every host)."""
+    from editflow.registry import mutex
 
-    digest = hashlib.sha256(reg.tracking_uri.encode()).hexdigest()[:16]
-    return FileLock(str(Path(tempfile.gettempdir()) / f"editflow-registry-{digest}.lock"), timeout=600)
+    return mutex.held(reg, f"register-base:{name}")
 
 
 def bundled_model_dir() -> Path:
@@ -64,7 +61,7 @@ def ensure_default_model(reg: Registry, device: str | None = None) -> int:
     """Register the bundled model as version 1 of ``editflow-default`` (alias production) if absent."""
     import mlflow
 
-    with _lock(reg):
+    with _lock(reg, DEFAULT_MODEL_NAME):
         existing = versions_of(reg, DEFAULT_MODEL_NAME)
         if existing:
             return int(existing[0].version)
@@ -188,7 +185,7 @@ def ensure_registered_base(reg: Registry, base: VersionRef, name: str) -> Versio
     """``base`` as a registered version of ``name``: reuse it, find it by fingerprint, or register it."""
     if base.version is not None and base.name == name:
         return base
-    with _lock(reg):
+    with _lock(reg, name):
         version = find_base(reg, name, base.fingerprint)
         if version is None:
             with _registration_run(reg, name):
