@@ -12,7 +12,6 @@ SHA-256 that is recorded beside the file and checked on every load).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from editflow.hashing import file_sha256
+from editflow.stats.moments import STATS_DTYPES as DTYPES  # the accumulator dtypes: float32, float64
+
 STATE_FILE = "edit_state.safetensors"
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class EditStateError(ValueError):
@@ -88,14 +89,6 @@ def _tensors(state: EditState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         elif keys.factor is not None:
             out[f"layer.{layer}.factor"] = keys.factor.to(dtype).contiguous()
     return out
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_state(

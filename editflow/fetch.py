@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from editflow.gguf_source import file_sha256
+from editflow.hashing import file_sha256
 
 
 @dataclass(frozen=True)

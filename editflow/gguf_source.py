@@ -8,12 +8,13 @@ kept in :class:`GgufInfo` and ends up in the registered version's tags and card.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from editflow.hashing import file_sha256
 
 EXTRA_HINT = "pip install 'editflow[gguf]'"
 #: Header fields that are not architectures in transformers' list of GGUF-loadable names.
@@ -77,14 +78,6 @@ def supported_architectures() -> list[str]:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     return sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - _NOT_ARCHITECTURES)
-
-
-def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _field(reader: Any, key: str) -> Any:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from editflow import nethook
+from editflow.hashing import update_with_tensor
 
 #: MLP output projections of known families, by attribute path inside one block.
 #: GPT-2 ``mlp.c_proj`` (Conv1D), GPT-J ``mlp.fc_out``, GPT-NeoX ``mlp.dense_4h_to_h``,
@@ -408,7 +409,5 @@ def fingerprint(model: nn.Module, names: list[str] | None = None) -> str:
     h = hashlib.sha256()
     state = model.state_dict()
     for name in sorted(names if names is not None else state):
-        t = state[name].detach().contiguous().cpu()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        update_with_tensor(h, name, state[name])
     return h.hexdigest()

@@ -533,12 +533,12 @@ def test_good_covariances_pass() -> None:
 
 def _tamper(npz: Path, stats: LayerStats) -> None:
     """Replace an entry's statistics and re-vouch for them in its manifest (valid checksum, bad content)."""
+    from editflow.hashing import file_sha256
     from editflow.stats import write_npz
-    from editflow.stats.corpus import sha256_file
 
     write_npz(npz, stats)
     manifest = json.loads(npz.with_suffix(".json").read_text())
-    manifest.update(npz_sha256=sha256_file(npz), npz_bytes=npz.stat().st_size, tokens=stats.count)
+    manifest.update(npz_sha256=file_sha256(npz), npz_bytes=npz.stat().st_size, tokens=stats.count)
     npz.with_suffix(".json").write_text(json.dumps(manifest))
 
 

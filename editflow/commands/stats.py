@@ -246,9 +246,9 @@ def import_(
     **corpus: object,
 ) -> None:
     """Add statistics computed elsewhere (editflow's or MEMIT's mom2.mom2/mom2.count layout) to the cache."""
+    from editflow.hashing import file_sha256
     from editflow.stats import Sampling, cache_keys, cache_root, default_max_length, read_npz
     from editflow.stats.cache import write_entry
-    from editflow.stats.corpus import sha256_file
     from editflow.stats.moments import stats_dtype
     from editflow.stats.sanity import check_covariance
 
@@ -275,7 +275,7 @@ def import_(
     info = {
         "source": "imported",
         "model": {"source": handle.source},
-        "imported_from": {"file": Path(npz).name, "sha256": sha256_file(Path(npz)), "format": fmt},
+        "imported_from": {"file": Path(npz).name, "sha256": file_sha256(Path(npz)), "format": fmt},
     }
     try:
         entry = write_entry(cache_root(cache_dir), key, stats.to(dtype=stats_dtype(dtype)), info)

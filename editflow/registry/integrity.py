@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from editflow import hashing
 from editflow.registry.schema import (
     BASE_ARTIFACT_URI_KEY,
     BASE_MODEL_URI_KEY,
@@ -54,7 +55,6 @@ GRACE_S = 600.0
 RUN_GRACE_S = 24 * 3600.0
 #: Suffixes of the files whose digests are recorded.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".index.json")
-_CHUNK = 8 << 20
 
 
 class WeightsIntegrityError(ValueError):
@@ -130,11 +130,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key not in _digest_cache:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        _digest_cache[key] = h.hexdigest()
+        _digest_cache[key] = hashing.file_sha256(p)
     return _digest_cache[key]
 
 

@@ -351,7 +351,7 @@ def _root_gguf_file(reg: Registry, name: str, base_version: int) -> Path | None:
     recorded digest."""
     import json
 
-    from editflow.gguf_source import file_sha256
+    from editflow.hashing import file_sha256
 
     sha = tags_of(reg, name, base_version).get(GGUF_SHA256_TAG)
     if not sha:

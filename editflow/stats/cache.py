@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 from filelock import FileLock, Timeout
 
-from editflow.stats.corpus import sha256_file
+from editflow.hashing import file_sha256
 from editflow.stats.formats import read_npz, write_npz
 from editflow.stats.moments import LayerStats
 from editflow.stats.sanity import CovarianceError, check_covariance, covariance_problems
@@ -145,7 +145,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> str:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        sha = sha256_file(Path(tmp))
+        sha = file_sha256(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -212,7 +212,7 @@ def check_entry(npz: Path, expected: str | None = None, sanity: bool = True) -> 
         )
     if expected is not None and npz.stem != expected:
         problems.append(f"{npz}: not the expected key {expected[:12]}")
-    if sha256_file(npz) != manifest.get("npz_sha256"):
+    if file_sha256(npz) != manifest.get("npz_sha256"):
         problems.append(f"{npz}: checksum mismatch (truncated or modified)")
         return problems, manifest
     try:

@@ -17,7 +17,6 @@ hub datasets, and the SHA-256 of every local file (never its path, so moving a f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Iterable, Iterator
@@ -25,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import editflow
+from editflow.hashing import file_sha256
 
 #: Suffixes read as plain files, and the ``datasets`` builder for each suffix found in a directory.
 FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -80,14 +80,6 @@ class CorpusSpec:
 # ----------------------------------------------------------------------------- identity
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _dir_files(root: Path) -> list[Path]:
     """Readable files under ``root`` in a fixed order, all of the most common supported suffix."""
     files = sorted(
@@ -133,7 +125,7 @@ def corpus_identity(spec: CorpusSpec) -> dict:
         )
     files = _local_files(spec)
     if files:
-        ident["files"] = [[name, sha256_file(path)] for name, path in files]
+        ident["files"] = [[name, file_sha256(path)] for name, path in files]
     return ident
 
 

@@ -15,6 +15,7 @@ import json
 
 import torch
 
+from editflow.hashing import update_with_tensor
 from editflow.models import Adapter
 
 
@@ -22,10 +23,8 @@ def tensor_digests(model: torch.nn.Module) -> dict[str, str]:
     """SHA-256 of every state-dict tensor (name, shape, dtype and bytes)."""
     out = {}
     for name, t in model.state_dict().items():
-        t = t.detach().contiguous().cpu()
-        h = hashlib.sha256(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        h = hashlib.sha256()
+        update_with_tensor(h, name, t)
         out[name] = h.hexdigest()
     return out
 
