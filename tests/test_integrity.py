@@ -322,7 +322,7 @@ def test_repair_leaves_live_work_alone(lineage):
 
     reg = Registry()
     c = reg.client
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=reg.ensure_experiment()) as run:
         integrity.claim_run()
         assert run.info.run_id not in integrity.repair(reg, "tiny", grace_s=0, run_grace_s=0).failed_runs
         assert c.get_run(run.info.run_id).info.status == "RUNNING"

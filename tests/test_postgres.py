@@ -61,6 +61,10 @@ def ws(tmp_path_factory):
     mp.setenv("EDITFLOW_CACHE", str(root / "cache"))
     mp.setenv("EDITFLOW_ACTOR", "tester")
     mp.delenv("EDITFLOW_LEDGER_URI", raising=False)
+    # MLflow creates its schema on first use; a team database is set up once, not by four clients at once
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).search_experiments()
     paths = make_workspace(root)
     paths.update(root=root, uri=uri, database=name)
     yield paths
@@ -73,11 +77,13 @@ def ws(tmp_path_factory):
 
 
 def test_edit_promote_rollback_on_postgres(ws):
+    """Its own registered model, so the version numbers do not depend on the order of the tests."""
     import mlflow
     from sqlalchemy import text
 
     reg = Registry()
-    first = run_edit(job(ws, promote="always"))  # the store is under test here, not the gate
+    # the store is under test here, not the gate
+    first = run_edit(job(ws, promote="always", registered_model="pg-lineage"))
     assert (first.version, first.parent_version, first.promoted) == (2, 1, True)
     # MLflow and the ledger really are on PostgreSQL, through psycopg 3, in the same database.
     assert mlflow.get_tracking_uri().startswith("postgresql+psycopg://")
@@ -86,30 +92,47 @@ def test_edit_promote_rollback_on_postgres(ws):
     assert (eng.dialect.name, eng.dialect.driver, eng.url.database) == ("postgresql", "psycopg", ws["database"])
     with eng.connect() as c:
         tables = set(c.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars())
-    assert {"editflow_facts", "editflow_events", "registered_models", "model_versions", "runs"} <= tables
+    assert {
+        "editflow_facts",
+        "editflow_events",
+        "editflow_locks",
+        "registered_models",
+        "model_versions",
+        "runs",
+    } <= tables
 
-    v1_hash = state_hash(load_version(reg, "tiny", 1, device="cpu").handle.model)
-    v2_hash = state_hash(load_version(reg, "tiny", 2, device="cpu").handle.model)
-    second = run_edit(job(ws, requests=str(ws["more"]), model="models:/tiny@production", promote="always"))
+    v1_hash = state_hash(load_version(reg, "pg-lineage", 1, device="cpu").handle.model)
+    v2_hash = state_hash(load_version(reg, "pg-lineage", 2, device="cpu").handle.model)
+    second = run_edit(
+        job(
+            ws,
+            requests=str(ws["more"]),
+            model="models:/pg-lineage@production",
+            promote="always",
+            registered_model="pg-lineage",
+        )
+    )
     assert (second.version, second.parent_version, second.promoted) == (3, 2, True)
-    assert [int(v.version) for v in versions_of(reg, "tiny")] == [1, 2, 3]
-    assert len(ledger.held_facts(reg, "tiny", 3)) == 3
-    consistent("tiny")
+    assert [int(v.version) for v in versions_of(reg, "pg-lineage")] == [1, 2, 3]
+    assert len(ledger.held_facts(reg, "pg-lineage", 3)) == 3
+    consistent("pg-lineage")
 
-    assert promotion.rollback(reg, "tiny")["version"] == 2
-    assert state_hash(load_version(reg, "tiny", "@production", device="cpu").handle.model) == v2_hash
-    consistent("tiny")
-    assert promotion.rollback(reg, "tiny")["version"] == 1
-    assert state_hash(load_version(reg, "tiny", "@production", device="cpu").handle.model) == v1_hash
-    consistent("tiny")
-    promotion.promote(reg, "tiny", 3, reason="back to the newest")
-    assert aliases_of(reg, "tiny")["production"] == 3
-    stages = {int(v.version): v.current_stage for v in reg.client.search_model_versions("name='tiny'")}
+    assert promotion.rollback(reg, "pg-lineage")["version"] == 2
+    assert state_hash(load_version(reg, "pg-lineage", "@production", device="cpu").handle.model) == v2_hash
+    consistent("pg-lineage")
+    assert promotion.rollback(reg, "pg-lineage")["version"] == 1
+    assert state_hash(load_version(reg, "pg-lineage", "@production", device="cpu").handle.model) == v1_hash
+    consistent("pg-lineage")
+    promotion.promote(reg, "pg-lineage", 3, reason="back to the newest")
+    assert aliases_of(reg, "pg-lineage")["production"] == 3
+    stages = {int(v.version): v.current_stage for v in reg.client.search_model_versions("name='pg-lineage'")}
     assert stages[3] == "Production" and stages[1] == "Archived"
-    assert ledger.production_history(reg, "tiny") == [1, 3]
-    actions = [(e.action, e.version, e.previous_version) for e in ledger.events(reg, "tiny") if e.action != "register"]
+    assert ledger.production_history(reg, "pg-lineage") == [1, 3]
+    actions = [
+        (e.action, e.version, e.previous_version) for e in ledger.events(reg, "pg-lineage") if e.action != "register"
+    ]
     assert actions[-3:] == [("rollback", 2, 3), ("rollback", 1, 2), ("promote", 3, 1)]
-    consistent("tiny")
+    consistent("pg-lineage")
 
 
 def test_concurrent_edits_on_postgres(ws):

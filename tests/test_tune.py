@@ -252,7 +252,7 @@ def test_time_box_ends_the_search_keeps_the_best_and_says_so(ws: Path) -> None:
     from editflow.registry.versions import versions_of
 
     reg = Registry()
-    with mlflow.start_run(run_name="register"):
+    with mlflow.start_run(experiment_id=reg.ensure_experiment(), run_name="register"):
         resolve.ensure_registered_base(reg, resolve.resolve_base(reg, str(ws / "tiny"), device="cpu"), "tiny-b")
     res = tune(ws, "", "--trials", "4", "--budget-minutes", "0.0001", model="models:/tiny-b@production")
     assert res.exit_code == 0, res.output
@@ -305,7 +305,10 @@ def test_a_failed_store_unregisters_the_version_it_registered(ws: Path) -> None:
     reg = Registry()
     base = resolve.resolve_base(reg, str(ws / "tiny"), device="cpu")
     result = {"hparams": {"v_lr": 0.5}, "validation": {"efficacy": 100.0}, "run_id": "x", "note": "x" * 200_000}
-    with mlflow.start_run(run_name="store-fails"), pytest.raises(MlflowException, match="100000"):
+    with (
+        mlflow.start_run(experiment_id=reg.ensure_experiment(), run_name="store-fails"),
+        pytest.raises(MlflowException, match="100000"),
+    ):
         register_and_store(reg, base, "tiny-e", False, result)
     assert versions_of(reg, "tiny-e") == []
     assert not [m for m in MlflowClient().search_registered_models() if m.name == "tiny-e"]
@@ -318,7 +321,7 @@ def test_store_and_read_tuned_round_trip(ws: Path) -> None:
     from editflow.registry.tuned import TUNED_TAG, read_tuned, store_tuned
 
     reg = Registry()
-    with mlflow.start_run(run_name="register"):
+    with mlflow.start_run(experiment_id=reg.ensure_experiment(), run_name="register"):
         base = resolve.ensure_registered_base(reg, resolve.resolve_base(reg, str(ws / "tiny"), device="cpu"), "tiny-f")
     assert read_tuned(reg, "tiny-f", base.version) is None
     result = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import DateTime, Integer, String, Text, create_engine, inspect, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from editflow.registry.store import Registry, is_sql, mask_uri, sqlalchemy_uri
@@ -93,8 +95,22 @@ def ledger_location(tracking_uri: str, cwd: Path) -> str:
 def _engine_for(uri: str) -> Engine:
     kwargs = {"connect_args": {"timeout": 60}} if uri.startswith("sqlite") else {}
     engine = create_engine(sqlalchemy_uri(uri), **kwargs)
-    Base.metadata.create_all(engine, checkfirst=True)
+    _create_tables(engine)
     return engine
+
+
+def _create_tables(engine: Engine, attempts: int = 5) -> None:
+    """Create the ledger's tables if absent. Clients starting at once on a new database race to
+    create them (PostgreSQL then refuses the loser's duplicate type or table): try again, and the
+    check finds them made."""
+    for attempt in range(attempts):
+        try:
+            Base.metadata.create_all(engine, checkfirst=True)
+            return
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def engine(reg: Registry) -> Engine:
