@@ -574,7 +574,7 @@ def _log_artifacts(
 ) -> None:
     import mlflow
 
-    from editflow.evaluate import fact_table, history_frame, plot_curve, plot_probabilities
+    from editflow.evaluate import fact_table, write_report
 
     table = fact_table(requests, pre, post)
     mlflow.log_table(
@@ -583,10 +583,7 @@ def _log_artifacts(
     )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        table.to_csv(out / "facts.csv", index=False)
-        plot_probabilities(table, out / "prob_new_pre_vs_post.png")
-        if len(evaluator.history) > 1:
-            plot_curve(history_frame(evaluator.history), out / "chunk_curve.png")
+        write_report(out, table, {**pre.summary, **post.summary}, evaluator.history, facts_json=False)
         (out / "layer_update_norms.json").write_text(json.dumps(result.layer_update_norms, indent=2))
         (out / "diagnostics.json").write_text(json.dumps([d.__dict__ for d in result.diagnostics], indent=2))
         (out / "context_templates.json").write_text(json.dumps(result.context_templates, indent=2))

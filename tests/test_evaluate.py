@@ -486,7 +486,7 @@ def test_cli_writes_outputs(lm, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "efficacy" in result.output and "fluency" in result.output
-    for name in ("summary.json", "facts.csv", "facts.json", "probabilities.png"):
+    for name in ("summary.json", "facts.csv", "facts.json", "prob_new_pre_vs_post.png"):
         assert (out / name).stat().st_size > 0
     s = json.loads((out / "summary.json").read_text())
     assert {"pre/efficacy", "pre/score", "pre/fluency", "pre/drift_ppl"} <= set(s)

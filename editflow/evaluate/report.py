@@ -198,23 +198,35 @@ def plot_curve(history: pd.DataFrame, path: str | os.PathLike, metrics: Sequence
     return Path(path)
 
 
+#: The per-fact figure and the chunk curve, by the names every writer gives them.
+PROBABILITIES_PNG = "prob_new_pre_vs_post.png"
+CURVE_PNG = "chunk_curve.png"
+
+
 def write_report(
-    out_dir: str | os.PathLike, table: pd.DataFrame, summary_: dict[str, float], history: Sequence[EvalResult] = ()
+    out_dir: str | os.PathLike,
+    table: pd.DataFrame,
+    summary_: dict[str, float],
+    history: Sequence[EvalResult] = (),
+    facts_json: bool = True,
 ) -> dict[str, Path]:
-    """Write summary.json, facts.csv, facts.json, probabilities.png (and history.csv/curve.png when
-    there is more than one post-edit result) to ``out_dir``; return the paths by name."""
+    """Write summary.json, facts.csv, facts.json (unless ``facts_json`` is false: an MLflow run logs
+    it as a table instead), the P(new) figure (and history.csv and the chunk curve when there is more
+    than one post-edit result) to ``out_dir``; return the paths by name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"summary": out / "summary.json", "facts_csv": out / "facts.csv", "facts_json": out / "facts.json"}
+    paths = {"summary": out / "summary.json", "facts_csv": out / "facts.csv"}
     paths["summary"].write_text(json.dumps({k: _json_safe(v) for k, v in summary_.items()}, indent=2) + "\n")
     table.to_csv(paths["facts_csv"], index=False)
-    table.to_json(paths["facts_json"], orient="records", indent=2, force_ascii=False)
-    paths["probabilities"] = plot_probabilities(table, out / "probabilities.png")
+    if facts_json:
+        paths["facts_json"] = out / "facts.json"
+        table.to_json(paths["facts_json"], orient="records", indent=2, force_ascii=False)
+    paths["probabilities"] = plot_probabilities(table, out / PROBABILITIES_PNG)
     if len(history) > 1:
         frame = history_frame(history)
         frame.to_csv(out / "history.csv", index=False)
         paths["history"] = out / "history.csv"
-        paths["curve"] = plot_curve(frame, out / "curve.png")
+        paths["curve"] = plot_curve(frame, out / CURVE_PNG)
     return paths
 
 
