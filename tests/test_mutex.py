@@ -18,16 +18,19 @@ from editflow.registry import ledger, mutex
 from editflow.registry.ledger import LockRow
 from editflow.registry.store import Registry
 
+#: Ledger databases on servers, by the variable that names each (CI starts both).
+SERVERS = {"postgresql": "EDITFLOW_TEST_POSTGRES_URI", "mysql": "EDITFLOW_TEST_MYSQL_URI"}
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+
+@pytest.fixture(params=["sqlite", *SERVERS])
 def reg(request, tmp_path):
-    """A ledger on sqlite, and on PostgreSQL when ``EDITFLOW_TEST_POSTGRES_URI`` names one."""
+    """A ledger on sqlite, and on PostgreSQL and MySQL when their variables name servers."""
     if request.param == "sqlite":
         yield Registry(f"sqlite:///{tmp_path / 'mlflow.db'}", ledger_uri=f"sqlite:///{tmp_path / 'ledger.db'}")
         return
-    uri = os.environ.get("EDITFLOW_TEST_POSTGRES_URI")
+    uri = os.environ.get(SERVERS[request.param])
     if not uri:
-        pytest.skip("EDITFLOW_TEST_POSTGRES_URI not set")
+        pytest.skip(f"{SERVERS[request.param]} not set")
     yield Registry(f"sqlite:///{tmp_path / 'mlflow.db'}", ledger_uri=uri)
 
 

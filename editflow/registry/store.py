@@ -22,12 +22,19 @@ def default_tracking_uri() -> str:
     return sqlalchemy_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
 
 
+#: Plain database URI schemes and the pure-Python driver editflow's extras install for them
+#: (SQLAlchemy's defaults, psycopg2 and mysqlclient, are C builds nothing declares).
+PLAIN_SQL_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql"}
+
+
 def sqlalchemy_uri(uri: str) -> str:
-    """``uri`` with a plain ``postgresql://`` mapped to psycopg 3 (``postgresql+psycopg://``) when it is
-    installed (the ``postgres`` extra): SQLAlchemy's default for a plain URI is psycopg2. Any other URI,
-    or one that names its driver, is returned as given."""
-    if uri.startswith("postgresql://") and importlib.util.find_spec("psycopg") is not None:
-        return "postgresql+psycopg://" + uri.removeprefix("postgresql://")
+    """``uri`` with a plain ``postgresql://`` mapped to psycopg 3 (``postgresql+psycopg://``, the
+    ``postgres`` extra) and a plain ``mysql://`` to PyMySQL (``mysql+pymysql://``, the ``mysql`` extra)
+    when that driver is installed. Any other URI, or one that names its driver, is returned as given."""
+    scheme, sep, rest = uri.partition("://")
+    driver = PLAIN_SQL_DRIVERS.get(scheme)
+    if sep and driver and importlib.util.find_spec(driver) is not None:
+        return f"{scheme}+{driver}://{rest}"
     return uri
 
 

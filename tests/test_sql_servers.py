@@ -1,8 +1,9 @@
-"""The registry workflow on a real PostgreSQL server: one fresh database per module, used as MLflow's
-tracking and registry store and as editflow's ledger, reached through a plain ``postgresql://`` URI.
+"""The registry workflow on real database servers, PostgreSQL and MySQL (Debian's MariaDB): for each,
+one fresh database per module, used as MLflow's tracking and registry store and as editflow's ledger,
+reached through a plain ``postgresql://`` or ``mysql://`` URI.
 
-Needs ``EDITFLOW_TEST_POSTGRES_URI`` (a role allowed to create databases); CI sets it from
-``bash .ci/postgres.sh start``."""
+Needs ``EDITFLOW_TEST_POSTGRES_URI`` / ``EDITFLOW_TEST_MYSQL_URI`` (a user allowed to create
+databases); CI sets them from ``bash .ci/postgres.sh start`` and ``bash .ci/mysql.sh start``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import sys
 import uuid
 
 import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from test_integrity import concurrent_first_edits, consistent, edit_args
 from test_workflow import InjectedFailure, fail_after, job, make_workspace, state_hash
@@ -23,38 +26,39 @@ from editflow.registry.store import Registry, sqlalchemy_uri
 from editflow.registry.versions import aliases_of, load_version, versions_of
 from editflow.requests import RequestError
 
-SERVER = os.environ.get("EDITFLOW_TEST_POSTGRES_URI")
+#: backend -> (the variable naming its server, the start command, the driver a plain URI gets).
+BACKENDS = {
+    "postgresql": ("EDITFLOW_TEST_POSTGRES_URI", "bash .ci/postgres.sh start", "psycopg"),
+    "mysql": ("EDITFLOW_TEST_MYSQL_URI", "bash .ci/mysql.sh start", "pymysql"),
+}
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not SERVER,
-        reason='needs PostgreSQL: export EDITFLOW_TEST_POSTGRES_URI="$(bash .ci/postgres.sh start)" '
-        "(a postgresql:// URI whose role may create databases)",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 
-def admin():
+def admin(server: str):
     """An autocommit engine on the server's own test database (CREATE/DROP DATABASE need autocommit)."""
-    from sqlalchemy import create_engine
-
-    return create_engine(sqlalchemy_uri(SERVER), isolation_level="AUTOCOMMIT")
+    return create_engine(sqlalchemy_uri(server), isolation_level="AUTOCOMMIT")
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    from sqlalchemy import text
-    from sqlalchemy.engine import make_url
+def quoted(backend: str, name: str) -> str:
+    return f"`{name}`" if backend == "mysql" else f'"{name}"'
 
+
+@pytest.fixture(scope="module", params=list(BACKENDS))
+def ws(request, tmp_path_factory):
+    backend = request.param
+    variable, start, driver = BACKENDS[backend]
+    server_uri = os.environ.get(variable)
+    if not server_uri:
+        pytest.skip(f'needs {backend}: export {variable}="$({start})" (a URI whose user may create databases)')
     name = f"editflow_{uuid.uuid4().hex[:12]}"
-    server = admin()
+    server = admin(server_uri)
     with server.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    uri = make_url(SERVER).set(database=name).render_as_string(hide_password=False)
-    assert uri.startswith("postgresql://"), "the tests use a plain postgresql:// URI"
+        c.execute(text(f"CREATE DATABASE {quoted(backend, name)}"))
+    uri = make_url(server_uri).set(database=name).render_as_string(hide_password=False)
+    assert uri.startswith(f"{backend}://"), "the tests use a plain URI"
 
-    root = tmp_path_factory.mktemp("postgres")
+    root = tmp_path_factory.mktemp(backend)
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -64,42 +68,35 @@ def ws(tmp_path_factory):
     # MLflow creates its schema on first use; a team database is set up once, not by four clients at once
     from mlflow import MlflowClient
 
-    MlflowClient(uri).search_experiments()
+    MlflowClient(sqlalchemy_uri(uri)).search_experiments()
     paths = make_workspace(root)
-    paths.update(root=root, uri=uri, database=name)
+    paths.update(root=root, uri=uri, database=name, backend=backend, driver=driver)
     yield paths
     ledger.engine(Registry()).dispose()  # before the environment goes back: the store's URI is in it
     ledger._engine_for.cache_clear()
     mp.undo()
+    force = " WITH (FORCE)" if backend == "postgresql" else ""
     with server.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        c.execute(text(f"DROP DATABASE IF EXISTS {quoted(backend, name)}{force}"))
     server.dispose()
 
 
-def test_edit_promote_rollback_on_postgres(ws):
+def test_edit_promote_rollback(ws):
     """Its own registered model, so the version numbers do not depend on the order of the tests."""
     import mlflow
-    from sqlalchemy import text
 
     reg = Registry()
     # the store is under test here, not the gate
     first = run_edit(job(ws, promote="always", registered_model="pg-lineage"))
     assert (first.version, first.parent_version, first.promoted) == (2, 1, True)
-    # MLflow and the ledger really are on PostgreSQL, through psycopg 3, in the same database.
-    assert mlflow.get_tracking_uri().startswith("postgresql+psycopg://")
+    # MLflow and the ledger really are on the server, through the extra's driver, in the same database.
+    backend, driver = ws["backend"], ws["driver"]
+    assert mlflow.get_tracking_uri().startswith(f"{backend}+{driver}://")
     assert mlflow.get_registry_uri() == mlflow.get_tracking_uri()
     eng = ledger.engine(reg)
-    assert (eng.dialect.name, eng.dialect.driver, eng.url.database) == ("postgresql", "psycopg", ws["database"])
-    with eng.connect() as c:
-        tables = set(c.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars())
-    assert {
-        "editflow_facts",
-        "editflow_events",
-        "editflow_locks",
-        "registered_models",
-        "model_versions",
-        "runs",
-    } <= tables
+    assert (eng.dialect.name, eng.dialect.driver, eng.url.database) == (backend, driver, ws["database"])
+    tables = set(inspect(eng).get_table_names())
+    assert {"editflow_facts", "editflow_events", "editflow_locks", "registered_models", "model_versions"} <= tables
 
     v1_hash = state_hash(load_version(reg, "pg-lineage", 1, device="cpu").handle.model)
     v2_hash = state_hash(load_version(reg, "pg-lineage", 2, device="cpu").handle.model)
@@ -135,7 +132,7 @@ def test_edit_promote_rollback_on_postgres(ws):
     consistent("pg-lineage")
 
 
-def test_concurrent_edits_on_postgres(ws):
+def test_concurrent_first_edits(ws):
     """Four CLI edits of a new registered model at once: one base, four distinct edits, a consistent ledger."""
     reg = Registry()
     codes, errors = concurrent_first_edits(ws, "conc")
@@ -151,7 +148,7 @@ def test_concurrent_edits_on_postgres(ws):
     consistent("conc")
 
 
-def test_failed_runs_leave_no_version_on_postgres(ws, monkeypatch):
+def test_failed_runs_leave_no_version(ws, monkeypatch):
     from mlflow import MlflowClient
 
     reg = Registry()
