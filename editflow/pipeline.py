@@ -226,8 +226,6 @@ def _record_failure(exc: BaseException) -> None:
 
 def _run_phases(reg: Registry, job: EditJob, run_id: str) -> EditOutcome:
     """The phases of one edit run, in order (see the module docstring)."""
-    import mlflow
-
     timings: dict[str, float] = {}
     with timed("load", timings, "loading requests and the base model"):
         plan = _resolve(reg, job)
@@ -238,7 +236,7 @@ def _run_phases(reg: Registry, job: EditJob, run_id: str) -> EditOutcome:
     with timed("eval_pre", timings, "evaluating before the edit"):
         evaluator = _evaluator(reg, job, plan)
         pre = _evaluate_pre(evaluator, plan)
-    mlflow.log_metrics({k: float(v) for k, v in pre.summary.items()})
+    _log_pre(pre.summary)
     with timed("edit", timings, f"editing {len(plan.requests)} facts ({plan.config.algorithm}, {plan.config.mode})"):
         result, chunk_results = _edit(plan, covs, evaluator)
     timings.update({f"edit_{k}": v for k, v in result.timings.items()})
@@ -403,6 +401,13 @@ def prepost_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], dict[s
         {f"prepost/{n}": float(metrics["pre/" + n]) for n in names},
         {f"prepost/{n}": float(metrics["post/" + n]) for n in names},
     )
+
+
+def _log_pre(summary: dict[str, float]) -> None:
+    """The pre-edit figures, as soon as they are known (a run that fails later still shows them)."""
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in summary.items()})
 
 
 def _log_results(metrics: dict[str, float], timings: dict[str, float]) -> None:
