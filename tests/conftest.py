@@ -37,8 +37,9 @@ def word_tokenizer():
     return prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>"))
 
 
-def tiny_config(family: str, vocab_size: int, n_layers: int = 4, d: int = 64, d_ff: int = 256):
-    """A small randomly initialised config of one architecture family."""
+def tiny_config(family: str, vocab_size: int, n_layers: int = 4, d: int = 64, d_ff: int = 256, **overrides):
+    """A small randomly initialised config of one architecture family; ``overrides`` replace any of
+    its keyword arguments (the decoder families' names, e.g. ``max_position_embeddings``)."""
     from transformers import (
         Gemma2Config,
         Gemma3TextConfig,
@@ -76,6 +77,7 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 4, d: int = 64, d_
         max_position_embeddings=128,
         **common,
     )
+    decoder.update(overrides)
     if family in ("llama", "mistral", "qwen2"):
         return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family](**decoder)
     decoder["pad_token_id"] = 0  # the defaults point past a tiny vocabulary

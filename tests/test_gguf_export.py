@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
@@ -80,26 +81,24 @@ def tiny_bpe_tokenizer(split: str | None = None):
 
 
 def tiny_model(family: str, tokenizer, tie: bool = False, seed: int = 0):
-    """A 2-layer random causal LM (hidden 64, 4 heads, 2 kv heads) with weights at a visible scale."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    """A 2-layer random causal LM (hidden 64, 4 heads, 2 kv heads) with weights at a visible scale
+    (:func:`conftest.tiny_config` with this tokenizer's vocabulary and special tokens)."""
+    from transformers import AutoModelForCausalLM
 
-    common = dict(
-        vocab_size=len(tokenizer) + 13,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    config = tiny_config(
+        family,
+        len(tokenizer) + 13,
+        n_layers=2,
+        d_ff=128,
         max_position_embeddings=256,
         tie_word_embeddings=tie,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         rms_norm_eps=1e-5,
+        **({"sliding_window": None} if family == "mistral" else {}),
     )
-    extra = {"mistral": {"sliding_window": None}}.get(family, {})
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cls(**common, **extra))
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random norms and biases too, so a misplaced tensor cannot go unnoticed
         for param in model.parameters():
             if param.ndim == 1:
