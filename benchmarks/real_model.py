@@ -39,13 +39,18 @@ FIRST_RECORD = 150
 TIER_RECORDS = range(200, 205)
 
 
-def records(n: int) -> list[dict]:
+def records(n: int, split: str = "report") -> list[dict]:
+    """The first ``n`` records of a split: ``report`` (index 150 on, without the tier's) or ``tuning``
+    (indices 0–149, where settings are chosen)."""
     from editflow import assets
 
     every = json.loads(assets.counterfact_records_path().read_text())
-    rows = [r for i, r in enumerate(every) if i >= FIRST_RECORD and i not in TIER_RECORDS]
+    if split == "tuning":
+        rows = every[:FIRST_RECORD]
+    else:
+        rows = [r for i, r in enumerate(every) if i >= FIRST_RECORD and i not in TIER_RECORDS]
     if len(rows) < n:
-        raise SystemExit(f"error: only {len(rows)} bundled records from index {FIRST_RECORD}")
+        raise SystemExit(f"error: only {len(rows)} bundled records in the {split} split")
     return rows[:n]
 
 
@@ -197,6 +202,9 @@ def main() -> None:
     ap.add_argument("--tables", default="speed,quality,phases")
     ap.add_argument("--tuned", default="", help="Tuned settings (k=v,...) for the quality table's second row.")
     ap.add_argument(
+        "--split", default="report", choices=["report", "tuning"], help="Records 150– (report) or 0–149 (tuning)."
+    )
+    ap.add_argument(
         "--settings", default="published,tuned", help="Which rows of the quality table to run (published, tuned)."
     )
     ap.add_argument("--stats-tokens", type=int, default=20_000)
@@ -214,7 +222,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
-    tables, rows_all = args.tables.split(","), records(max(sizes))
+    tables, rows_all = args.tables.split(","), records(max(sizes), args.split)
     store = Path(tempfile.mkdtemp(prefix="real-model-store-"))
     os.chdir(store)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
@@ -248,7 +256,7 @@ def main() -> None:
         parts.append(
             markdown_table(
                 f"Quality on {Path(args.model).name} (bundled CounterFact records "
-                f"{FIRST_RECORD}– without the tier's 200–204, one batch; pre → post)",
+                f"{'0–149' if args.split == 'tuning' else f'{FIRST_RECORD}– without the tier’s 200–204'}, one batch; pre → post)",
                 ["settings", "edits", "efficacy", "paraphrase", "neighbourhood", "held-out perplexity"],
                 [quality_row(label, n, m) for (label, n), m in results.items()],
             )
