@@ -123,3 +123,20 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_stay_put():
+    """MLflow's ``set_tracking_uri`` / ``set_registry_uri`` (which every :class:`Registry` calls) also
+    write ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` for subprocesses: put the environment back
+    after each test, so that a test's store never leaks into the next one's subprocesses."""
+    import os
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {n: os.environ.get(n) for n in names}
+    yield
+    for n, value in before.items():
+        if value is None:
+            os.environ.pop(n, None)
+        else:
+            os.environ[n] = value
