@@ -274,9 +274,10 @@ def _complete(
         with registering(name, version):
             on_registered(version)
     integrity.crashpoint("after_ledger_write")
-    retry(lambda: c.delete_model_version_tag(name, str(version), PENDING_TAG))
-    # only a pending version needs its registrar (repair asks whether it is alive)
+    # only a pending version needs its registrar (repair asks whether it lives; while this run is
+    # RUNNING, a pending version without one is not abandoned); the pending tag is cleared last
     retry(lambda: c.delete_model_version_tag(name, str(version), REGISTRAR_TAG))
+    retry(lambda: c.delete_model_version_tag(name, str(version), PENDING_TAG))
 
 
 def _unregister(reg: Registry, name: str, version: int) -> None:
