@@ -7,7 +7,7 @@ lineage: what editflow does) and ``from-zero`` (each run starts with no preserve
 behaviour before edit states existed).
 
     python benchmarks/lifelong.py [--model default|PATH.gguf] [--versions 6] [--facts 50]
-        [--algorithm alphaedit] [--hparams k=v,...] [--ways lineage,from-zero]
+        [--algorithm alphaedit] [--hparams k=v,...] [--ways lineage,from-zero] [--offset 0] [--fluency]
 """
 
 from __future__ import annotations
@@ -125,9 +125,10 @@ def main() -> None:
     ap.add_argument("--ways", default="lineage,from-zero")
     ap.add_argument("--stats-tokens", type=int, default=0)
     ap.add_argument("--records", default=str(assets.counterfact_records_path()))
+    ap.add_argument("--offset", type=int, default=0, help="First record used.")
     ap.add_argument("--fluency", action="store_true", help="Also measure fluency (slower).")
     args = ap.parse_args()
-    records = json.loads(Path(args.records).read_text())
+    records = json.loads(Path(args.records).read_text())[args.offset :]
     need = args.versions * args.facts
     if len(records) < need:
         raise SystemExit(

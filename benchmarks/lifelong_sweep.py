@@ -106,7 +106,7 @@ def main() -> None:
 
     from editflow import CorpusSpec, default_config, layer_covariances, load_model
     from editflow.commands._options import parse_hparams
-    from editflow.evaluate import Evaluator, default_heldout_facts, load_heldout_texts
+    from editflow.evaluate import Evaluator, default_heldout_facts, drift_texts
 
     handle = load_model(assets.default_model_dir() if args.model == "default" else args.model)
     requests = usable_requests(args.records)[args.offset :]
@@ -123,7 +123,7 @@ def main() -> None:
     whole = Evaluator(
         handle,
         edited,
-        heldout_texts=load_heldout_texts(),
+        heldout_texts=drift_texts(edited),
         heldout_facts=default_heldout_facts(edited),
         n_auto_neighbors=0,
         fluency=False,

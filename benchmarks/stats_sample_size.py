@@ -33,7 +33,7 @@ def main() -> None:
     from editflow import memit
     from editflow.config import default_config
     from editflow.demo import default_model_path
-    from editflow.evaluate import Evaluator, load_heldout_texts
+    from editflow.evaluate import Evaluator, drift_texts
     from editflow.models import load_model
     from editflow.requests import parse_requests
     from editflow.stats import CorpusSpec, layer_covariances
@@ -45,7 +45,7 @@ def main() -> None:
     )
     records = json.loads((ROOT / "editflow/assets/counterfact/records.json").read_text())
     requests = parse_requests(records[: args.n])
-    evaluator = Evaluator(handle, requests, heldout_texts=load_heldout_texts(), fluency=False)
+    evaluator = Evaluator(handle, requests, heldout_texts=drift_texts(requests), fluency=False)
     pre = evaluator.pre().metrics
     rows = [f"| pre-edit | – | – | {pre['efficacy']:.1f} | {pre['paraphrase']:.1f} | {pre['neighborhood']:.1f} | – |"]
     for tokens in (int(s) for s in args.sizes.split(",")):

@@ -314,12 +314,13 @@ def _repair(reg: Registry, name: str) -> None:
 
 def _evaluator(reg: Registry, job: EditJob, plan: _Plan) -> Any:
     """The evaluator of this batch, with the held-out facts the lineage's root base knows."""
-    from editflow.evaluate import Evaluator, default_heldout_facts, load_heldout_texts
+    from editflow.evaluate import Evaluator, default_heldout_facts, drift_texts
 
     return Evaluator(
         plan.handle,
         plan.requests,
-        heldout_texts=load_heldout_texts(),
+        # drift: text about no subject of this batch or of the lineage's earlier edits
+        heldout_texts=drift_texts([*plan.requests, *plan.held]),
         # held-out: not in this batch and never edited anywhere in the lineage
         heldout_facts=default_heldout_facts([*plan.requests, *plan.held]),
         known_texts=_root_known_facts(reg, plan),

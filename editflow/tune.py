@@ -358,10 +358,10 @@ def _covariances(
 
 
 def _evaluator(handle: Any, requests: Sequence[EditRequest], heldout_facts: int, seed: int) -> Any:
-    from editflow.evaluate import Evaluator, default_heldout_facts, load_heldout_texts
+    from editflow.evaluate import Evaluator, default_heldout_facts, drift_texts
 
     facts = default_heldout_facts(requests, heldout_facts) if heldout_facts else ()
-    ev = Evaluator(handle, requests, heldout_texts=load_heldout_texts(), heldout_facts=facts, fluency=False, seed=seed)
+    ev = Evaluator(handle, requests, heldout_texts=drift_texts(requests), heldout_facts=facts, fluency=False, seed=seed)
     ev.pre()
     return ev
 

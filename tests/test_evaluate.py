@@ -23,15 +23,18 @@ from editflow.evaluate import (  # noqa: E402
     Evaluator,
     drift,
     drift_reference,
+    drift_texts,
     fact_table,
     greedy_answers,
     harmonic_mean,
+    load_heldout_texts,
     load_pre_state,
     ngram_entropy,
     save_pre_state,
     score_targets,
     summary,
     text_entropy,
+    unrelated_texts,
     weighted_ngram_entropy,
     words,
     write_report,
@@ -344,6 +347,33 @@ def test_drift_zero_then_positive(lm):
     finally:
         with torch.no_grad():
             w.copy_(saved)
+
+
+def test_unrelated_texts_leave_out_every_mention_of_a_subject():
+    texts = ["Paris is in France.", "The river flows.", "the eiffel tower is tall.", "A quiet garden."]
+    assert unrelated_texts(texts, ["Eiffel Tower", "Paris", " "]) == ["The river flows.", "A quiet garden."]
+    assert unrelated_texts(texts, []) == texts
+
+
+def test_drift_texts_leave_out_edited_and_bundled_subjects(tmp_path):
+    """Drift is measured on text about no edited subject (an edit should make its own facts less
+    likely) and about no bundled record, so every batch from the bundled records sees the same slice."""
+    from editflow import assets
+    from editflow.requests import parse_requests
+
+    bundled = json.loads(assets.counterfact_records_path().read_text())
+    bundled_subject = bundled[0]["requested_rewrite"]["subject"]
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(
+        f"{bundled_subject} was a scientist.\nZorblat Quennic lives in Oslo.\nA wide garden crosses the lake.\n"
+    )
+    (user,) = parse_requests([{"prompt": "{} lives in", "subject": "Zorblat Quennic", "target_new": "Rome"}])
+    assert drift_texts([], heldout) == ["Zorblat Quennic lives in Oslo.", "A wide garden crosses the lake."]
+    assert drift_texts([user], heldout) == ["A wide garden crosses the lake."]
+    # the bundled text: the same slice for any two batches of bundled records
+    a = parse_requests(bundled[:5])
+    b = parse_requests(bundled[100:105])
+    assert drift_texts(a) == drift_texts(b) and 0 < len(drift_texts(a)) < len(load_heldout_texts())
 
 
 def test_drift_kl_exact_with_full_vocabulary(lm):

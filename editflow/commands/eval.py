@@ -43,7 +43,10 @@ def resolve_model(uri: str, device: str | None = None, dtype: str | None = None)
     "heldout_path",
     default=None,
     type=click.Path(dir_okay=False),
-    help="Held-out text, one document per line, for drift (default: bundled corpus/heldout.txt).",
+    help=(
+        "Held-out text, one document per line, for drift (default: bundled corpus/heldout.txt); lines "
+        "that mention an evaluated subject or a bundled record's subject are left out."
+    ),
 )
 @click.option(
     "--heldout-facts",
@@ -72,9 +75,9 @@ def command(
     from editflow.evaluate import (
         Evaluator,
         default_heldout_facts,
+        drift_texts,
         fact_table,
         format_summary,
-        load_heldout_texts,
         summary,
         write_report,
     )
@@ -85,7 +88,7 @@ def command(
     ev = Evaluator(
         handle,
         requests,
-        heldout_texts=load_heldout_texts(heldout_path),
+        heldout_texts=drift_texts(requests, heldout_path),
         heldout_facts=default_heldout_facts(requests, heldout_facts_n) if heldout_facts_n else (),
         fluency=not no_fluency,
         seed=seed,

@@ -2,7 +2,7 @@
 
 Typical use::
 
-    ev = Evaluator(handle, requests, heldout_texts=load_heldout_texts(),
+    ev = Evaluator(handle, requests, heldout_texts=drift_texts(requests),
                    heldout_facts=default_heldout_facts(requests))
     key = ev.pre_key(fingerprint(handle.model))
     pre = ev.pre(known=find_pre_state(key))   # pre-edit answers and references, computed once
@@ -23,7 +23,7 @@ from editflow.evaluate.cache import (
     log_pre_state,
     save_pre_state,
 )
-from editflow.evaluate.data import default_heldout_facts, load_heldout_texts
+from editflow.evaluate.data import default_heldout_facts, drift_texts, load_heldout_texts, unrelated_texts
 from editflow.evaluate.drift import DriftReference, drift, drift_reference
 from editflow.evaluate.evaluator import EvalResult, Evaluator, PreState
 from editflow.evaluate.fluency import ngram_entropy, sample_texts, text_entropy, weighted_ngram_entropy, words
@@ -58,6 +58,7 @@ __all__ = [
     "default_heldout_facts",
     "drift",
     "drift_reference",
+    "drift_texts",
     "fact_metrics",
     "fact_table",
     "find_known",
@@ -82,6 +83,7 @@ __all__ = [
     "select_known",
     "summary",
     "text_entropy",
+    "unrelated_texts",
     "weighted_ngram_entropy",
     "words",
     "write_report",
