@@ -325,6 +325,24 @@ def test_fluency_is_seeded(lm):
     assert a.metrics["fluency"] == b.metrics["fluency"] and 0 < a.metrics["fluency"] < 800
 
 
+def test_fluency_beyond_its_cap_is_the_uncapped_figure_on_a_seeded_sample(lm):
+    model, tok = lm
+    reqs = parse_requests(CF) * 3  # six facts
+    every = Evaluator((model, tok), reqs, fluency_tokens=12, fluency_max=0)
+    capped = Evaluator((model, tok), reqs, fluency_tokens=12, fluency_max=2)
+    assert Evaluator((model, tok), reqs, fluency_max=6).fluency_facts() == every.fluency_facts() == list(range(6))
+    sample = capped.fluency_facts()
+    assert len(sample) == 2 and sample == Evaluator((model, tok), reqs, fluency_max=2).fluency_facts()
+    # sampling draws depend on the batch (editflow.generation), so the reference is the uncapped
+    # evaluator on exactly the sampled facts, in order
+    alone = Evaluator((model, tok), [reqs[i] for i in sample], fluency_tokens=12, fluency_max=0).pre()
+    res = capped.pre()
+    assert res.metrics["fluency"] == pytest.approx(alone.metrics["fluency"], rel=1e-12)
+    assert res.metrics["efficacy"] == every.pre().metrics["efficacy"]
+    assert res.facts["fluency"].notna().sum() == 2
+    assert capped.pre_key("w") != every.pre_key("w")  # a different figure: a different cache entry
+
+
 # --------------------------------------------------------------------------- drift
 
 

@@ -39,6 +39,12 @@ def resolve_model(uri: str, device: str | None = None, dtype: str | None = None)
 @click.option("--batch-size", default=64, show_default=True, help="Rows per forward (micro-batch).")
 @click.option("--no-fluency", is_flag=True, help="Skip the generation-entropy metric.")
 @click.option(
+    "--fluency-max",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Sample fluency on at most this many facts (seeded; 0: every fact; default: 50).",
+)
+@click.option(
     "--heldout",
     "heldout_path",
     default=None,
@@ -66,6 +72,7 @@ def command(
     dtype: str | None,
     batch_size: int,
     no_fluency: bool,
+    fluency_max: int | None,
     heldout_path: str | None,
     heldout_facts_n: int,
     limit: int | None,
@@ -91,6 +98,7 @@ def command(
         heldout_texts=drift_texts(requests, heldout_path),
         heldout_facts=default_heldout_facts(requests, heldout_facts_n) if heldout_facts_n else (),
         fluency=not no_fluency,
+        **({} if fluency_max is None else {"fluency_max": fluency_max}),
         seed=seed,
         batch_rows=batch_size,
     )
