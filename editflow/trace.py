@@ -40,7 +40,8 @@ BUCKETS = (
 class TraceResult:
     """Trace of one prompt. ``hidden[l, t]``: P(target) with block ``l``'s output at position ``t``
     restored; ``mlp[l]``: with the rewrite-module (MLP) outputs of the window around ``l`` restored at
-    the last subject token. ``p_clean``/``p_corrupt``: without corruption / corrupted, nothing restored."""
+    the last subject token. ``p_clean``/``p_corrupt``: without corruption / corrupted, nothing restored.
+    ``hidden`` is None when only the MLP effects were traced."""
 
     prompt: str
     subject: str
@@ -49,7 +50,7 @@ class TraceResult:
     subject_range: tuple[int, int]
     p_clean: float
     p_corrupt: float
-    hidden: np.ndarray  # (L, T)
+    hidden: np.ndarray | None  # (L, T)
     mlp: np.ndarray  # (L,)
 
 
@@ -175,9 +176,11 @@ def trace_prompt(
     samples: int = 10,
     window: int = 1,
     seed: int = 0,
+    hidden_states: bool = True,
 ) -> TraceResult:
     """Trace one prompt (``prompt`` has one ``{}`` for ``subject``). ``target`` is scored with a leading
-    space (its first token); ``None`` traces the clean model's own top-1 next token."""
+    space (its first token); ``None`` traces the clean model's own top-1 next token.
+    ``hidden_states=False`` traces only the MLP effects (one forward instead of one per layer more)."""
     device = next(model.parameters()).device
     ids = torch.tensor([encode(tok, prompt.format(subject))], device=device)  # (1, T)
     span = subject_span(tok, prompt, subject)
@@ -194,7 +197,7 @@ def trace_prompt(
     noise = (torch.randn(samples, span[1] - span[0], d_emb, generator=g) * noise_std).to(device)  # (S, span, D)
     with nethook.patch_output(model, _embed_name(adapter), _add_noise(span, noise)):
         p_corrupt = _probs(model, ids.expand(samples, -1))[:, t_id].mean().item()
-        hidden = _restore_hidden(model, adapter, ids, t_id, clean_h, samples)
+        hidden = _restore_hidden(model, adapter, ids, t_id, clean_h, samples) if hidden_states else None
         mlp = _restore_mlp(model, adapter, ids, t_id, clean_m, span[1] - 1, samples, window)
 
     return TraceResult(
@@ -272,12 +275,14 @@ def best_window(trace: TraceSummary | TraceResult, width: int) -> tuple[int, ...
 
 
 def summarise(results: Sequence[TraceResult], noise_std: float, samples: int, window: int) -> TraceSummary:
-    """Average traces with positions aligned into :data:`BUCKETS`."""
+    """Average traces with positions aligned into :data:`BUCKETS` (no hidden effects when a trace has
+    none)."""
     if not results:
         raise ValueError("no traces to summarise")
     with warnings.catch_warnings():  # a bucket no prompt has (e.g. one-token subjects) stays NaN -> 0
         warnings.simplefilter("ignore", RuntimeWarning)
-        hid = np.nanmean(np.stack([bucketed(r) for r in results]), 0)
+        traced = all(r.hidden is not None for r in results)
+        hid = np.nanmean(np.stack([bucketed(r) for r in results]), 0) if traced else np.zeros((0, len(BUCKETS)))
     mlp = np.mean([mlp_effects(r) for r in results], 0)
     return TraceSummary(
         n=len(results),
@@ -304,13 +309,17 @@ def trace_requests(
     samples: int = 10,
     window: int = 1,
     seed: int = 0,
+    hidden_states: bool = True,
 ) -> tuple[list[TraceResult], TraceSummary]:
     """Trace each request's prompt towards its true object (``target_true``; the model's own top-1 answer
-    when a request has none). ``noise`` is the noise std as a multiple of the embedding std."""
+    when a request has none). ``noise`` is the noise std as a multiple of the embedding std;
+    ``hidden_states=False``: MLP effects only (:func:`trace_prompt`)."""
     adapter = adapter or detect_adapter(model)
     std = noise * embedding_std(model)
     results = [
-        trace_prompt(model, tok, adapter, r.prompt, r.subject, r.target_true, std, samples, window, seed + i)
+        trace_prompt(
+            model, tok, adapter, r.prompt, r.subject, r.target_true, std, samples, window, seed + i, hidden_states
+        )
         for i, r in enumerate(progress.track(requests, desc="trace", unit="prompt"))
     ]
     return results, summarise(results, std, samples, window)

@@ -464,7 +464,13 @@ def _trace(job: TuneJob, handle: Any, requests: Sequence[EditRequest]) -> TraceS
 
     progress.note("editflow: causal trace of the tuning split …")
     _, trace = trace_requests(
-        handle.model, handle.tokenizer, requests, handle.adapter, samples=job.trace_samples, seed=job.seed
+        handle.model,
+        handle.tokenizer,
+        requests,
+        handle.adapter,
+        samples=job.trace_samples,
+        seed=job.seed,
+        hidden_states=False,  # the window needs the MLP effects only
     )
     mlflow.log_dict(trace.to_dict(), "trace.json")
     return trace

@@ -143,6 +143,17 @@ def test_raw_records_of_any_format_trace_like_their_requests(requests) -> None:
         assert np.array_equal(a.hidden, b.hidden) and np.array_equal(a.mlp, b.mlp)
 
 
+def test_mlp_only_trace_equals_the_full_traces_mlp_effects(traced, requests) -> None:
+    """What tune reads (the MLP effects and the window they give) without the hidden-state restores."""
+    model, tok, results, summary = traced
+    fast, fast_summary = trace_requests(model, tok, requests, samples=3, window=3, hidden_states=False)
+    for full, quick in zip(results, fast):
+        assert quick.hidden is None and quick.p_corrupt == full.p_corrupt
+        np.testing.assert_array_equal(quick.mlp, full.mlp)
+    assert fast_summary.mlp_effect == summary.mlp_effect and fast_summary.hidden_effect == []
+    assert best_window(fast_summary, 2) == best_window(summary, 2)
+
+
 def test_window_users() -> None:
     assert window_users(3, 1) == [[0], [1], [2]]
     assert window_users(4, 3) == [[0, 1], [0, 1, 2], [1, 2, 3], [2, 3]]

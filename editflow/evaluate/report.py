@@ -27,7 +27,7 @@ magnitudes are differences of probabilities P = exp(−mean NLL of the target to
 | `zsre_efficacy` | zsRE: token top-1 accuracy of `target_new` after the question (teacher forcing) | % |
 | `zsre_paraphrase` | zsRE: same after the rephrased question | % |
 | `zsre_specificity` | zsRE: token top-1 accuracy of `loc_ans` after `loc` | % |
-| `fluency` | GE: weighted n-gram entropy of sampled texts ×100 (:mod:`editflow.evaluate.fluency`) | ×100 bits |
+| `fluency` | GE: weighted n-gram entropy of sampled texts ×100 (:mod:`editflow.evaluate.fluency`), on at most 50 facts (a seeded sample beyond, the same before and after; `editflow eval --fluency-max`) | ×100 bits |
 | `drift_ppl` | perplexity on the held-out text slice: the first 1,024 tokens of held-out text that mention no edited subject (of the batch or its lineage) and no bundled record's subject | — |
 | `drift_ppl_rel` | post only: ppl_post / ppl_pre − 1 | ratio |
 | `drift_kl` | post only: mean KL(pre ‖ post) of next-token distributions (top-k coarsening) | nats |
