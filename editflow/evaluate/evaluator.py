@@ -36,8 +36,9 @@ from editflow.requests import EditRequest, requests_digest
 from editflow.tokens import encode, model_positions, pad_id
 
 REWRITE_KINDS = ("rewrite", "zsre_rewrite")
-#: Facts fluency is sampled on at most (a seeded sample beyond): generation was half of an evaluation's
-#: cost at 100 facts on SmolLM2-135M (README, Evaluation: the sampling error measured).
+#: Facts fluency is sampled on at most (a seeded sample beyond). Generation was half of an evaluation's
+#: cost at 100 facts on SmolLM2-135M; there a 50-fact sample's standard error is 0.5 % of the figure
+#: (0.8 % of it on the pre-to-post change).
 FLUENCY_MAX = 50
 #: Version of what a :class:`PreState` holds; part of every cache key.
 PRE_FORMAT = "editflow-eval-pre/1"
