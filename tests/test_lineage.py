@@ -73,13 +73,15 @@ def test_earlier_facts_leave_out_what_the_batch_overwrites_and_sample_past_the_c
 def test_root_references_start_at_the_root_and_are_carried():
     pre = {"pre/drift_ppl": 5.0, "pre/heldout": 100.0}
     root = lineage.root_references({"editflow.role": "base"}, {}, pre)
-    assert root == {"drift_ppl": 5.0, "heldout": 100.0}
+    assert root == {"drift_ppl": 5.0, "heldout": 100.0, "drift_slice": 2.0}
     later = {"pre/drift_ppl": 7.0, "pre/heldout": 80.0}
     edit_tags = {"editflow.role": "edit"}
     assert lineage.root_references(edit_tags, {"root_references": root}, later) == root
-    # a version registered when the references were tags
+    # a root perplexity measured on all held-out text (before drift_texts) is not compared
+    older = {"drift_ppl": 5.0, "heldout": 100.0}
+    assert lineage.root_references(edit_tags, {"root_references": older}, later) == {"heldout": 100.0}
     legacy = {**edit_tags, "editflow.root.drift_ppl": "5", "editflow.root.heldout": "100"}
-    assert lineage.root_references(legacy, {}, later) == root
+    assert lineage.root_references(legacy, {}, later) == {"heldout": 100.0}
 
 
 def test_cumulative_gate_refuses_drift_that_passed_step_by_step():

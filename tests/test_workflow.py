@@ -184,7 +184,7 @@ def test_edit_run_registers_a_version_with_lineage(ws, first_edit):
     meta = load_version(reg, "tiny", 2, device="cpu").handle.extra["editflow"]
     assert meta["run_id"] == out.run_id and meta["hparams"]["algorithm"] == "memit"
     assert meta["edit_state"]["n_keys"] == 2 and len(meta["edit_state"]["sha256"]) == 64
-    assert set(meta["root_references"]) <= {"drift_ppl", "heldout"} and meta["fingerprint"]
+    assert set(meta["root_references"]) <= {"drift_ppl", "heldout", "drift_slice"} and meta["fingerprint"]
     # production went 1 (the base) -> 2 (whatever the module's later tests did since)
     assert [e.version for e in ledger.events(reg, "tiny") if e.action == "promote"][:2] == [1, 2]
     assert [f.subject for f in ledger.own_facts(reg, "tiny", 2)] == ["gamma delta", "rho"]

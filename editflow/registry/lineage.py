@@ -21,6 +21,8 @@ from pathlib import Path
 from editflow import progress
 from editflow.edit_state import EditState, EditStateError, load_state, save_state
 from editflow.registry.schema import (
+    DRIFT_SLICE,
+    DRIFT_SLICE_KEY,
     EDIT_STATE_KEY,
     LEGACY_EDIT_STATE_SHA256_TAG,
     LEGACY_ROOT_REFERENCE_TAGS,
@@ -164,15 +166,19 @@ def earlier_facts(
 
 def root_references(parent_tags: dict[str, str], parent_meta: dict, pre_metrics: dict[str, float]) -> dict[str, float]:
     """The root base's references: carried from the parent's ``editflow.json``, or (editing the root
-    itself) its pre figures."""
+    itself) its pre figures. A root perplexity measured on another drift slice than today's is dropped
+    (the gate then checks perplexity against the parent only)."""
     legacy = {m: parent_tags[t] for m, t in LEGACY_ROOT_REFERENCE_TAGS.items() if t in parent_tags}
     carried = parent_meta.get(ROOT_REFERENCES_KEY) or legacy
-    out = {}
+    same_slice = float(carried.get(DRIFT_SLICE_KEY, 1)) == DRIFT_SLICE
+    out: dict[str, float] = {}
     for metric in ROOT_REFERENCE_METRICS:
-        if is_edit(parent_tags) and metric in carried:
+        if is_edit(parent_tags) and metric in carried and (same_slice or metric != "drift_ppl"):
             out[metric] = float(carried[metric])
         elif not is_edit(parent_tags) and f"pre/{metric}" in pre_metrics:
             out[metric] = float(pre_metrics[f"pre/{metric}"])
+    if "drift_ppl" in out:
+        out[DRIFT_SLICE_KEY] = float(DRIFT_SLICE)
     return out
 
 

@@ -89,6 +89,11 @@ EDIT_STATE_KEY = "edit_state"
 #: An edit: the root base's references carried from version to version (summary metric -> value).
 ROOT_REFERENCES_KEY = "root_references"
 ROOT_REFERENCE_METRICS = ("drift_ppl", "heldout")
+#: How the drift text was chosen when the root's ``drift_ppl`` was measured (root_references key
+#: ``drift_slice``; absent = 1): 1 = all held-out text, 2 = text about no edited or bundled subject
+#: (:func:`editflow.evaluate.drift_texts`). A root perplexity from another slice is not compared.
+DRIFT_SLICE_KEY = "drift_slice"
+DRIFT_SLICE = 2
 
 
 def prefixed(tags: dict[str, str]) -> dict[str, str]:
