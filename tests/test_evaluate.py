@@ -530,10 +530,14 @@ def test_cli_writes_outputs(lm, tmp_path):
             str(tmp_path / "heldout.txt"),
             "--batch-size",
             "4",
+            "--fluency-max",
+            "1",
         ],
     )
     assert result.exit_code == 0, result.output
     assert "efficacy" in result.output and "fluency" in result.output
+    facts = json.loads((out / "facts.json").read_text())
+    assert len(facts) == 2 and sum(f.get("pre_fluency") is not None for f in facts) == 1  # one fact sampled
     for name in ("summary.json", "facts.csv", "facts.json", "prob_new_pre_vs_post.png"):
         assert (out / name).stat().st_size > 0
     s = json.loads((out / "summary.json").read_text())
