@@ -148,9 +148,11 @@ def test_mlp_only_trace_equals_the_full_traces_mlp_effects(traced, requests) -> 
     model, tok, results, summary = traced
     fast, fast_summary = trace_requests(model, tok, requests, samples=3, window=3, hidden_states=False)
     for full, quick in zip(results, fast):
-        assert quick.hidden is None and quick.p_corrupt == full.p_corrupt
-        np.testing.assert_array_equal(quick.mlp, full.mlp)
-    assert fast_summary.mlp_effect == summary.mlp_effect and fast_summary.hidden_effect == []
+        # equal up to float summation order (the forwards batch differently with the thread count)
+        assert quick.hidden is None and quick.p_corrupt == pytest.approx(full.p_corrupt, **TOL)
+        np.testing.assert_allclose(quick.mlp, full.mlp, rtol=TOL["rel"], atol=TOL["abs"])
+    np.testing.assert_allclose(fast_summary.mlp_effect, summary.mlp_effect, rtol=TOL["rel"], atol=TOL["abs"])
+    assert fast_summary.hidden_effect == []
     assert best_window(fast_summary, 2) == best_window(summary, 2)
 
 
