@@ -121,11 +121,16 @@ def timed(fn):
 
 def material(pkg, requests) -> dict:
     """Held-out text and fact candidates from the bundled files, with ``pkg``'s default count."""
+    import inspect
+
     from editflow.evaluate.data import DEFAULT_HELDOUT_TEXT
 
+    # like for like: the same held-out text for both, and fluency on every fact (no sampling cap)
+    uncapped = {"fluency_max": 0} if "fluency_max" in inspect.signature(pkg.Evaluator).parameters else {}
     return {
         "heldout_texts": pkg.load_heldout_texts(DEFAULT_HELDOUT_TEXT),
         "heldout_facts": pkg.default_heldout_facts(requests, path=RECORDS),
+        **uncapped,
     }
 
 
