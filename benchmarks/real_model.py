@@ -183,12 +183,28 @@ def edit_run(model: str, rows: list[dict], hparams: dict, stats_tokens: int) -> 
     return {**out.metrics, **{k: v for k, v in m.items() if k.startswith("time/")}}
 
 
+def published_hparams(model: str) -> dict:
+    """The published family defaults for this GGUF (layers scaled to its depth), spelled out, so the
+    "published" rows do not take the measured defaults editflow ships for a packaged file."""
+    from gguf import GGUFReader
+
+    from editflow.config import default_config
+    from editflow.gguf_source import header_field
+
+    reader = GGUFReader(model)
+    arch = str(header_field(reader, "general.architecture"))
+    config = default_config(arch, int(header_field(reader, f"{arch}.block_count")))
+    keys = ("layers", "mom2_update_weight", "v_lr", "v_num_grad_steps", "v_early_stop_loss", "clamp_norm_factor")
+    return {k: config.to_dict()[k] for k in (*keys, "kl_factor", "context_templates")}
+
+
 def quality_row(label: str, n: int, m: dict) -> str:
     f = lambda k: f"{m[k]:.1f}" if k in m else "—"  # noqa: E731
     ppl = f"{100 * m['post/drift_ppl_rel']:+.1f} %" if "post/drift_ppl_rel" in m else "—"
     return (
         f"| {label} | {n} | {f('pre/efficacy')} → {f('post/efficacy')} | {f('pre/paraphrase')} → "
-        f"{f('post/paraphrase')} | {f('pre/neighborhood')} → {f('post/neighborhood')} | {ppl} |"
+        f"{f('post/paraphrase')} | {f('pre/neighborhood')} → {f('post/neighborhood')} | {ppl} | "
+        f"{f('pre/fluency')} → {f('post/fluency')} | {f('pre/heldout')} → {f('post/heldout')} |"
     )
 
 
@@ -246,7 +262,7 @@ def main() -> None:
     results = {}
     if "quality" in tables or "phases" in tables:
         wanted = args.settings.split(",")
-        settings = [("published Llama defaults", {})] if "published" in wanted else []
+        settings = [("published Llama defaults", published_hparams(args.model))] if "published" in wanted else []
         if args.tuned and "tuned" in wanted:
             settings.append(("tuned", parse_hparams(args.tuned)))
         for label, hp in settings:
@@ -257,7 +273,16 @@ def main() -> None:
             markdown_table(
                 f"Quality on {Path(args.model).name} (bundled CounterFact records "
                 f"{'0–149' if args.split == 'tuning' else f'{FIRST_RECORD}– without the tier’s 200–204'}, one batch; pre → post)",
-                ["settings", "edits", "efficacy", "paraphrase", "neighbourhood", "held-out perplexity"],
+                [
+                    "settings",
+                    "edits",
+                    "efficacy",
+                    "paraphrase",
+                    "neighbourhood",
+                    "held-out perplexity",
+                    "fluency",
+                    "held-out facts",
+                ],
                 [quality_row(label, n, m) for (label, n), m in results.items()],
             )
         )

@@ -80,7 +80,8 @@ def supported_architectures() -> list[str]:
     return sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - _NOT_ARCHITECTURES)
 
 
-def _field(reader: Any, key: str) -> Any:
+def header_field(reader: Any, key: str) -> Any:
+    """One GGUF header value (None when absent)."""
     field = reader.fields.get(key)
     return None if field is None else field.contents()
 
@@ -108,14 +109,14 @@ def inspect_gguf(path: str | os.PathLike) -> GgufInfo:
     size = path.stat().st_size
     if not tensors or end > size:
         raise GgufError(f"{path.name} is truncated: its tensors need {end:,} bytes, the file has {size:,}")
-    arch = str(_field(reader, "general.architecture") or "unknown")
+    arch = str(header_field(reader, "general.architecture") or "unknown")
     supported = supported_architectures()
     if arch not in supported:
         raise GgufError(
             f"{path.name}: GGUF architecture {arch!r} cannot be loaded by transformers; "
             f"supported: {', '.join(supported)}"
         )
-    file_type = _field(reader, "general.file_type")
+    file_type = header_field(reader, "general.file_type")
     try:
         file_type_name = LlamaFileType(int(file_type)).name if file_type is not None else "unknown"
     except ValueError:
@@ -128,7 +129,7 @@ def inspect_gguf(path: str | os.PathLike) -> GgufInfo:
         sha256=file_sha256(path),
         size=size,
         architecture=arch,
-        name=str(_field(reader, "general.name") or path.stem),
+        name=str(header_field(reader, "general.name") or path.stem),
         file_type=file_type_name,
         tensor_types=dict(sorted(counts.items())),
         n_tensors=len(tensors),
@@ -154,6 +155,7 @@ def load_gguf(
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     from editflow import progress
+    from editflow.fetch import packaged_defaults
     from editflow.models import ModelHandle, default_device, detect_adapter, prepare_tokenizer, resolve_dtype
 
     info = info or inspect_gguf(path)
@@ -186,5 +188,5 @@ def load_gguf(
         tokenizer=tokenizer,
         adapter=detect_adapter(model),
         source=info.path,
-        extra={"model_defaults": {}, "gguf": info.to_dict()},
+        extra={"model_defaults": packaged_defaults(info.sha256), "gguf": info.to_dict()},
     )

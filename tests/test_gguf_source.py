@@ -133,6 +133,34 @@ def test_edit_from_a_gguf_registers_its_base_once(tiny_gguf, tmp_path, monkeypat
     assert fresh.keys() == stored.keys() and all(torch.equal(fresh[k], stored[k]) for k in fresh)
 
 
+def test_a_packaged_gguf_brings_its_measured_edit_defaults(tiny_gguf, tmp_path, monkeypatch):
+    """A file whose digest is a packaged model's (editflow fetch) is edited with that model's measured
+    settings, also once it is registered; any other file gets the family defaults, and explicit
+    settings still win."""
+    from dataclasses import replace
+
+    from editflow import fetch
+    from editflow.registry.resolve import config_for, ensure_registered_base, resolve_base
+
+    assert fetch.packaged_defaults(fetch.KNOWN["smollm2-135m"].sha256)["hparams"]["mom2_update_weight"] == 3000.0
+    sha = inspect_gguf(tiny_gguf).sha256
+    assert fetch.packaged_defaults(sha) == {}
+    measured = {"hparams": {"layers": [1], "mom2_update_weight": 7.0}, "chosen_by": "a test"}
+    monkeypatch.setitem(fetch.KNOWN, "tiny", replace(fetch.KNOWN["smollm2-135m"], sha256=sha, edit_defaults=measured))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    reg = Registry()
+    name = registered_name_for(str(tiny_gguf))
+    base = ensure_registered_base(reg, resolve_base(reg, str(tiny_gguf), device="cpu"), name)
+    assert base.version == 1  # registered, with the defaults in its editflow.json
+    again = resolve_base(reg, str(tiny_gguf), device="cpu")  # read back from the registry
+    assert (again.name, again.version) == (name, 1)
+    for ref in (base, again):
+        config = config_for(reg, ref, {})
+        assert (list(config.layers), config.mom2_update_weight) == ([1], 7.0)
+    assert config_for(reg, again, {"mom2_update_weight": 2.0}).mom2_update_weight == 2.0
+
+
 def test_a_truncated_gguf_registers_nothing(tiny_gguf, tmp_path, monkeypatch):
     from editflow.pipeline import EditJob, run_edit
     from editflow.registry.versions import registered_names
