@@ -1,8 +1,9 @@
 """Per-model edit defaults chosen by measurement: ``editflow tune``.
 
 split the records (seeded, disjoint) → causal trace of the model on the tuning split (edit window) →
-covariances of every candidate layer, once (cache) → a seeded random search over λ, the target
-optimisation and the window (each trial: MEMIT edit of the tuning split, restore, evaluate) → the best
+covariances of every candidate layer, once (cache) → a greedy coordinate search over λ, the target
+optimisation and the window, from the defaults and the traced window (each trial: MEMIT edit of the
+tuning split, restore, evaluate; the next trial changes one setting of the best so far) → the best
 trial edited on the validation split → stored with the registered base (``editflow.tuned`` tag).
 
 The pure parts (split, search space, objective, time-boxed search) come first; :func:`run_tune` does
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from editflow import memit, progress
-from editflow.config import MemitConfig
+from editflow.config import MemitConfig, default_config
 from editflow.evaluate.metrics import harmonic_mean
 from editflow.registry.store import Registry
 from editflow.requests import EditRequest
@@ -127,19 +128,21 @@ def covariance_layers(windows: Mapping[Any, Sequence[int]], base: MemitConfig) -
     return sorted({layer for w in windows.values() for layer in w} | set(base.layers))
 
 
-def sample_overrides(
-    rng: random.Random, base: MemitConfig, windows: Mapping[tuple[int, int], tuple[int, ...]], space: SearchSpace
-) -> dict[str, Any]:
-    """One random point of the search space, as overrides of ``base``."""
-    return {
-        "layers": list(windows[rng.choice(sorted(windows))]),
-        "mom2_update_weight": base.mom2_update_weight * rng.choice(space.lam_factors),
-        "v_lr": base.v_lr * rng.choice(space.lr_factors),
-        "v_num_grad_steps": max(1, round(base.v_num_grad_steps * rng.choice(space.steps_factors))),
-        "clamp_norm_factor": base.clamp_norm_factor * rng.choice(space.clamp_factors),
-        "v_early_stop_loss": rng.choice(space.early_stop),
-        "kl_factor": rng.choice(space.kl),
-    }
+def search_axes(
+    base: MemitConfig, windows: Mapping[tuple[int, int], tuple[int, ...]], space: SearchSpace
+) -> list[tuple[str, list[Any]]]:
+    """The coordinates of the search, each with its candidate values, most influential first: λ (the
+    edit/preservation trade-off), then the target optimisation (steps, learning rate, early stop), the
+    layer window, the clamp and the KL weight."""
+    return [
+        ("mom2_update_weight", [base.mom2_update_weight * f for f in space.lam_factors]),
+        ("v_num_grad_steps", [max(1, round(base.v_num_grad_steps * f)) for f in space.steps_factors]),
+        ("v_lr", [base.v_lr * f for f in space.lr_factors]),
+        ("v_early_stop_loss", list(space.early_stop)),
+        ("layers", [tuple(w) for _, w in sorted(windows.items())]),
+        ("clamp_norm_factor", [base.clamp_norm_factor * f for f in space.clamp_factors]),
+        ("kl_factor", list(space.kl)),
+    ]
 
 
 def tuned_values(config: MemitConfig) -> dict[str, Any]:
@@ -148,29 +151,33 @@ def tuned_values(config: MemitConfig) -> dict[str, Any]:
     return {k: d[k] for k in TUNED_KEYS}
 
 
-def trial_plan(
+def next_trial(
     base: MemitConfig,
-    trace: TraceSummary,
-    windows: Mapping[tuple[int, int], tuple[int, ...]],
-    n: int,
-    seed: int,
-    space: SearchSpace,
-) -> list[MemitConfig]:
-    """``n`` distinct configs: the defaults, the defaults on the traced window of their width, then random."""
-    first = [base, base.replace(layers=list(best_window(trace, len(base.layers))))]
-    plan: list[MemitConfig] = []
-    seen: set[str] = set()
-    rng = random.Random(seed)
-    candidates = iter(first)
-    for _ in range(50 * n):
-        if len(plan) >= n:
-            break
-        config = next(candidates, None) or base.replace(**sample_overrides(rng, base, windows, space))
-        key = repr(tuned_values(config))
-        if key not in seen:
-            seen.add(key)
-            plan.append(config)
-    return plan
+    traced_layers: Sequence[int],
+    axes: Sequence[tuple[str, Sequence[Any]]],
+    trials: Sequence[Trial],
+) -> MemitConfig | None:
+    """The next configuration of a greedy coordinate search, or None when every neighbour is measured.
+
+    First the defaults, then the defaults on the traced window; after that, from the best trial so
+    far, one coordinate changed at a time, in the order of ``axes``. An improvement moves the search
+    to the new best, whose untried neighbours come next. Deterministic: the same trials give the same
+    proposal."""
+    seen = {_key(t.hparams) for t in trials}
+    for config in (base, base.replace(layers=list(traced_layers))):
+        if _key(tuned_values(config)) not in seen:
+            return config
+    best = base.replace(**max(trials, key=lambda t: t.objective).hparams)  # ties: the earlier trial
+    for name, values in axes:
+        for value in values:
+            config = best.replace(**{name: list(value) if name == "layers" else value})
+            if _key(tuned_values(config)) not in seen:
+                return config
+    return None
+
+
+def _key(hparams: Mapping[str, Any]) -> str:
+    return repr(sorted((k, list(v) if isinstance(v, (list, tuple)) else v) for k, v in hparams.items()))
 
 
 # --------------------------------------------------------------------------- objective
@@ -227,32 +234,41 @@ class SearchOutcome:
                 f"time box of {self.budget_s / 60:g} min reached after {len(self.trials)} of {self.planned} "
                 f"trials: keeping the best trial so far, {best}"
             )
+        if len(self.trials) < self.planned:
+            return f"{len(self.trials)} trials run (every neighbour of the best measured); best {best}"
         return f"{len(self.trials)} trials run; best {best}"
 
 
 def search(
-    plan: Sequence[MemitConfig],
+    propose: Callable[[Sequence[Trial]], MemitConfig | None],
     run_trial: Callable[[int, MemitConfig], Trial],
+    limit: int,
     budget_s: float,
     started: float,
     clock: Callable[[], float] = time.monotonic,
 ) -> SearchOutcome:
-    """Run ``plan`` in order while ``clock() - started < budget_s`` (the first trial always runs); keep the best."""
-    if not plan:
+    """Run up to ``limit`` trials, each proposed from the ones before, while ``clock() - started <
+    budget_s`` (the first trial always runs); keep the best."""
+    if limit < 1:
         raise TuneError("no trials to run (--trials must be >= 1)")
     trials: list[Trial] = []
     stopped = False
-    with progress.bar(total=len(plan), desc="tune", unit="trial") as bar:
-        for i, config in enumerate(plan):
+    with progress.bar(total=limit, desc="tune", unit="trial") as bar:
+        while len(trials) < limit:
             if trials and clock() - started >= budget_s:
                 stopped = True
                 break
-            trials.append(run_trial(i, config))
+            config = propose(trials)
+            if config is None:
+                break
+            trials.append(run_trial(len(trials), config))
             best = max(trials, key=lambda t: t.objective)
             bar.set_postfix(best=f"{best.objective:.1f}")
             bar.update(1)
+    if not trials:
+        raise TuneError("the search proposed no configuration")
     best = max(trials, key=lambda t: t.objective)  # ties: the earlier trial
-    return SearchOutcome(trials, best, len(plan), stopped, budget_s)
+    return SearchOutcome(trials, best, limit, stopped, budget_s)
 
 
 # --------------------------------------------------------------------------- one edit, measured
@@ -298,6 +314,7 @@ class TuneJob:
     stats_cache: str | None = None
     trace_samples: int = 5
     device: str | None = None
+    from_published: bool = False  # start from the family's published defaults, not the model's current ones
     space: SearchSpace = field(default_factory=SearchSpace)
 
     def __post_init__(self) -> None:
@@ -449,6 +466,7 @@ def _log_inputs(job: TuneJob, name: str, base: Any, requests: Sequence[EditReque
             "tune.n_edits": job.n_edits,
             "tune.budget_minutes": job.budget_minutes,
             "tune.seed": job.seed,
+            "tune.start": "published" if job.from_published else "model",
             "tune.stats_tokens": tokens,
             "tune.corpus": job.corpus,
             "base.fingerprint": base.fingerprint,
@@ -533,6 +551,7 @@ def _report(
         "records_digest": requests_digest(requests),
         "split": {"seed": job.seed, "tuning": split.tuning_index, "validation": split.validation_index},
         "defaults": tuned_values(defaults),
+        "start": "published" if job.from_published else "model",
         "trace": {"best_window": list(traced), **trace.to_dict()},
         "trials": [asdict(t) for t in outcome.trials],
         "best_trial": outcome.best.index,
@@ -563,7 +582,10 @@ def run_tune(job: TuneJob, reg: Registry | None = None) -> TuneOutcome:
     handle = base.handle
     check_tokenizable(requests, handle.tokenizer)
     name = _target_name(job, base, is_default)
-    defaults = resolve.config_for(reg, base, {})
+    if job.from_published:
+        defaults = default_config(handle.adapter.model_type, handle.adapter.n_layers)
+    else:
+        defaults = resolve.config_for(reg, base, {})
     tokens = resolve.stats_tokens(base, job.stats_tokens)
 
     with _start_parent(reg) as parent:
@@ -571,7 +593,7 @@ def run_tune(job: TuneJob, reg: Registry | None = None) -> TuneOutcome:
         trace = _trace(job, handle, split.tuning)
         traced = best_window(trace, len(defaults.layers))
         windows = candidate_windows(trace, handle.adapter.n_layers, job.space)
-        plan = trial_plan(defaults, trace, windows, job.trials, job.seed, job.space)
+        axes = search_axes(defaults, windows, job.space)
 
         progress.note("editflow: layer statistics …")
         covs = _covariances(job, handle, covariance_layers(windows, defaults), defaults, tokens)
@@ -579,7 +601,13 @@ def run_tune(job: TuneJob, reg: Registry | None = None) -> TuneOutcome:
         tuning_ev = _evaluator(handle, split.tuning, 0, defaults.seed)
         mlflow.log_metrics({f"tuning_pre/{k}": v for k, v in _finite(tuning_ev.pre().metrics).items()})
 
-        outcome = search(plan, _trial_runner(handle, split.tuning, covs, tuning_ev), job.budget_minutes * 60, started)
+        outcome = search(
+            lambda trials: next_trial(defaults, traced, axes, trials),
+            _trial_runner(handle, split.tuning, covs, tuning_ev),
+            job.trials,
+            job.budget_minutes * 60,
+            started,
+        )
         _log_outcome(outcome)
         val_pre, validation = _validate(handle, split.validation, covs, defaults.replace(**outcome.best.hparams))
         report = _report(

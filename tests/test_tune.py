@@ -4,6 +4,7 @@ structure, the stored result, and that a failed tune registers nothing."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,17 +15,19 @@ from editflow.cli import main
 from editflow.config import MemitConfig
 from editflow.registry.store import Registry
 from editflow.requests import parse_requests
-from editflow.trace import BUCKETS, TraceSummary
+from editflow.trace import BUCKETS, TraceSummary, best_window
 from editflow.tune import (
     SearchSpace,
     Trial,
     TuneError,
     candidate_windows,
     covariance_layers,
+    next_trial,
     objective,
     search,
+    search_axes,
     split_requests,
-    trial_plan,
+    tuned_values,
 )
 
 HPARAMS = {
@@ -108,18 +111,54 @@ def _summary(mlp: list[float]) -> TraceSummary:
     )
 
 
-def test_trial_plan_starts_at_the_defaults_then_the_traced_window() -> None:
+def _coordinate_search(base, trace, windows, score, limit=40):
+    """The search over a pure scoring function of the config (no model): what run_tune does per trial."""
+    axes = search_axes(base, windows, SearchSpace())
+    traced = best_window(trace, len(base.layers))
+
+    def run_trial(i: int, config: MemitConfig) -> Trial:
+        return Trial(i, tuned_values(config), {}, score(config), 0.0)
+
+    return search(lambda trials: next_trial(base, traced, axes, trials), run_trial, limit, 1e9, 0.0, lambda: 0.0)
+
+
+def test_coordinate_search_starts_at_the_defaults_then_the_traced_window() -> None:
     trace = _summary([0.0, 0.1, 0.3, 0.5, 0.2, 0.0])
     base = MemitConfig(layers=(0, 1), mom2_update_weight=100.0)
     windows = candidate_windows(trace, 6, SearchSpace())
     assert windows[(2, 0)] == (2, 3) and windows[(2, -1)] == (1, 2) and windows[(1, 1)] == (4,)
     assert all(0 <= w[0] and w[-1] < 6 for w in windows.values())
-    plan = trial_plan(base, trace, windows, 8, seed=3, space=SearchSpace())
-    assert plan[0] == base and plan[1].layers == (2, 3) and len(plan) == 8
-    assert len({repr(c.to_dict()) for c in plan}) == 8  # distinct
-    assert plan == trial_plan(base, trace, windows, 8, seed=3, space=SearchSpace())
+    out = _coordinate_search(base, trace, windows, lambda c: 0.0, limit=8)
+    configs = [base.replace(**t.hparams) for t in out.trials]
+    assert configs[0] == base and configs[1].layers == (2, 3) and len(configs) == 8
+    assert len({repr(c.to_dict()) for c in configs}) == 8  # distinct
+    # with nothing better than the defaults, the next trials vary λ of the defaults, one at a time
+    assert [c.mom2_update_weight for c in configs[2:6]] == [10.0, 30.0, 300.0, 1000.0]
+    assert all(c.layers == (0, 1) and c.v_num_grad_steps == base.v_num_grad_steps for c in configs[2:6])
+    again = _coordinate_search(base, trace, windows, lambda c: 0.0, limit=8)
+    assert [t.hparams for t in again.trials] == [t.hparams for t in out.trials]  # deterministic
     needed = set(covariance_layers(windows, base))
-    assert all(set(c.layers) <= needed for c in plan) and {0, 1} <= needed
+    assert all(set(c.layers) <= needed for c in configs) and {0, 1} <= needed
+
+
+def test_coordinate_search_follows_improvements_and_stops_when_every_neighbour_is_measured() -> None:
+    """A separable score peaking at λ × 0.3 and twice the steps: the search reaches that peak, moving
+    from the best so far, and ends on its own once no neighbour of the peak is left untried."""
+    trace = _summary([0.0, 0.1, 0.3, 0.5, 0.2, 0.0])
+    base = MemitConfig(layers=(0, 1), mom2_update_weight=100.0, v_num_grad_steps=20)
+    windows = candidate_windows(trace, 6, SearchSpace())
+
+    def score(c: MemitConfig) -> float:
+        return -abs(math.log(c.mom2_update_weight / 30.0)) - abs(c.v_num_grad_steps - 40) / 10
+
+    out = _coordinate_search(base, trace, windows, score, limit=200)
+    assert out.best.hparams["mom2_update_weight"] == 30.0 and out.best.hparams["v_num_grad_steps"] == 40
+    assert not out.stopped_by_budget and len(out.trials) < 200 and "every neighbour" in out.message
+    lam_first = [t.hparams["mom2_update_weight"] for t in out.trials[2:6]]
+    assert lam_first == [10.0, 30.0, 300.0, 1000.0]
+    # after λ × 0.3 won, the steps are varied at λ 30, not at the default λ
+    steps_trials = [t.hparams for t in out.trials if t.hparams["v_num_grad_steps"] != 20]
+    assert steps_trials[0]["mom2_update_weight"] == 30.0
 
 
 def test_time_box_keeps_the_best_trial_so_far_and_says_so() -> None:
@@ -132,13 +171,16 @@ def test_time_box_keeps_the_best_trial_so_far_and_says_so() -> None:
         now[0] += 10.0
         return Trial(i, {"mom2_update_weight": config.mom2_update_weight}, {}, scores[i], 10.0)
 
-    out = search(plan, run_trial, budget_s=25.0, started=0.0, clock=lambda: now[0])
+    def in_order(trials):
+        return plan[len(trials)] if len(trials) < len(plan) else None
+
+    out = search(in_order, run_trial, 5, budget_s=25.0, started=0.0, clock=lambda: now[0])
     assert [t.index for t in out.trials] == [0, 1, 2] and out.stopped_by_budget
     assert out.best.index == 1 and out.best.hparams == {"mom2_update_weight": 2.0}
     assert "time box of 0.416667 min reached after 3 of 5 trials: keeping the best trial so far, trial 1" in out.message
-    full = search(plan, run_trial, budget_s=1e9, started=now[0], clock=lambda: now[0])
-    assert not full.stopped_by_budget and full.best.index == 4 and full.message.startswith("5 trials run")
-    first_only = search(plan, run_trial, budget_s=0.0, started=now[0], clock=lambda: now[0])
+    full = search(in_order, run_trial, 5, budget_s=1e9, started=now[0], clock=lambda: now[0])
+    assert not full.stopped_by_budget and full.best.index == 4 and full.message.startswith("5 trials run;")
+    first_only = search(in_order, run_trial, 5, budget_s=0.0, started=now[0], clock=lambda: now[0])
     assert [t.index for t in first_only.trials] == [0]  # the first trial always runs
 
 
@@ -241,6 +283,22 @@ def test_tune_parent_and_child_runs_and_the_stored_result(ws: Path) -> None:
     assert stored["validation"]["efficacy"] == pytest.approx(parent.data.metrics["validation/efficacy"], abs=1e-3)
     assert MemitConfig().replace(**stored["hparams"]).layers == tuple(stored["hparams"]["layers"])
     assert "stored on tiny-a version 1" in res.output and "validation (3 requests)" in res.output
+
+
+def test_from_published_searches_from_the_family_defaults(ws: Path) -> None:
+    """The tiny model ships its own defaults (editflow.json); --from-published ignores them."""
+    from mlflow import MlflowClient
+
+    from editflow.config import default_config
+
+    res = tune(ws, "tiny-p", "--trials", "1", "--from-published")
+    assert res.exit_code == 0, res.output
+    parent = parent_of("tiny-p")
+    report = json.loads(Path(MlflowClient().download_artifacts(parent.info.run_id, "tune_report.json")).read_text())
+    published = json.loads(json.dumps(tuned_values(default_config("gpt2", 4))))
+    assert report["start"] == "published" and parent.data.params["tune.start"] == "published"
+    assert report["defaults"] == published != json.loads(json.dumps({**published, **HPARAMS}))
+    assert report["trials"][0]["hparams"] == published
 
 
 def test_time_box_ends_the_search_keeps_the_best_and_says_so(ws: Path) -> None:

@@ -38,6 +38,11 @@ from editflow.commands._options import user_errors
 @click.option("--stats-cache", default="", help="Statistics cache directory (default: EDITFLOW_CACHE).")
 @click.option("--trace-samples", type=int, default=5, show_default=True, help="Noise samples per traced prompt.")
 @click.option("--device", default="", help="cpu, cuda, ... (default: cuda when available).")
+@click.option(
+    "--from-published",
+    is_flag=True,
+    help="Search from the architecture's published defaults, not the model's current ones (shipped or tuned).",
+)
 @user_errors(note="nothing registered")
 def command(
     model: str,
@@ -52,9 +57,10 @@ def command(
     stats_cache: str,
     trace_samples: int,
     device: str,
+    from_published: bool,
 ) -> None:
     """Choose MEMIT defaults for MODEL (models:/NAME@ALIAS, models:/NAME/V, a path, a hub id or "default")
-    by causal tracing and a seeded search on --records, validate them on held-back records and store them
+    by causal tracing and a coordinate search on --records, validate them on held-back records and store them
     on the registered base version (tag editflow.tuned)."""
     from editflow.registry.store import Registry
     from editflow.tune import TuneJob, run_tune
@@ -72,6 +78,7 @@ def command(
         stats_cache=stats_cache or None,
         trace_samples=trace_samples,
         device=device or None,
+        from_published=from_published,
     )
     click.echo(format_outcome(run_tune(job, Registry())))
 
