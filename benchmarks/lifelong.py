@@ -1,8 +1,9 @@
 """Lifelong editing through the registry: V successive edit versions of N facts each, every one promoted.
 
 For each version: its own batch's efficacy / paraphrase, retention of every earlier fact, held-out
-known facts and held-out perplexity against the root base, fluency. At the last version, every
-batch's efficacy. Two ways, in the same run: ``lineage`` (each version carries the edit state of its
+known facts and held-out perplexity against the root base, fluency against the parent (on the
+batch's prompts). At the last version, every batch's efficacy and, with ``--fluency``, fluency of the
+root and the last version on the same seeded sample of all batches' facts. Two ways, in the same run: ``lineage`` (each version carries the edit state of its
 lineage: what editflow does) and ``from-zero`` (each run starts with no preserved keys: the
 behaviour before edit states existed).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[li
     version's efficacy on each batch."""
     from editflow.commands._options import parse_hparams
     from editflow.evaluate import Evaluator
+    from editflow.evaluate.fluency import fact_fluency
     from editflow.pipeline import EditJob, run_edit
     from editflow.registry.promotion import GateThresholds
     from editflow.registry.store import Registry
@@ -71,17 +74,37 @@ def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[li
                 "ns": m.get("post/neighborhood"),
                 "ns_pre": m.get("pre/neighborhood"),
                 "fluency": m.get("post/fluency"),
-                "fluency_root": m.get("pre/fluency") if k == 0 else rows[0]["fluency_root"],
+                "fluency_parent": m.get("pre/fluency"),
             }
         )
-    handle = load_version(Registry(), name, "@production").handle
+    reg = Registry()
+    last = load_version(reg, name, "@production")
     final = [
-        Evaluator(handle, load_requests(b), n_auto_neighbors=0, fluency=False)
+        Evaluator(last.handle, load_requests(b), n_auto_neighbors=0, fluency=False)
         .pre()
         .metrics.get("efficacy", float("nan"))
         for b in batches
     ]
+    if args.fluency:  # root and last version on the same prompts: a seeded sample of all batches' facts
+        facts = [r for b in batches for r in load_requests(b)]
+        facts = [facts[i] for i in sorted(random.Random(0).sample(range(len(facts)), min(FLUENCY_FACTS, len(facts))))]
+        last_flu = float(fact_fluency(last.handle.model, last.handle.tokenizer, facts).mean())
+        del last
+        root = load_version(reg, name, last_root_version(reg, name)).handle
+        rows[-1]["fluency_same"] = (float(fact_fluency(root.model, root.tokenizer, facts).mean()), last_flu)
     return rows, final, time.perf_counter() - t0
+
+
+#: Facts the last version's fluency is compared with the root's on (seeded sample over all batches).
+FLUENCY_FACTS = 50
+
+
+def last_root_version(reg, name: str) -> int:
+    """The root base version of ``name``'s production lineage."""
+    from editflow.registry.schema import BASE_VERSION_TAG
+    from editflow.registry.versions import resolve_version, tags_of
+
+    return int(tags_of(reg, name, resolve_version(reg, name, "@production"))[BASE_VERSION_TAG])
 
 
 def fmt(x: float | None, digits: int = 1) -> str:
@@ -93,7 +116,9 @@ def table(way: str, rows: list[dict], final: list[float], seconds: float, args: 
     for r in rows:
         ppl_rel = None if r["ppl"] is None or not r["ppl_root"] else 100 * (r["ppl"] / r["ppl_root"] - 1)
         ho = None if r["heldout"] is None or r["heldout_root"] is None else r["heldout"] - r["heldout_root"]
-        flu = None if r["fluency"] is None or not r["fluency_root"] else 100 * (r["fluency"] / r["fluency_root"] - 1)
+        flu = (
+            None if r["fluency"] is None or not r["fluency_parent"] else 100 * (r["fluency"] / r["fluency_parent"] - 1)
+        )
         lines.append(
             f"| v{r['version']} | {fmt(r['es'])} | {fmt(r['ps'])} | {fmt(r['retention'])} | "
             f"{fmt(r['ns'])} ({fmt(r['ns_pre'])}) | {fmt(ho)} | {fmt(ppl_rel)} % | {fmt(flu)} % |"
@@ -102,6 +127,12 @@ def table(way: str, rows: list[dict], final: list[float], seconds: float, args: 
         f"**{way}** — {args.model}, {args.algorithm}, {len(rows)} versions × {args.facts} facts, "
         f"{seconds / 60:.1f} min; efficacy of each batch at the last version: " + " / ".join(fmt(x) for x in final)
     )
+    if rows and "fluency_same" in rows[-1]:
+        root, last = rows[-1]["fluency_same"]
+        caption += (
+            f"; fluency on the same {FLUENCY_FACTS} facts of all batches, root → last version: "
+            f"{root:.1f} → {last:.1f} ({100 * (last / root - 1):+.1f} %)"
+        )
     header = [
         "version",
         "own ES",
@@ -110,7 +141,7 @@ def table(way: str, rows: list[dict], final: list[float], seconds: float, args: 
         "NS (pre)",
         "held-out vs root",
         "ppl vs root",
-        "fluency vs root",
+        "fluency vs parent",
     ]
     return markdown_table(caption, header, lines)
 

@@ -110,7 +110,7 @@ def real(tmp_path_factory):
 
 def test_gguf_source_registers_once_and_loads_bit_identical(real):
     from editflow.gguf_source import load_gguf
-    from editflow.registry.resolve import config_for, resolve_base
+    from editflow.registry.resolve import config_for, resolve_base, stats_tokens
     from editflow.registry.versions import load_version, tags_of, versions_of
 
     reg = Registry()
@@ -127,6 +127,7 @@ def test_gguf_source_registers_once_and_loads_bit_identical(real):
     # Its measured edit defaults (editflow.fetch) came along into the registered base.
     config = config_for(reg, again, {})
     assert (config.mom2_update_weight, config.v_num_grad_steps, list(config.layers)) == (3000.0, 40, [4, 5, 6, 7, 8])
+    assert config.preserve_edits and stats_tokens(again, None) == 20_000
     fresh = load_gguf(real["path"], device="cpu")
     assert same_state(state_of(load_version(reg, NAME, 1, device="cpu").handle.model), state_of(fresh.model))
 

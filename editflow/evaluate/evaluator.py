@@ -19,7 +19,7 @@ from torch import nn
 
 from editflow import progress
 from editflow.evaluate.drift import DriftReference, drift, drift_reference
-from editflow.evaluate.fluency import sample_texts, text_entropy
+from editflow.evaluate.fluency import fact_fluency
 from editflow.evaluate.known import MAX_RANK, known_mask
 from editflow.evaluate.metrics import aggregate, check_outcomes, fact_metrics
 from editflow.evaluate.probes import (
@@ -218,22 +218,17 @@ class Evaluator:
 
     def _fluency(self, facts: Sequence[int]) -> pd.Series:
         """Per-fact weighted n-gram entropy ×100 of sampled texts (generation prompts, else the prompt)."""
-        prompts, owner = [], []
-        for i in facts:
-            r = self.requests[i]
-            chosen = list(dict.fromkeys(r.generation_prompts))[: self.fluency_prompts] or [r.text]
-            prompts += chosen
-            owner += [i] * len(chosen)
-        texts = sample_texts(
+        per_fact = fact_fluency(
             self.model,
             self.tokenizer,
-            prompts,
+            [self.requests[i] for i in facts],
+            prompts_per_fact=self.fluency_prompts,
             new_tokens=self.fluency_tokens,
             seed=self.seed,
             batch_rows=self.batching["batch_rows"],
         )
-        per_text = pd.DataFrame({"fact": owner, "ge": [text_entropy([t]) for t in texts]})
-        return per_text.groupby("fact")["ge"].mean()
+        per_fact.index = [facts[j] for j in per_fact.index]
+        return per_fact
 
     def _evaluate(self, phase: str, step: int | None, facts: Sequence[int] | None) -> EvalResult:
         assert self.checks is not None
@@ -248,7 +243,7 @@ class Evaluator:
         metrics = aggregate(per_fact.drop(columns=["p_new", "p_true"]), outcomes)
         sampled = [i for i in self.fluency_facts() if i in chosen] if self.fluency else []
         if sampled:
-            per_fact["fluency"] = self._fluency(sampled) * 100
+            per_fact["fluency"] = self._fluency(sampled)
             metrics["fluency"] = float(per_fact["fluency"].mean())
         metrics.update(self._drift(phase))
         metrics["n_facts"] = float(len(chosen))

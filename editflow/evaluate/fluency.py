@@ -20,11 +20,17 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from editflow.generation import decode, model_max_length
 from editflow.tokens import encode, pad_id
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from editflow.requests import EditRequest
 
 NGRAM_ORDERS = (2, 3)
 NGRAM_WEIGHTS = (2 / 3, 4 / 3)
@@ -75,3 +81,27 @@ def sample_texts(
         model, ids, pad_id(tokenizer), new_tokens, top_k=top_k, seed=seed, batch_rows=batch_rows, desc="fluency"
     )
     return [tokenizer.decode(s + n, skip_special_tokens=True) for s, n in zip(ids, new)]  # type: ignore[attr-defined]
+
+
+def fact_fluency(
+    model: nn.Module,
+    tokenizer: object,
+    requests: Sequence[EditRequest],
+    *,
+    prompts_per_fact: int = 1,
+    new_tokens: int = 90,
+    seed: int = 0,
+    batch_rows: int = 32,
+) -> pd.Series:
+    """Per-fact weighted n-gram entropy ×100 of sampled texts, indexed by position in ``requests``:
+    each fact's first ``prompts_per_fact`` distinct generation prompts, else its prompt."""
+    import pandas as pd
+
+    prompts, owner = [], []
+    for i, r in enumerate(requests):
+        chosen = list(dict.fromkeys(r.generation_prompts))[:prompts_per_fact] or [r.text]
+        prompts += chosen
+        owner += [i] * len(chosen)
+    texts = sample_texts(model, tokenizer, prompts, new_tokens=new_tokens, seed=seed, batch_rows=batch_rows)
+    per_text = pd.DataFrame({"fact": owner, "ge": [text_entropy([t]) for t in texts]})
+    return per_text.groupby("fact")["ge"].mean() * 100
