@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -160,20 +160,44 @@ def next_trial(
     """The next configuration of a greedy coordinate search, or None when every neighbour is measured.
 
     First the defaults, then the defaults on the traced window; after that, from the best trial so
-    far, one coordinate changed at a time, in the order of ``axes``. An improvement moves the search
-    to the new best, whose untried neighbours come next. Deterministic: the same trials give the same
-    proposal."""
-    seen = {_key(t.hparams) for t in trials}
+    far, one coordinate changed at a time, in the order of ``axes``. On a numeric coordinate the values
+    nearest the best come first, alternating down and up, and a direction is given up at its first
+    measured value that scored below the best (so λ × 10 is not tried once λ × 3 lost). The layer
+    windows are all tried. An improvement moves the search to the new best. Deterministic: the same
+    trials give the same proposal."""
+    scores = {_key(t.hparams): t.objective for t in trials}
     for config in (base, base.replace(layers=list(traced_layers))):
-        if _key(tuned_values(config)) not in seen:
+        if _key(tuned_values(config)) not in scores:
             return config
-    best = base.replace(**max(trials, key=lambda t: t.objective).hparams)  # ties: the earlier trial
+    top = max(trials, key=lambda t: t.objective)  # ties: the earlier trial
+    best = base.replace(**top.hparams)
     for name, values in axes:
-        for value in values:
-            config = best.replace(**{name: list(value) if name == "layers" else value})
-            if _key(tuned_values(config)) not in seen:
+        for config in _neighbours(best, name, values, scores, top.objective):
+            if _key(tuned_values(config)) not in scores:
                 return config
     return None
+
+
+def _neighbours(
+    best: MemitConfig, name: str, values: Sequence[Any], scores: Mapping[str, float], top: float
+) -> Iterator[MemitConfig]:
+    """``best`` with coordinate ``name`` set to each candidate value, in search order (see :func:`next_trial`)."""
+    if name == "layers":
+        yield from (best.replace(layers=list(v)) for v in values)
+        return
+    current = getattr(best, name)
+    sides = [sorted((v for v in values if v < current), reverse=True), sorted(v for v in values if v > current)]
+    open_sides = [True, True]
+    for step in range(max(map(len, sides))):
+        for side, ordered in enumerate(sides):
+            if not open_sides[side] or step >= len(ordered):
+                continue
+            config = best.replace(**{name: ordered[step]})
+            measured = scores.get(_key(tuned_values(config)))
+            if measured is None:
+                yield config
+            elif measured < top:
+                open_sides[side] = False
 
 
 def _key(hparams: Mapping[str, Any]) -> str:

@@ -132,8 +132,8 @@ def test_coordinate_search_starts_at_the_defaults_then_the_traced_window() -> No
     configs = [base.replace(**t.hparams) for t in out.trials]
     assert configs[0] == base and configs[1].layers == (2, 3) and len(configs) == 8
     assert len({repr(c.to_dict()) for c in configs}) == 8  # distinct
-    # with nothing better than the defaults, the next trials vary λ of the defaults, one at a time
-    assert [c.mom2_update_weight for c in configs[2:6]] == [10.0, 30.0, 300.0, 1000.0]
+    # with nothing better than the defaults, the next trials vary λ of the defaults, nearest first
+    assert [c.mom2_update_weight for c in configs[2:6]] == [30.0, 300.0, 10.0, 1000.0]
     assert all(c.layers == (0, 1) and c.v_num_grad_steps == base.v_num_grad_steps for c in configs[2:6])
     again = _coordinate_search(base, trace, windows, lambda c: 0.0, limit=8)
     assert [t.hparams for t in again.trials] == [t.hparams for t in out.trials]  # deterministic
@@ -154,8 +154,9 @@ def test_coordinate_search_follows_improvements_and_stops_when_every_neighbour_i
     out = _coordinate_search(base, trace, windows, score, limit=200)
     assert out.best.hparams["mom2_update_weight"] == 30.0 and out.best.hparams["v_num_grad_steps"] == 40
     assert not out.stopped_by_budget and len(out.trials) < 200 and "every neighbour" in out.message
-    lam_first = [t.hparams["mom2_update_weight"] for t in out.trials[2:6]]
-    assert lam_first == [10.0, 30.0, 300.0, 1000.0]
+    lams = [t.hparams["mom2_update_weight"] for t in out.trials]
+    assert lams[2:4] == [30.0, 10.0]  # λ × 0.3 won, then below it; above it λ 100 already lost
+    assert 300.0 not in lams and 1000.0 not in lams  # that direction was given up
     # after λ × 0.3 won, the steps are varied at λ 30, not at the default λ
     steps_trials = [t.hparams for t in out.trials if t.hparams["v_num_grad_steps"] != 20]
     assert steps_trials[0]["mom2_update_weight"] == 30.0
