@@ -159,6 +159,18 @@ def cached_pre(pkg, model, tok, requests, state) -> tuple[float, float]:
     return t, c
 
 
+def fitting_requests(tok, requests, model) -> tuple[list, int]:
+    """The requests every probe of which fits the model's positions: the current evaluator leaves a
+    longer prompt out (and counts it) where the reference scored it truncated, so both are compared on
+    what both score."""
+    from editflow.evaluate.probes import fitting_probes, request_probes
+    from editflow.tokens import model_positions
+
+    positions = model_positions(model)
+    kept = [r for r in requests if fitting_probes(tok, request_probes(tok, [r]), positions)[1] == 0]
+    return kept, len(requests) - len(kept)
+
+
 def max_diff(a: dict, b: dict) -> tuple[float, str]:
     keys = [k for k in a if k not in HELDOUT_KEYS]
     assert set(keys) == {k for k in b if k not in HELDOUT_KEYS}, set(keys) ^ {k for k in b if k not in HELDOUT_KEYS}
@@ -180,8 +192,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         old = import_reference(args.reference_rev, Path(tmp))
-    requests = load_requests(RECORDS)[: args.limit]
     model, tok, which = load(args.model)
+    requests, left_out = fitting_requests(tok, load_requests(RECORDS)[: args.limit], model)
+    if left_out:
+        print(f"{left_out} record(s) with a prompt longer than the model's positions left out", flush=True)
     print(f"model: {which}; records: {len(requests)}; torch threads: {torch.get_num_threads()}", flush=True)
 
     parts_old, parts_new = instrument(old), instrument(new)
