@@ -1,14 +1,16 @@
-"""Behaviour pinned on the bundled model: the same inputs give bit-identical deltas.
+"""Behaviour pinned on the bundled model: the same inputs give the same deltas.
 
-The digests were computed with the code as it was before the real-model, lifelong and restructuring
-work (commit 9f900bf) for the two paths it had (MEMIT batch, AlphaEdit batch), and are equal now;
-the third pins MEMIT sequential with preserved earlier keys, new in this work. A change to the
-engine that moves any bit fails here (CPU, torch 2.13, one thread).
+These were first pinned as SHA-256 digests of the delta bits, computed with the code before the
+real-model, lifelong and restructuring work (commit 9f900bf) for its two paths (MEMIT batch,
+AlphaEdit batch), plus MEMIT sequential with preserved earlier keys. Bits are not portable across
+CPUs (an AMD EPYC machine gives other digests for the very same code, c0d875a included), so each
+delta is now pinned by four numbers (:func:`summary`), taken from that code on such a machine, to a
+tolerance of 1e-6 of its norm: float summation order moves them by ~1e-13, an engine change by far
+more (CPU, torch 2.13).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -21,19 +23,37 @@ from editflow.requests import parse_requests
 from editflow.stats import CorpusSpec, layer_covariances
 
 PINNED = {
-    ("memit", "batch"): "f2bcb76c176d4166b93383f27e33dc1dbea42e3451ec31cdb563ff0f84890f1d",
-    ("alphaedit", "batch"): "18e3568eb948dd8ba752312b1ba2995969d3007869a155f38f6f3d5f644b5b06",
-    ("memit", "sequential"): "de17f06d46c627ba2b54cb12a5c1abf58e1522e7b23558724a19894710c45a2a",
+    ("memit", "batch"): {
+        "transformer.h.0.mlp.c_proj.weight": (8.755130585993, -0.4466153247049, -11.76186590497, -7.954134977282),
+        "transformer.h.1.mlp.c_proj.weight": (59.52231704114, 6.188049865603, 38.65007879835, 6.443945336833),
+        "transformer.h.2.mlp.c_proj.weight": (86234.36132786, -16338.76131081, -166427.4472779, 20200.72548744),
+    },
+    ("alphaedit", "batch"): {
+        "transformer.h.0.mlp.c_proj.weight": (11.31294280805, -0.02888097693358, -20.96110547775, 1.971244126058),
+        "transformer.h.1.mlp.c_proj.weight": (13.08732746025, 4.514200369253, -10.32181956812, 2.176175620282),
+        "transformer.h.2.mlp.c_proj.weight": (13.2896940969, 3.004683074656, -18.09707039684, 8.217061753839),
+    },
+    ("memit", "sequential"): {
+        "transformer.h.0.mlp.c_proj.weight": (9.058533388519, 0.09502119387616, -14.14078395324, -9.486018275961),
+        "transformer.h.1.mlp.c_proj.weight": (67.10537234669, -10.20579743637, 80.57122282219, 16.07062552519),
+        "transformer.h.2.mlp.c_proj.weight": (72401.97872265, -4824.019368793, -142601.3295048, 22752.59116211),
+    },
 }
 
-pytestmark = pytest.mark.skipif(default_device() != "cpu", reason="digests are of CPU arithmetic")
+pytestmark = pytest.mark.skipif(default_device() != "cpu", reason="pinned on CPU arithmetic")
 
 
-def digest(deltas: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(deltas):
-        h.update(deltas[name].contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
+#: Relative tolerance, against each delta's norm: summation order moves these by about 1e-13 (one
+#: against two threads, measured); a change to the engine moves them by far more.
+RTOL = 1e-6
+
+
+def summary(delta: torch.Tensor) -> tuple[float, float, float, float]:
+    """‖Δ‖, ΣΔ and ⟨Δ, R⟩ for two seeded Gaussian R: four numbers that move with any change of Δ."""
+    t = delta.detach().cpu().double()
+    gen = torch.Generator().manual_seed(0)
+    r1, r2 = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    return float(t.norm()), float(t.sum()), float((t * r1).sum()), float((t * r2).sum())
 
 
 def test_deltas_are_bit_identical_to_the_pinned_ones(tmp_path):
@@ -50,8 +70,9 @@ def test_deltas_are_bit_identical_to_the_pinned_ones(tmp_path):
         ("alphaedit", "batch"): config.replace(algorithm="alphaedit", nullspace_threshold=0.3),
         ("memit", "sequential"): config.replace(mode="sequential", chunk_size=3, preserve_edits=True),
     }
-    got = {
-        k: digest(memit.edit(handle.model, handle.tokenizer, handle.adapter, requests, covs, c).deltas)
-        for k, c in variants.items()
-    }
-    assert got == PINNED
+    for key, config in variants.items():
+        deltas = memit.edit(handle.model, handle.tokenizer, handle.adapter, requests, covs, config).deltas
+        assert sorted(deltas) == sorted(PINNED[key]), key
+        for name, pinned in PINNED[key].items():
+            got = summary(deltas[name])
+            assert got == pytest.approx(pinned, rel=0, abs=RTOL * pinned[0]), (key, name)
