@@ -44,6 +44,8 @@ TUNED_KEYS = (
 MIN_PER_SPLIT = 2
 #: Objective points lost per 1 % relative increase of held-out perplexity.
 DRIFT_WEIGHT = 1.0
+#: Objective points lost per 1 % relative loss of fluency (sampled on the split's facts, before vs after).
+FLUENCY_WEIGHT = 1.0
 #: Validation figures kept in the compact tag.
 HEADLINE = (
     "efficacy",
@@ -207,9 +209,12 @@ def _key(hparams: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- objective
 
 
-def objective(metrics: Mapping[str, float], drift_weight: float = DRIFT_WEIGHT) -> float:
+def objective(
+    metrics: Mapping[str, float], drift_weight: float = DRIFT_WEIGHT, fluency_weight: float = FLUENCY_WEIGHT
+) -> float:
     """Harmonic mean of efficacy, paraphrase and neighbourhood (zsRE analogues; ``neighborhood_auto``
-    when there are no neighbourhood prompts), minus ``drift_weight`` points per 1 % perplexity increase."""
+    when there are no neighbourhood prompts), minus ``drift_weight`` points per 1 % perplexity increase
+    and ``fluency_weight`` points per 1 % fluency loss (``fluency_rel``: after / before − 1)."""
     keys = [
         "efficacy",
         "paraphrase",
@@ -222,7 +227,8 @@ def objective(metrics: Mapping[str, float], drift_weight: float = DRIFT_WEIGHT) 
     if not parts:
         raise TuneError("the requests carry nothing to score (no efficacy or zsRE metrics)")
     drift = max(0.0, float(metrics.get("drift_ppl_rel", 0.0) or 0.0))
-    return harmonic_mean(parts) - drift_weight * 100.0 * drift
+    fluency_loss = max(0.0, -float(metrics.get("fluency_rel", 0.0) or 0.0))
+    return harmonic_mean(parts) - drift_weight * 100.0 * drift - fluency_weight * 100.0 * fluency_loss
 
 
 # --------------------------------------------------------------------------- time-boxed search
@@ -402,9 +408,17 @@ def _evaluator(handle: Any, requests: Sequence[EditRequest], heldout_facts: int,
     from editflow.evaluate import Evaluator, default_heldout_facts, drift_texts
 
     facts = default_heldout_facts(requests, heldout_facts) if heldout_facts else ()
-    ev = Evaluator(handle, requests, heldout_texts=drift_texts(requests), heldout_facts=facts, fluency=False, seed=seed)
+    ev = Evaluator(handle, requests, heldout_texts=drift_texts(requests), heldout_facts=facts, fluency=True, seed=seed)
     ev.pre()
     return ev
+
+
+def with_fluency_change(post: Mapping[str, float], pre: Mapping[str, float]) -> dict[str, float]:
+    """``post`` with ``fluency_rel`` = post / pre − 1 when both have fluency."""
+    out = dict(post)
+    if post.get("fluency") and pre.get("fluency"):
+        out["fluency_rel"] = float(post["fluency"]) / float(pre["fluency"]) - 1.0
+    return out
 
 
 def _log_trial(index: int, config: MemitConfig, metrics: dict[str, float], score: float, seconds: float) -> str:
@@ -436,7 +450,9 @@ def _trial_runner(
 ) -> Callable[[int, MemitConfig], Trial]:
     def run(index: int, config: MemitConfig) -> Trial:
         t0 = time.perf_counter()
-        metrics = edit_and_evaluate(handle, requests, covs, config, evaluator)
+        metrics = with_fluency_change(
+            edit_and_evaluate(handle, requests, covs, config, evaluator), evaluator.pre().metrics
+        )
         seconds = time.perf_counter() - t0
         score = objective(metrics)
         run_id = _log_trial(index, config, metrics, score, seconds)
@@ -526,7 +542,7 @@ def _validate(
 
     progress.note("editflow: validating the best trial …")
     ev = _evaluator(handle, requests, 50, config.seed)
-    post = edit_and_evaluate(handle, requests, covs, config, ev)
+    post = with_fluency_change(edit_and_evaluate(handle, requests, covs, config, ev), ev.pre().metrics)
     pre, post = _finite(ev.pre().metrics), {**_finite(post), "objective": objective(post)}
     mlflow.log_metrics(
         {**{f"validation_pre/{k}": v for k, v in pre.items()}, **{f"validation/{k}": v for k, v in post.items()}}

@@ -84,11 +84,13 @@ def test_too_few_records_to_split_is_an_error() -> None:
         split_requests(parse_requests(RECORDS), 1, seed=0)
 
 
-def test_objective_is_the_harmonic_mean_minus_drift() -> None:
+def test_objective_is_the_harmonic_mean_minus_drift_and_fluency_loss() -> None:
     m = {"efficacy": 100.0, "paraphrase": 50.0, "neighborhood": 100.0, "neighborhood_auto": 0.0}
     assert objective(m) == pytest.approx(75.0)  # 3 / (1/100 + 1/50 + 1/100)
     assert objective({**m, "drift_ppl_rel": 0.05}) == pytest.approx(70.0)
     assert objective({**m, "drift_ppl_rel": -0.05}) == pytest.approx(75.0)  # less perplexity is no bonus
+    assert objective({**m, "fluency_rel": -0.03}) == pytest.approx(72.0)  # 1 point per 1 % of fluency lost
+    assert objective({**m, "fluency_rel": 0.03}) == pytest.approx(75.0)  # and no bonus for more
     assert objective({"efficacy": 100.0, "neighborhood_auto": 50.0}) == pytest.approx(200 / 3)
     assert objective({"zsre_efficacy": 100.0, "zsre_paraphrase": 50.0, "zsre_specificity": 100.0}) == pytest.approx(
         75.0
@@ -265,7 +267,9 @@ def test_tune_parent_and_child_runs_and_the_stored_result(ws: Path) -> None:
     children = runs_of(parent.info.run_id)
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     assert all({"trial", "hp.layers", "hp.mom2_update_weight", "hp.v_lr"} <= set(c.data.params) for c in children)
-    assert all({"objective", "post/efficacy", "time/trial_s"} <= set(c.data.metrics) for c in children)
+    assert all(
+        {"objective", "post/efficacy", "post/fluency_rel", "time/trial_s"} <= set(c.data.metrics) for c in children
+    )
     best = max(children, key=lambda c: (c.data.metrics["objective"], -int(c.data.params["trial"])))
     assert parent.data.tags["editflow.tune.best_trial"] == best.data.params["trial"]
 
