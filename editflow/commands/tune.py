@@ -27,7 +27,13 @@ from editflow.commands._options import user_errors
 @click.option(
     "--n-edits", type=int, default=10, show_default=True, help="Requests edited per trial (and in the validation edit)."
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Split, trace noise and search seed.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the split and the trace noise (the search is deterministic).",
+)
 @click.option(
     "--registered-model",
     default="",
