@@ -117,7 +117,9 @@ def main() -> None:
     base_cfg = default_config(
         handle.adapter.model_type, handle.adapter.n_layers, handle.extra.get("model_defaults", {}).get("hparams")
     )
-    covs = layer_covariances(handle, list(base_cfg.layers), CorpusSpec("bundled"), tokens=args.stats_tokens).covs
+    settings = [parse_hparams(spec) for spec in args.grid.split(";")]
+    layers = sorted({layer for o in settings for layer in base_cfg.replace(**o).layers})
+    covs = layer_covariances(handle, layers, CorpusSpec("bundled"), tokens=args.stats_tokens).covs
 
     edited = [r for b in batches for r in b]
     whole = Evaluator(
@@ -144,8 +146,7 @@ def main() -> None:
         }
 
     lines = []
-    for spec in args.grid.split(";"):
-        overrides = parse_hparams(spec)
+    for spec, overrides in zip(args.grid.split(";"), settings):
         r = run_setting(handle, covs, batches, base_cfg, overrides, evaluate)
         effs = r["effs"]
         line = (
