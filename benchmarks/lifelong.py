@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--versions", type=int, default=6)
     ap.add_argument("--facts", type=int, default=50)
-    ap.add_argument("--algorithm", default="alphaedit")
+    ap.add_argument("--algorithm", default="memit", help="memit (the workflow's default) or alphaedit")
     ap.add_argument("--hparams", default="")
     ap.add_argument("--ways", default="lineage,from-zero")
     ap.add_argument("--stats-tokens", type=int, default=0)
