@@ -23,7 +23,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
 from _results import markdown_table, publish  # noqa: E402
-from lifelong_sweep import first, usable_requests  # noqa: E402
+from lifelong_sweep import first, usable_requests, whole_evaluator  # noqa: E402
 
 from editflow import assets  # noqa: E402
 
@@ -116,7 +116,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from editflow import CorpusSpec, default_config, layer_covariances, load_model, memit
-    from editflow.evaluate import Evaluator, default_heldout_facts, drift_texts
+    from editflow.evaluate import Evaluator
 
     handle = load_model(assets.default_model_dir())
     requests = usable_requests(str(assets.counterfact_records_path()))[: args.facts]
@@ -126,14 +126,7 @@ def main() -> None:
     names = [handle.adapter.rewrite_weight(layer) for layer in cfg.layers]
     params = dict(handle.model.named_parameters())
     root = {n: params[n].detach().clone() for n in names}
-    whole = Evaluator(
-        handle,
-        requests,
-        heldout_texts=drift_texts(requests),
-        heldout_facts=default_heldout_facts(requests),
-        n_auto_neighbors=0,
-        fluency=False,
-    )
+    whole = whole_evaluator(handle, requests)
     pre = whole.pre().metrics
     batches = [requests[k : k + args.batch] for k in range(0, len(requests), args.batch)]
 

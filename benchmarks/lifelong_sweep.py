@@ -74,6 +74,21 @@ def first(metrics: dict, *names: str) -> float:
     return next((float(metrics[n]) for n in names if n in metrics), float("nan"))
 
 
+def whole_evaluator(handle, edited: list):
+    """An evaluator of all ``edited`` facts with drift on text about none of them and the held-out
+    known facts (no auto neighbours, no fluency: what the engine-level sweeps compare)."""
+    from editflow.evaluate import Evaluator, default_heldout_facts, drift_texts
+
+    return Evaluator(
+        handle,
+        edited,
+        heldout_texts=drift_texts(edited),
+        heldout_facts=default_heldout_facts(edited),
+        n_auto_neighbors=0,
+        fluency=False,
+    )
+
+
 def usable_requests(path: str) -> list:
     """The records of ``path`` that are valid edits with a true answer, each parsed on its own so one
     bad record drops only itself (zsRE samples hold a few whose new answer equals the true one)."""
@@ -106,7 +121,7 @@ def main() -> None:
 
     from editflow import CorpusSpec, default_config, layer_covariances, load_model
     from editflow.commands._options import parse_hparams
-    from editflow.evaluate import Evaluator, default_heldout_facts, drift_texts
+    from editflow.evaluate import Evaluator
 
     handle = load_model(assets.default_model_dir() if args.model == "default" else args.model)
     requests = usable_requests(args.records)[args.offset :]
@@ -122,14 +137,7 @@ def main() -> None:
     covs = layer_covariances(handle, layers, CorpusSpec("bundled"), tokens=args.stats_tokens).covs
 
     edited = [r for b in batches for r in b]
-    whole = Evaluator(
-        handle,
-        edited,
-        heldout_texts=drift_texts(edited),
-        heldout_facts=default_heldout_facts(edited),
-        n_auto_neighbors=0,
-        fluency=False,
-    )
+    whole = whole_evaluator(handle, edited)
     pre = whole.pre().metrics
     per_batch = [Evaluator(handle, b, n_auto_neighbors=0, fluency=False) for b in batches]
 
