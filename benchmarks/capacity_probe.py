@@ -14,6 +14,7 @@ Beside it, in the same run, MEMIT with the model's defaults on the same facts in
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import time
@@ -81,17 +82,12 @@ def fine_tune(handle, requests: list, weight_names: list[str], kl: float, steps:
     ids, mask, w = edit_batch(tok, requests, device)
     corpus = corpus_batches(tok, 4096, int(model.config.n_positions), seed)
     rng = random.Random(seed)
-    frozen = {n: params[n].detach().clone() for n in weight_names}
+    reference = copy.deepcopy(model).eval()  # p₀: the model as it is now, unedited
     opt = torch.optim.Adam(trained, lr=lr)
     for _ in progress.track(range(steps), desc=f"fine-tune kl={kl}", unit="step"):
         c_ids, c_mask = pad(rng.sample(corpus, 32), device)
-        with torch.no_grad():  # p₀: the unedited matrices
-            live = {n: params[n].detach().clone() for n in weight_names}
-            for n in weight_names:
-                params[n].copy_(frozen[n])
-            ref = torch.log_softmax(model(input_ids=c_ids, attention_mask=c_mask).logits.float(), -1)  # (b, w, V)
-            for n in weight_names:
-                params[n].copy_(live[n])
+        with torch.no_grad():
+            ref = torch.log_softmax(reference(input_ids=c_ids, attention_mask=c_mask).logits.float(), -1)  # (b, w, V)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)  # (n, w, V)
         nll = -(logp[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2) * w[:, :-1]).sum() / len(requests)
         c_logp = torch.log_softmax(model(input_ids=c_ids, attention_mask=c_mask).logits.float(), -1)
