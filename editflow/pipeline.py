@@ -59,6 +59,7 @@ from editflow.registry.versions import (
     check_model_name,
     log_and_register,
     record_gate,
+    retry,
     set_alias,
     tags_of,
 )
@@ -518,7 +519,9 @@ def _log_dataset(path: str, requests: list[EditRequest]) -> None:
     dataset = mlflow.data.from_pandas(
         frame, source=str(Path(path).resolve()), name=Path(path).name, digest=requests_digest(requests)[:32]
     )
-    mlflow.log_input(dataset, context="edit")
+    # MLflow's SQL store looks the dataset up, then inserts it: concurrent edits of one request file
+    # race on its key, and the loser's retry finds the winner's row.
+    retry(lambda: mlflow.log_input(dataset, context="edit"))
 
 
 def _covariances(

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -146,6 +147,50 @@ def test_concurrent_first_edits(ws):
     promotes = [e for e in ledger.events(reg, "conc") if e.action == "promote"]
     assert [e.previous_version for e in promotes] == [None] + [e.version for e in promotes[:-1]]
     consistent("conc")
+
+
+#: One process of the dataset race: a run of its own, then the request file logged as the run's
+#: dataset the moment the parent says go.
+_LOG_DATASET = """
+import sys, time
+from pathlib import Path
+import mlflow
+from editflow.pipeline import _log_dataset
+from editflow.registry.store import Registry
+from editflow.requests import load_requests
+
+root, i = Path(sys.argv[1]), sys.argv[2]
+requests = load_requests(sys.argv[3])
+mlflow.set_experiment(experiment_id=Registry().ensure_experiment("dataset-race"))
+with mlflow.start_run() as run:
+    (root / f"ready-{i}").write_text(run.info.run_id)
+    while not (root / "go").exists():
+        time.sleep(0.005)
+    _log_dataset(sys.argv[3], requests)
+"""
+
+
+def test_concurrent_runs_log_one_request_file(ws):
+    """Edits of one request file started together all log it: the store's lookup-then-insert of the
+    dataset races, and the losing process must not fail its edit over it."""
+
+    root, n = ws["root"] / "dataset-race", 6
+    root.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", _LOG_DATASET, str(root)]
+    procs = [
+        subprocess.Popen([*cmd, str(i), str(ws["facts"])], env=env, stderr=subprocess.PIPE, text=True) for i in range(n)
+    ]
+    while len(list(root.glob("ready-*"))) < n and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    (root / "go").touch()
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, [e[-1500:] for e in errors if e]
+    client = Registry().client
+    runs = [client.get_run((root / f"ready-{i}").read_text()) for i in range(n)]
+    datasets = [[d.dataset for d in run.inputs.dataset_inputs] for run in runs]
+    assert [[d.name for d in ds] for ds in datasets] == [["facts.json"]] * n
+    assert len({d.digest for ds in datasets for d in ds}) == 1
 
 
 def test_failed_runs_leave_no_version(ws, monkeypatch):
