@@ -39,9 +39,10 @@ DEFAULT_GRID = ";".join(
 )
 
 
-def run_setting(handle, covs, batches, base_cfg, overrides: dict, evaluate) -> dict:
-    """Edit the batches one after another, carrying the keys; the figures at the last version."""
-    from editflow import memit
+def run_setting(handle, covs, batches, base_cfg, overrides: dict, evaluate, corpus: list) -> dict:
+    """Edit the batches one after another, carrying the keys (and repairing each solve when the
+    setting asks for it, on ``corpus``); the figures at the last version."""
+    from editflow import memit, repair
     from editflow.edit_state import EditState
 
     cfg = base_cfg.replace(**overrides)
@@ -61,6 +62,9 @@ def run_setting(handle, covs, batches, base_cfg, overrides: dict, evaluate) -> d
                 cfg,
                 keep_applied=True,
                 preserved=preserved,
+            )
+            result = repair.repair(
+                handle.model, handle.tokenizer, handle.adapter, batch, result, covs, cfg, corpus, preserved
             )
             state = state.extended(result.keys)
         seconds = time.perf_counter() - t0
@@ -122,6 +126,9 @@ def main() -> None:
     from editflow import CorpusSpec, default_config, layer_covariances, load_model
     from editflow.commands._options import parse_hparams
     from editflow.evaluate import Evaluator
+    from editflow.pipeline import REPAIR_DOCUMENTS
+    from editflow.repair import corpus_documents
+    from editflow.stats.corpus import Sampling, sample_documents
 
     handle = load_model(assets.default_model_dir() if args.model == "default" else args.model)
     requests = usable_requests(args.records)[args.offset :]
@@ -136,6 +143,9 @@ def main() -> None:
     layers = sorted({layer for o in settings for layer in base_cfg.replace(**o).layers})
     covs = layer_covariances(handle, layers, CorpusSpec("bundled"), tokens=args.stats_tokens).covs
 
+    docs = sample_documents(CorpusSpec("bundled"), Sampling(seed=base_cfg.seed))
+    corpus = corpus_documents(docs, handle.tokenizer, REPAIR_DOCUMENTS)
+
     edited = [r for b in batches for r in b]
     whole = whole_evaluator(handle, edited)
     pre = whole.pre().metrics
@@ -148,6 +158,7 @@ def main() -> None:
             ev.pre_result = None
         return {
             "effs": effs,
+            "ps": first(post, "paraphrase", "zsre_paraphrase"),
             "ns": first(post, "neighborhood", "zsre_specificity"),
             "heldout": post.get("heldout"),
             "ppl_rel": 100 * (post["drift_ppl"] / pre["drift_ppl"] - 1),
@@ -155,10 +166,10 @@ def main() -> None:
 
     lines = []
     for spec, overrides in zip(args.grid.split(";"), settings):
-        r = run_setting(handle, covs, batches, base_cfg, overrides, evaluate)
+        r = run_setting(handle, covs, batches, base_cfg, overrides, evaluate, corpus)
         effs = r["effs"]
         line = (
-            f"| {spec} | {min(effs):.1f} | {sum(effs) / len(effs):.1f} | {r['ns']:.1f} ({first(pre, 'neighborhood', 'zsre_specificity'):.1f}) | "
+            f"| {spec} | {min(effs):.1f} | {sum(effs) / len(effs):.1f} | {r['ps']:.1f} | {r['ns']:.1f} ({first(pre, 'neighborhood', 'zsre_specificity'):.1f}) | "
             f"{r['heldout'] - pre['heldout']:+.1f} | {r['ppl_rel']:+.1f} % | {r['seconds']:.0f} s |"
         )
         print(line, flush=True)
@@ -167,7 +178,16 @@ def main() -> None:
         f"{args.model}, {Path(args.records).name} from record {args.offset}, {args.versions} × {args.facts} edits carried through; "
         f"figures at the last edit"
     )
-    header = ["setting", "min batch ES", "mean batch ES", "NS (pre)", "held-out vs root", "ppl vs root", "edit time"]
+    header = [
+        "setting",
+        "min batch ES",
+        "mean batch ES",
+        "PS",
+        "NS (pre)",
+        "held-out vs root",
+        "ppl vs root",
+        "edit time",
+    ]
     publish(f"lifelong_sweep_{Path(args.records).stem}.md", markdown_table(caption, header, lines))
     print(json.dumps({"pre": pre}))
 

@@ -21,6 +21,10 @@ class MemitConfig:
     lineage versions: λC + K_p K_pᵀ + K Kᵀ; AlphaEdit always does); ``state_dtype`` is how the
     lineage's K_p K_pᵀ is stored. ``context_templates`` is the number of prefixed templates (the
     original samples 5 ten-token continuations of "The", "Therefore", "Because", "I", "You").
+    ``repair_steps`` > 0 follows each solve with that many Adam steps on the edited matrices
+    (:mod:`editflow.repair`, learning rate ``repair_lr``): the batch's target NLL plus ``repair_kl`` ·
+    KL(parent ‖ model) on statistics-corpus documents plus ``repair_preserve`` · the change of the
+    output on the lineage's earlier keys. Not in the published algorithms; 0 (off) is plain MEMIT.
     ``layer_tmp``/``rewrite_tmp`` override where the blocks and the rewrite modules are (module-name
     templates with one ``{}``, e.g. ``"model.layers.{}.mlp.down_proj"``); the adapter that edits with
     them comes from ``editflow.models.with_module_overrides``.
@@ -45,6 +49,10 @@ class MemitConfig:
     state_dtype: str = "float32"
     context_templates: int = 5
     context_template_length: int = 10
+    repair_steps: int = 0
+    repair_lr: float = 1e-3
+    repair_kl: float = 1.0
+    repair_preserve: float = 1.0
     seed: int = 0
     layer_tmp: str | None = None
     rewrite_tmp: str | None = None
@@ -61,6 +69,10 @@ class MemitConfig:
             raise ValueError("chunk_size must be >= 1")
         if self.v_num_grad_steps < 1:
             raise ValueError("v_num_grad_steps must be >= 1")
+        if self.repair_steps < 0:
+            raise ValueError("repair_steps must be >= 0")
+        if self.repair_lr <= 0 or self.repair_kl < 0 or self.repair_preserve < 0:
+            raise ValueError("repair_lr must be > 0, repair_kl and repair_preserve >= 0")
         if not 0.0 <= self.nullspace_energy < 1.0:
             raise ValueError(f"nullspace_energy must be in [0, 1), got {self.nullspace_energy}")
         if self.mom2_dtype not in ("float32", "float64"):

@@ -142,7 +142,7 @@ class _Rows:
     owner: list[int]  # request index of each row
 
 
-def _prompt_rows(
+def prompt_rows(
     tokenizer: object,
     requests: Sequence[EditRequest],
     templates: Sequence[str],
@@ -177,7 +177,7 @@ def check_lengths(
     limit = model_positions(model)
     if not limit:
         return
-    rows = _prompt_rows(tokenizer, requests, templates, lambda i: encode_target(tokenizer, requests[i].target_new))
+    rows = prompt_rows(tokenizer, requests, templates, lambda i: encode_target(tokenizer, requests[i].target_new))
     for ids, owner in zip(rows.ids, rows.owner):
         if len(ids) > limit:
             r = requests[owner]
@@ -358,7 +358,7 @@ def _target_layout(
     """Tokenise one group's rows once and lay them out for the optimisation loop."""
     n = len(requests)
     targets = [encode_target(tokenizer, r.target_new) for r in requests]
-    rw = _prompt_rows(tokenizer, requests, templates, suffix_ids=lambda i: targets[i][:-1])
+    rw = prompt_rows(tokenizer, requests, templates, suffix_ids=lambda i: targets[i][:-1])
     kl = _Rows([], [], [])
     if config.kl_factor > 0:  # "{subject} is a": the next-token distribution to keep
         for i, r in enumerate(requests):
@@ -735,7 +735,7 @@ def compute_keys(
     block_layer: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K (n × d_ff, template-averaged rewrite inputs) and h (n × d, block output at the bare prompt)."""
-    rows = _prompt_rows(tokenizer, requests, templates)
+    rows = prompt_rows(tokenizer, requests, templates)
     ks, hs = _rewrite_inputs_and_block_outputs(model, tokenizer, adapter, rows, layer, block_layer)
     n, t = len(requests), len(templates)
     w = key_weights(t).to(ks.device)
@@ -753,7 +753,7 @@ def rewrite_outputs(
 ) -> torch.Tensor:
     """m (n × d): the rewrite module's output at the fact token of each bare prompt (float32)."""
     device = next(model.parameters()).device
-    rows = _prompt_rows(tokenizer, requests, ["{}"])
+    rows = prompt_rows(tokenizer, requests, ["{}"])
     name = adapter.rewrite(layer)
     out = []
     for part in _chunks(len(rows.ids), batch_rows):

@@ -240,10 +240,11 @@ def _run_phases(reg: Registry, job: EditJob, run_id: str) -> EditOutcome:
     _log_pre(pre.summary)
     with timed("edit", timings, f"editing {len(plan.requests)} facts ({plan.config.algorithm}, {plan.config.mode})"):
         result, chunk_results = _edit(plan, covs, evaluator)
+        result = _repair_solve(job, plan, covs, result)
     timings.update({f"edit_{k}": v for k, v in result.timings.items()})
     integrity.crashpoint("after_edit")
     with timed("eval_post", timings, "evaluating after the edit"):
-        post = chunk_results[-1] if chunk_results else evaluator.post()
+        post = chunk_results[-1] if chunk_results and not plan.config.repair_steps else evaluator.post()
         retention = _retention(plan)
 
     metrics = {**pre.summary, **post.summary, **{f"post/{k}": v for k, v in retention.items()}}
@@ -385,6 +386,35 @@ def _edit(plan: _Plan, covs: dict[int, torch.Tensor], evaluator: Any) -> tuple[m
         preserved=preserved,
     )
     return result, chunk_results
+
+
+#: Statistics-corpus documents the repair's KL term samples from.
+REPAIR_DOCUMENTS = 1024
+
+
+def _repair_solve(
+    job: EditJob, plan: _Plan, covs: dict[int, torch.Tensor], result: memit.EditResult
+) -> memit.EditResult:
+    """The optional repair after the solve (``repair_steps`` > 0), KL-anchored on the job's statistics corpus."""
+    if not plan.config.repair_steps:
+        return result
+    from editflow import repair
+    from editflow.stats.corpus import CorpusSpec, Sampling, sample_documents
+
+    docs = sample_documents(CorpusSpec(source=job.corpus), Sampling(seed=plan.config.seed))
+    corpus = repair.corpus_documents(docs, plan.handle.tokenizer, REPAIR_DOCUMENTS)
+    preserved = plan.state.preserved(list(plan.config.layers), plan.handle.adapter.d_ff) if plan.state.layers else None
+    return repair.repair(
+        plan.handle.model,
+        plan.handle.tokenizer,
+        plan.handle.adapter,
+        plan.requests,
+        result,
+        covs,
+        plan.config,
+        corpus,
+        preserved,
+    )
 
 
 def _retention(plan: _Plan) -> dict[str, float]:

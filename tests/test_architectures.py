@@ -133,7 +133,7 @@ def post_norm_model(family: str):
 
 def block_output(model, tok, adapter, request, layer: int) -> torch.Tensor:
     """Block ``layer``'s output (d,) at the fact token of the bare prompt, in float64."""
-    rows = memit._prompt_rows(tok, [request], ["{}"])
+    rows = memit.prompt_rows(tok, [request], ["{}"])
     with torch.no_grad(), nethook.capture(model, outputs_of=[adapter.layer(layer)]) as got:
         model(input_ids=torch.tensor(rows.ids, device=model.device))
     return got[adapter.layer(layer)][0, rows.fact_idx[0]].double()

@@ -134,3 +134,33 @@ def test_corrupt_state_fails_before_editing_and_registers_nothing(ws):
         search_all_experiments=True, filter_string="attributes.status = 'FAILED'", output_format="list"
     )
     assert failed and "time/stats" not in failed[0].data.metrics  # it stopped before the statistics
+
+
+def test_repair_runs_in_the_workflow_and_registers_what_it_evaluated(ws):
+    """With ``repair_steps`` the second version is the repaired model: its registered weights are what
+    the run evaluated (the version's efficacy re-measured from the store matches the run's), and its
+    edit state holds the keys of the repaired model."""
+    import mlflow
+
+    from editflow.evaluate import Evaluator
+
+    reg = Registry()
+    edit(ws, ws["facts"], str(ws["model"]), hparams=HPARAMS | {"preserve_edits": True})
+    hparams = HPARAMS | {"preserve_edits": True, "repair_steps": 3, "repair_lr": 1e-3}
+    out = edit(ws, ws["second"], "models:/life@production", hparams=hparams)
+    run = mlflow.get_run(out.run_id)
+    assert run.data.metrics["time/edit_repair"] > 0 and run.data.params["hp.repair_steps"] == "3"
+    plain = edit(ws, ws["second"], "models:/life/2", hparams=HPARAMS | {"preserve_edits": True})
+    names = ["transformer.h.1.mlp.c_proj.weight", "transformer.h.2.mlp.c_proj.weight"]
+    repaired_w, plain_w = weights("life", out.version, names), weights("life", plain.version, names)
+    assert any(not torch.equal(repaired_w[n], plain_w[n]) for n in names)
+    # The run's evaluator, rebuilt on the parent (whose predictions stand in for the missing true
+    # targets), then pointed at the stored version's weights: the figure the run logged.
+    parent = load_version(reg, "life", 2, device="cpu").handle
+    ev = Evaluator(parent, load_requests(ws["second"]), n_auto_neighbors=0, fluency=False)
+    ev.pre()
+    memit.set_weights(parent.model, repaired_w)
+    post = ev.post().metrics
+    assert post["efficacy_magnitude"] == pytest.approx(out.metrics["post/efficacy_magnitude"], abs=1e-4)
+    assert post["efficacy_magnitude"] != pytest.approx(plain.metrics["post/efficacy_magnitude"], abs=1e-4)
+    assert state_keys(reg, "life", out.version) == 4

@@ -1,0 +1,193 @@
+"""Lineage repair: a short constrained fine-tune of the edited matrices after MEMIT's closed-form solve.
+
+Not part of the published algorithms; off unless ``MemitConfig.repair_steps`` > 0. MEMIT's solve
+keeps unrelated text only through the key covariance C, and over a lineage of versions the small
+drift each solve leaves adds up (measured: ``benchmarks/lifelong.py``). The repair starts from the
+solved weights W_s and takes Adam steps on the same rewrite matrices only, minimising
+
+    NLL(batch targets | the solve's context-template prompts)
+    + repair_kl · KL(p_parent ‖ p) on statistics-corpus documents
+    + repair_preserve · Σ_ℓ ‖(W_ℓ − W_s,ℓ) K_p‖² / ‖K_p‖²   (K_p: the lineage's earlier keys)
+
+so it can only trade the solve's result for lower drift from the parent (the model before this
+edit) while holding the batch's targets and the earlier edits' outputs. ``repair_steps = 0`` leaves
+MEMIT's result bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from editflow import memit, progress
+from editflow.config import MemitConfig
+from editflow.models import Adapter
+from editflow.requests import EditRequest
+from editflow.tokens import encode_target, pad_id, pad_right
+
+#: Corpus documents per step, and their length cap in tokens.
+CORPUS_BATCH = 32
+CORPUS_LENGTH = 64
+#: Target rows (request × context template) per forward pass; gradients are accumulated over them.
+ROWS_PER_PASS = 64
+
+
+@dataclasses.dataclass
+class _TargetRows:
+    """Every (request, context template) prompt followed by its new target, with per-token weights."""
+
+    ids: list[list[int]]
+    weights: list[list[float]]  # 1 / (target length · rows of its request) at each target position
+
+
+def target_rows(tokenizer: object, requests: Sequence[EditRequest], templates: Sequence[str]) -> _TargetRows:
+    """Rows whose weighted NLL sums to the mean over requests of the template-mean target NLL."""
+    targets = [encode_target(tokenizer, r.target_new) for r in requests]
+    rows = memit.prompt_rows(tokenizer, requests, templates, suffix_ids=lambda i: targets[i])
+    per_request = len(templates)
+    weights = []
+    for ids, owner in zip(rows.ids, rows.owner):
+        n_t = len(targets[owner])
+        w = 1.0 / (n_t * per_request * len(requests))
+        weights.append([0.0] * (len(ids) - n_t) + [w] * n_t)  # weight on the position of each target token
+    return _TargetRows(rows.ids, weights)
+
+
+def target_nll(model: nn.Module, rows: _TargetRows, pad: int, part: range) -> torch.Tensor:
+    """Weighted target NLL of ``rows[part]`` (a scalar with gradient)."""
+    device = next(model.parameters()).device
+    batch = pad_right([rows.ids[j] for j in part], pad).to(device)
+    w = pad_right_float([rows.weights[j] for j in part], batch.input_ids.shape[1]).to(device)  # (b, w)
+    logp = torch.log_softmax(model(**batch.model_inputs()).logits.float(), -1)  # (b, w, V)
+    tok = logp[:, :-1].gather(2, batch.input_ids[:, 1:, None]).squeeze(2)  # (b, w-1): log p of token t+1
+    return -(tok * w[:, 1:]).sum()
+
+
+def pad_right_float(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(list(r))
+    return out
+
+
+def corpus_kl(
+    model: nn.Module, parent: Mapping[str, torch.Tensor], docs: Sequence[Sequence[int]], pad: int
+) -> torch.Tensor:
+    """Token-mean KL(p_parent ‖ p) over ``docs``; ``parent`` holds the rewrite weights before the edit."""
+    device = next(model.parameters()).device
+    batch = pad_right(docs, pad).to(device)
+    mask = batch.attention_mask.float()  # (b, w)
+    backup = memit.set_weights(model, parent)
+    try:
+        with torch.no_grad():
+            ref = torch.log_softmax(model(**batch.model_inputs()).logits.float(), -1)  # (b, w, V)
+    finally:
+        memit.restore(model, backup)
+    logp = torch.log_softmax(model(**batch.model_inputs()).logits.float(), -1)
+    kl = (ref.exp() * (ref - logp)).sum(-1)  # (b, w)
+    return (kl * mask).sum() / mask.sum()
+
+
+def preserved_change(
+    weights: Mapping[str, torch.Tensor],
+    solved: Mapping[str, torch.Tensor],
+    grams: Mapping[str, torch.Tensor],
+    conv1d: bool,
+) -> torch.Tensor:
+    """Σ_ℓ tr(D G Dᵀ) / tr G with D = W − W_s in (d × d_ff) layout: the mean squared change of the
+    rewrite output on the earlier edits' keys, relative to their mean squared norm."""
+    total = torch.zeros(())
+    for name, g in grams.items():
+        d = weights[name] - solved[name]
+        d = d.T if conv1d else d  # (d, d_ff)
+        total = total + ((d.float() @ g) * d.float()).sum() / g.trace().clamp_min(1e-12)
+    return total
+
+
+def repair(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: Adapter,
+    requests: Sequence[EditRequest],
+    result: memit.EditResult,
+    covs: Mapping[int, torch.Tensor],
+    config: MemitConfig,
+    corpus: Sequence[Sequence[int]],
+    preserved: Mapping[int, torch.Tensor] | None = None,
+) -> memit.EditResult:
+    """Run the repair on a model that holds ``result`` applied; return the result with the total
+    deltas, ratios and keys of the repaired model (which it then holds)."""
+    if config.repair_steps <= 0:
+        return result
+    if not corpus:
+        raise ValueError("the repair needs corpus documents for its KL term; the corpus gave none")
+    t0 = time.perf_counter()
+    params = dict(model.named_parameters())
+    names = list(result.deltas)
+    solved = {n: params[n].detach().clone() for n in names}
+    parent = {n: solved[n] - result.deltas[n].to(solved[n].dtype) for n in names}
+    grams = (
+        {adapter.rewrite_weight(layer): preserved[layer].float() for layer in config.layers if preserved[layer].any()}
+        if preserved is not None and config.repair_preserve > 0
+        else {}
+    )
+    rows = target_rows(tokenizer, requests, result.context_templates)
+    pad = pad_id(tokenizer)
+    rng = random.Random(config.seed)
+    was_training, flags = model.training, {n: p.requires_grad for n, p in params.items()}
+    model.eval()
+    for p in params.values():
+        p.requires_grad_(False)
+    trained = [params[n] for n in names]
+    for p in trained:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(trained, lr=config.repair_lr)
+    try:
+        for _ in progress.track(range(config.repair_steps), desc="repair", unit="step"):
+            opt.zero_grad()
+            for start in range(0, len(rows.ids), ROWS_PER_PASS):
+                target_nll(model, rows, pad, range(start, min(start + ROWS_PER_PASS, len(rows.ids)))).backward()
+            docs = rng.sample(list(corpus), min(CORPUS_BATCH, len(corpus)))
+            extra = config.repair_kl * corpus_kl(model, parent, docs, pad)
+            if grams:
+                extra = extra + config.repair_preserve * preserved_change(params, solved, grams, adapter.conv1d)
+            extra.backward()
+            opt.step()
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    deltas = {n: (params[n].detach() - parent[n]) for n in names}
+    for name, delta in deltas.items():
+        memit.check_finite(delta, f"the repaired update of {name}")
+    keys = {
+        layer: memit.compute_keys(model, tokenizer, adapter, requests, layer, result.context_templates, layer)[
+            0
+        ].detach()
+        for layer in config.layers
+    }
+    return dataclasses.replace(
+        result,
+        deltas=deltas,
+        layer_update_ratios=memit.update_ratios(deltas, parent),
+        layer_output_ratios=memit.effective_update_ratios(deltas, parent, covs, adapter),
+        timings={**result.timings, "repair": time.perf_counter() - t0},
+        keys=keys,
+    )
+
+
+def corpus_documents(texts: Sequence[str] | object, tokenizer: object, n: int) -> list[list[int]]:
+    """Token ids (at most :data:`CORPUS_LENGTH` each) of the first ``n`` non-empty documents of ``texts``."""
+    out: list[list[int]] = []
+    for text in texts:  # type: ignore[attr-defined]
+        if len(out) >= n:
+            break
+        ids = list(tokenizer(text, truncation=True, max_length=CORPUS_LENGTH)["input_ids"])  # type: ignore[operator]
+        if len(ids) > 1:
+            out.append(ids)
+    return out

@@ -1,0 +1,120 @@
+"""The optional repair after MEMIT's solve (editflow.repair) on tiny random models: off means MEMIT
+bit for bit; on, it lowers the corpus KL to the parent, keeps the deltas consistent with the weights,
+and its preserve term holds the earlier edits' outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_memit import CFG, REQUESTS, direct_cov
+
+from editflow import memit, repair
+from editflow.config import MemitConfig
+from editflow.edit_state import EditState
+from editflow.models import detect_adapter
+from editflow.requests import parse_requests
+from editflow.tokens import pad_id
+
+EARLIER = [{"prompt": "beta {}", "subject": "omega", "target_new": "tennis"}]
+
+
+def corpus(tok, n: int = 12, length: int = 10, seed: int = 3) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, len(tok), (n, length), generator=g).tolist()
+
+
+def solved(family: str = "gpt2", preserved=None):
+    """A tiny model holding MEMIT's solve of REQUESTS, with everything the repair needs."""
+    model, tok = tiny_model(family)
+    adapter = detect_adapter(model)
+    covs = direct_cov(model, adapter, tok, CFG.layers)
+    reqs = parse_requests(REQUESTS)
+    parent = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = memit.edit(model, tok, adapter, reqs, covs, CFG, keep_applied=True, preserved=preserved)
+    return model, tok, adapter, covs, reqs, parent, result
+
+
+def test_zero_steps_is_memit_unchanged():
+    model, tok, adapter, covs, reqs, _, result = solved()
+    held = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = repair.repair(model, tok, adapter, reqs, result, covs, CFG, corpus(tok))
+    assert out is result
+    assert all(torch.equal(p, held[n]) for n, p in model.named_parameters())
+
+
+def test_target_rows_weigh_each_request_equally():
+    _, tok = tiny_model()
+    reqs = parse_requests(REQUESTS)
+    rows = repair.target_rows(tok, reqs, ["{}", "x y. {}"])
+    assert len(rows.ids) == 2 * len(reqs)
+    assert sum(map(sum, rows.weights)) == pytest.approx(1.0)
+    assert all(len(w) == len(i) and w[-1] > 0 for w, i in zip(rows.weights, rows.ids))
+
+
+@pytest.mark.parametrize("conv1d", [True, False])
+def test_preserved_change_is_the_output_change_on_the_keys(conv1d):
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(5, 8, generator=g)  # (n, d_ff)
+    d = torch.randn(4, 8, generator=g)  # (d, d_ff): output change D k
+    w = d.T.clone() if conv1d else d.clone()
+    got = repair.preserved_change({"w": w}, {"w": torch.zeros_like(w)}, {"w": keys.T @ keys}, conv1d)
+    want = (keys @ d.T).pow(2).sum() / keys.pow(2).sum()
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_repair_lowers_the_corpus_kl_and_keeps_deltas_consistent(family):
+    model, tok, adapter, covs, reqs, parent, result = solved(family)
+    docs = corpus(tok)
+    names = list(result.deltas)
+    rewrite_parent = {n: parent[n] for n in names}
+    with torch.no_grad():
+        kl_before = float(repair.corpus_kl(model, rewrite_parent, docs, pad_id(tok)))
+    config = CFG.replace(repair_steps=15, repair_lr=1e-3, repair_kl=10.0)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    out = repair.repair(model, tok, adapter, reqs, result, covs, config, docs)
+    with torch.no_grad():
+        kl_after = float(repair.corpus_kl(model, rewrite_parent, docs, pad_id(tok)))
+    assert kl_after < kl_before, (kl_before, kl_after)
+    params = dict(model.named_parameters())
+    for n, p in params.items():  # only the rewrite weights moved, and the deltas say by how much
+        if n in names:
+            assert torch.allclose(p, parent[n] + out.deltas[n], atol=1e-6), n
+            assert not torch.equal(out.deltas[n], result.deltas[n]), n
+        else:
+            assert torch.equal(p, parent[n]), n
+    assert "repair" in out.timings and set(out.keys) == set(CFG.layers)
+    assert {n: p.requires_grad for n, p in params.items()} == flags
+
+
+def test_preserve_term_holds_the_earlier_edits_outputs():
+    """The same repair with and without the preserve term: with it, the earlier keys' outputs move less."""
+    model, tok = tiny_model()
+    adapter = detect_adapter(model)
+    covs = direct_cov(model, adapter, tok, CFG.layers)
+    earlier = memit.edit(model, tok, adapter, parse_requests(EARLIER), covs, CFG, keep_applied=True)
+    state = EditState().extended(earlier.keys)
+    preserved = state.preserved(list(CFG.layers), adapter.d_ff)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reqs = parse_requests(REQUESTS)
+    docs = corpus(tok)
+    moved = {}
+    for mu in (0.0, 1e3):
+        memit.restore(model, start)
+        result = memit.edit(model, tok, adapter, reqs, covs, CFG, keep_applied=True, preserved=preserved)
+        solved_w = {n: p.detach().clone() for n, p in model.named_parameters() if n in result.deltas}
+        config = CFG.replace(repair_steps=10, repair_lr=3e-3, repair_kl=10.0, repair_preserve=mu)
+        repair.repair(model, tok, adapter, reqs, result, covs, config, docs, preserved)
+        grams = {adapter.rewrite_weight(layer): preserved[layer].float() for layer in CFG.layers}
+        with torch.no_grad():
+            moved[mu] = float(repair.preserved_change(dict(model.named_parameters()), solved_w, grams, adapter.conv1d))
+    assert moved[1e3] < 0.5 * moved[0.0], moved
+
+
+def test_config_rejects_bad_repair_settings():
+    with pytest.raises(ValueError, match="repair_steps"):
+        MemitConfig(repair_steps=-1)
+    with pytest.raises(ValueError, match="repair_lr"):
+        MemitConfig(repair_lr=0.0)
+    assert MemitConfig().repair_steps == 0  # off by default: the published algorithm
