@@ -239,8 +239,7 @@ def _run_phases(reg: Registry, job: EditJob, run_id: str) -> EditOutcome:
         pre = _evaluate_pre(evaluator, plan)
     _log_pre(pre.summary)
     with timed("edit", timings, f"editing {len(plan.requests)} facts ({plan.config.algorithm}, {plan.config.mode})"):
-        result, chunk_results = _edit(plan, covs, evaluator)
-        result = _repair_solve(job, plan, covs, result)
+        result, chunk_results = _edit(job, plan, covs, evaluator)
     timings.update({f"edit_{k}": v for k, v in result.timings.items()})
     integrity.crashpoint("after_edit")
     with timed("eval_post", timings, "evaluating after the edit"):
@@ -359,7 +358,9 @@ def _evaluate_pre(evaluator: Any, plan: _Plan) -> Any:
     return pre
 
 
-def _edit(plan: _Plan, covs: dict[int, torch.Tensor], evaluator: Any) -> tuple[memit.EditResult, list[Any]]:
+def _edit(
+    job: EditJob, plan: _Plan, covs: dict[int, torch.Tensor], evaluator: Any
+) -> tuple[memit.EditResult, list[Any]]:
     """MEMIT/AlphaEdit over the batch, preserving the lineage's earlier edits; per-chunk evaluation in
     sequential mode."""
     import mlflow
@@ -385,7 +386,7 @@ def _edit(plan: _Plan, covs: dict[int, torch.Tensor], evaluator: Any) -> tuple[m
         keep_applied=True,
         preserved=preserved,
     )
-    return result, chunk_results
+    return _repair_solve(job, plan, covs, result, preserved), chunk_results
 
 
 #: Statistics-corpus documents the repair's KL term samples from.
@@ -393,7 +394,11 @@ REPAIR_DOCUMENTS = 1024
 
 
 def _repair_solve(
-    job: EditJob, plan: _Plan, covs: dict[int, torch.Tensor], result: memit.EditResult
+    job: EditJob,
+    plan: _Plan,
+    covs: dict[int, torch.Tensor],
+    result: memit.EditResult,
+    preserved: dict[int, torch.Tensor] | None,
 ) -> memit.EditResult:
     """The optional repair after the solve (``repair_steps`` > 0), KL-anchored on the job's statistics corpus."""
     if not plan.config.repair_steps:
@@ -403,7 +408,6 @@ def _repair_solve(
 
     docs = sample_documents(CorpusSpec(source=job.corpus), Sampling(seed=plan.config.seed))
     corpus = repair.corpus_documents(docs, plan.handle.tokenizer, REPAIR_DOCUMENTS)
-    preserved = plan.state.preserved(list(plan.config.layers), plan.handle.adapter.d_ff) if plan.state.layers else None
     return repair.repair(
         plan.handle.model,
         plan.handle.tokenizer,

@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import islice
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from editflow import memit, progress
 from editflow.config import MemitConfig
 from editflow.models import Adapter
 from editflow.requests import EditRequest
+from editflow.stats.batching import tokenize
 from editflow.tokens import encode_target, pad_id, pad_right
 
 #: Corpus documents per step, and their length cap in tokens.
@@ -181,13 +183,8 @@ def repair(
     )
 
 
-def corpus_documents(texts: Sequence[str] | object, tokenizer: object, n: int) -> list[list[int]]:
-    """Token ids (at most :data:`CORPUS_LENGTH` each) of the first ``n`` non-empty documents of ``texts``."""
-    out: list[list[int]] = []
-    for text in texts:  # type: ignore[attr-defined]
-        if len(out) >= n:
-            break
-        ids = list(tokenizer(text, truncation=True, max_length=CORPUS_LENGTH)["input_ids"])  # type: ignore[operator]
-        if len(ids) > 1:
-            out.append(ids)
-    return out
+def corpus_documents(texts: Iterable[str], tokenizer: object, n: int) -> list[list[int]]:
+    """Token ids (at most :data:`CORPUS_LENGTH` each) of the first ``n`` documents of ``texts`` that
+    have at least two tokens (the statistics pass's tokeniser)."""
+    docs = (list(d.ids) for d in tokenize(texts, tokenizer, CORPUS_LENGTH) if len(d.ids) > 1)
+    return list(islice(docs, n))
