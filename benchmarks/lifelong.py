@@ -2,10 +2,11 @@
 
 For each version: its own batch's efficacy / paraphrase, retention of every earlier fact, held-out
 known facts and held-out perplexity against the root base, fluency against the parent (on the
-batch's prompts). At the last version, every batch's efficacy and, with ``--fluency``, fluency of the
-root and the last version on the same seeded sample of all batches' facts. Two ways, in the same run: ``lineage`` (each version carries the edit state of its
-lineage: what editflow does) and ``from-zero`` (each run starts with no preserved keys: the
-behaviour before edit states existed).
+batch's prompts). At the last version: every batch's efficacy, and its neighbourhood beside the
+root's on the same prompts; with ``--fluency``, fluency of the root and the last version on the same
+seeded sample of all batches' facts. Two ways, in the same run: ``lineage`` (each version carries
+the edit state of its lineage: what editflow does) and ``from-zero`` (each run starts with no
+preserved keys: the behaviour before edit states existed).
 
     python benchmarks/lifelong.py [--model default|PATH.gguf] [--versions 6] [--facts 50]
         [--algorithm alphaedit] [--hparams k=v,...] [--ways lineage,from-zero] [--offset 0] [--fluency]
@@ -29,11 +30,19 @@ from _results import markdown_table, publish  # noqa: E402
 from editflow import assets  # noqa: E402
 
 
-def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[list[dict], list[float], float]:
-    """Edit the batches one after another in a fresh store; per-version figures and the last
-    version's efficacy on each batch."""
-    from editflow.commands._options import parse_hparams
+def batch_figures(handle, batch: Path) -> tuple[float, float]:
+    """Efficacy and neighbourhood of ``handle`` on the facts of ``batch``."""
     from editflow.evaluate import Evaluator
+    from editflow.requests import load_requests
+
+    m = Evaluator(handle, load_requests(batch), n_auto_neighbors=0, fluency=False).pre().metrics
+    return m.get("efficacy", float("nan")), m.get("neighborhood", float("nan"))
+
+
+def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[list[dict], list[dict], float]:
+    """Edit the batches one after another in a fresh store; per-version figures and, per batch, the
+    last version's efficacy and neighbourhood with the root's neighbourhood on the same prompts."""
+    from editflow.commands._options import parse_hparams
     from editflow.evaluate.fluency import fact_fluency
     from editflow.pipeline import EditJob, run_edit
     from editflow.registry.promotion import GateThresholds
@@ -79,18 +88,16 @@ def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[li
         )
     reg = Registry()
     last = load_version(reg, name, "@production")
+    root = load_version(reg, name, last_root_version(reg, name)).handle
     final = [
-        Evaluator(last.handle, load_requests(b), n_auto_neighbors=0, fluency=False)
-        .pre()
-        .metrics.get("efficacy", float("nan"))
+        {"es": es, "ns": ns, "ns_root": batch_figures(root, b)[1]}
         for b in batches
+        for es, ns in [batch_figures(last.handle, b)]
     ]
     if args.fluency:  # root and last version on the same prompts: a seeded sample of all batches' facts
         facts = [r for b in batches for r in load_requests(b)]
         facts = [facts[i] for i in sorted(random.Random(0).sample(range(len(facts)), min(FLUENCY_FACTS, len(facts))))]
         last_flu = float(fact_fluency(last.handle.model, last.handle.tokenizer, facts).mean())
-        del last
-        root = load_version(reg, name, last_root_version(reg, name)).handle
         rows[-1]["fluency_same"] = (float(fact_fluency(root.model, root.tokenizer, facts).mean()), last_flu)
     return rows, final, time.perf_counter() - t0
 
@@ -107,11 +114,16 @@ def last_root_version(reg, name: str) -> int:
     return int(tags_of(reg, name, resolve_version(reg, name, "@production"))[BASE_VERSION_TAG])
 
 
+def mean_gap(final: list[dict]) -> float:
+    """Mean over batches of the last version's neighbourhood minus the root's."""
+    return sum(f["ns"] - f["ns_root"] for f in final) / len(final)
+
+
 def fmt(x: float | None, digits: int = 1) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def table(way: str, rows: list[dict], final: list[float], seconds: float, args: argparse.Namespace) -> str:
+def table(way: str, rows: list[dict], final: list[dict], seconds: float, args: argparse.Namespace) -> str:
     lines = []
     for r in rows:
         ppl_rel = None if r["ppl"] is None or not r["ppl_root"] else 100 * (r["ppl"] / r["ppl_root"] - 1)
@@ -125,7 +137,11 @@ def table(way: str, rows: list[dict], final: list[float], seconds: float, args: 
         )
     caption = (
         f"**{way}** — {args.model}, {args.algorithm}, {len(rows)} versions × {args.facts} facts, "
-        f"{seconds / 60:.1f} min; efficacy of each batch at the last version: " + " / ".join(fmt(x) for x in final)
+        f"{seconds / 60:.1f} min; efficacy of each batch at the last version: "
+        + " / ".join(fmt(f["es"]) for f in final)
+        + "; neighbourhood of each batch at the last version (root): "
+        + " / ".join(f"{fmt(f['ns'])} ({fmt(f['ns_root'])})" for f in final)
+        + f", mean {mean_gap(final):+.1f} points vs root"
     )
     if rows and "fluency_same" in rows[-1]:
         root, last = rows[-1]["fluency_same"]
