@@ -30,7 +30,7 @@ from torch import nn
 from editflow import memit, progress
 from editflow.config import MemitConfig
 from editflow.models import Adapter
-from editflow.requests import AUTO_NEIGHBORS, EditRequest, neighbor_index
+from editflow.requests import EditRequest
 from editflow.stats.batching import tokenize
 from editflow.tokens import encode, encode_target, pad_id, pad_right
 
@@ -103,20 +103,16 @@ def cross_prompts(
     tokenizer: object, requests: Sequence[EditRequest], per_request: int, rng: random.Random
 ) -> list[list[int]]:
     """Token ids of each request's prompt filled with up to ``per_request`` other subjects of the
-    batch (same relation, another subject: the edit should leave the continuation alone). Never a
-    subject edited with that prompt, and never one of the evaluator's automatic neighbourhood texts,
-    so that ``neighborhood_auto`` stays a check on prompts the repair did not see."""
-    edited: dict[str, set[str]] = {}
-    for r in requests:
-        edited.setdefault(r.prompt, set()).add(r.subject)
-    auto = neighbor_index(requests, AUTO_NEIGHBORS)
+    batch, never one whose request has the same prompt and never any request's own text (those are
+    edits): same relation, another subject, so the edit should leave the continuation alone."""
+    texts = {r.text for r in requests}
     subjects = sorted({r.subject for r in requests})
     out: list[list[int]] = []
-    for r, shown in zip(requests, auto):
-        tries = rng.sample(subjects, min(len(subjects), 2 * per_request + AUTO_NEIGHBORS + 1))
-        picked = [r.prompt.format(s) for s in tries if s not in edited[r.prompt]]
-        picked = [t for t in picked if t not in shown][:per_request]
-        out += [encode(tokenizer, t) for t in picked]
+    for r in requests:
+        same_prompt = {q.subject for q in requests if q.prompt == r.prompt}
+        others = [s for s in subjects if s not in same_prompt and r.prompt.format(s) not in texts]
+        for s in rng.sample(others, min(per_request, len(others))):
+            out.append(encode(tokenizer, r.prompt.format(s)))
     return out
 
 

@@ -541,11 +541,6 @@ def check_lengths(
 # ----------------------------------------------------------------------------- automatic neighbours
 
 
-#: Automatic neighbourhood prompts per request the evaluator scores by default (requests without
-#: their own neighbourhood prompts).
-AUTO_NEIGHBORS = 5
-
-
 def neighbor_index(requests: Sequence[EditRequest], n: int) -> list[list[str]]:
     """For every request i, what ``evaluate.probes.auto_neighbor_texts(requests, i, n)`` returns: up to
     ``n`` texts of request i's prompt with other requests' subjects (cyclic from i+1, each subject once),

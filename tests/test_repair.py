@@ -15,19 +15,10 @@ from editflow import memit, repair
 from editflow.config import MemitConfig
 from editflow.edit_state import EditState
 from editflow.models import detect_adapter
-from editflow.requests import AUTO_NEIGHBORS, neighbor_index, parse_requests
+from editflow.requests import parse_requests
 from editflow.tokens import pad_id
 
 EARLIER = [{"prompt": "beta {}", "subject": "omega", "target_new": "tennis"}]
-#: Twelve one-word subjects under three prompts: room for cross prompts beside the evaluated neighbours.
-BATCH = [
-    {"prompt": p, "subject": s, "target_new": t}
-    for p, s, t in zip(
-        ["alpha {}", "sigma {}", "the {}"] * 4,
-        "beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu".split(),
-        "Paris London Rome Berlin Madrid football tennis chess golf piano violin red".split(),
-    )
-]
 
 
 def corpus(tok, n: int = 12, length: int = 10, seed: int = 3) -> list[list[int]]:
@@ -35,12 +26,12 @@ def corpus(tok, n: int = 12, length: int = 10, seed: int = 3) -> list[list[int]]
     return torch.randint(1, len(tok), (n, length), generator=g).tolist()
 
 
-def solved(family: str = "gpt2", preserved=None, requests=REQUESTS):
+def solved(family: str = "gpt2", preserved=None):
     """A tiny model holding MEMIT's solve of REQUESTS, with everything the repair needs."""
     model, tok = tiny_model(family)
     adapter = detect_adapter(model)
     covs = direct_cov(model, adapter, tok, CFG.layers)
-    reqs = parse_requests(requests)
+    reqs = parse_requests(REQUESTS)
     parent = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = memit.edit(model, tok, adapter, reqs, covs, CFG, keep_applied=True, preserved=preserved)
     return model, tok, adapter, covs, reqs, parent, result
@@ -123,21 +114,23 @@ def test_preserve_term_holds_the_earlier_edits_outputs():
     assert moved[1e3] < 0.5 * moved[0.0], moved
 
 
-def test_cross_prompts_are_other_subjects_never_an_edit_nor_an_evaluated_neighbour():
+def test_cross_prompts_fill_each_prompt_with_other_subjects_never_an_edit():
     _, tok = tiny_model()
-    reqs = parse_requests(BATCH)
-    auto = neighbor_index(reqs, AUTO_NEIGHBORS)
-    got = repair.cross_prompts(tok, reqs, 3, random.Random(0))
-    decoded = [tok.decode(ids, skip_special_tokens=True) for ids in got]
-    assert len(decoded) == 3 * len(reqs)  # 12 subjects: 4 edited under each prompt, 5 evaluated, 3 left
-    for k, r in enumerate(reqs):
-        mine = decoded[3 * k : 3 * k + 3]
-        subjects = [t.removeprefix(r.prompt.format("")) for t in mine]
-        assert all(t == r.prompt.format(s) for t, s in zip(mine, subjects))
-        assert not {s for q in reqs if q.prompt == r.prompt for s in [q.subject]} & set(subjects)
-        assert not set(mine) & set(auto[k])
-    few = parse_requests(REQUESTS)  # three subjects: the evaluated neighbours take them all
-    assert repair.cross_prompts(tok, few, 3, random.Random(0)) == []
+    reqs = parse_requests(
+        REQUESTS + [{"prompt": "alpha {}", "subject": "rho", "target_new": "Rome"}]  # rho is edited under alpha too
+    )
+    texts = {r.text for r in reqs}
+    got = repair.cross_prompts(tok, reqs, 5, random.Random(0))
+    want = {
+        r.prompt.format(s)
+        for r in reqs
+        for s in {q.subject for q in reqs}
+        if s not in {q.subject for q in reqs if q.prompt == r.prompt}
+    }
+    decoded = {tok.decode(ids, skip_special_tokens=True) for ids in got}
+    assert decoded == want and not decoded & texts
+    assert "alpha rho" not in decoded and "sigma gamma delta" in decoded
+    assert len(repair.cross_prompts(tok, reqs, 1, random.Random(0))) == len(reqs)
 
 
 def test_next_token_kl_is_zero_at_the_reference_and_positive_away_from_it():
@@ -154,7 +147,7 @@ def test_next_token_kl_is_zero_at_the_reference_and_positive_away_from_it():
 def test_specificity_term_holds_the_cross_prompts_continuations():
     """The same repair with and without the specificity term: with it, the next token after the cross
     prompts stays closer to the parent's."""
-    model, tok, adapter, covs, reqs, parent, result = solved(requests=BATCH)
+    model, tok, adapter, covs, reqs, parent, result = solved()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     cross = repair.cross_prompts(tok, reqs, repair.CROSS_PER_REQUEST, random.Random(CFG.seed))
     with torch.no_grad():
@@ -163,7 +156,7 @@ def test_specificity_term_holds_the_cross_prompts_continuations():
     drift = {}
     for mu in (0.0, 100.0):
         memit.restore(model, start)
-        config = CFG.replace(repair_steps=20, repair_lr=3e-2, repair_kl=0.0, repair_specificity=mu)
+        config = CFG.replace(repair_steps=15, repair_lr=3e-3, repair_kl=0.0, repair_specificity=mu)
         repair.repair(model, tok, adapter, reqs, result, covs, config, corpus(tok))
         with torch.no_grad():
             drift[mu] = float(repair.next_token_kl(model, cross, ref, pad_id(tok)))

@@ -32,7 +32,7 @@ from editflow.evaluate.probes import (
     request_probes,
 )
 from editflow.evaluate.scoring import greedy_answers, score_ids
-from editflow.requests import AUTO_NEIGHBORS, EditRequest, requests_digest
+from editflow.requests import EditRequest, requests_digest
 from editflow.tokens import encode, model_positions, pad_id
 
 REWRITE_KINDS = ("rewrite", "zsre_rewrite")
@@ -102,7 +102,7 @@ class Evaluator:
         heldout_max: int = 100,
         heldout_rank: int = MAX_RANK,
         known_texts: Collection[str] | None = None,
-        n_auto_neighbors: int = AUTO_NEIGHBORS,
+        n_auto_neighbors: int = 5,
         fluency: bool = True,
         fluency_prompts: int = 1,
         fluency_tokens: int = 90,

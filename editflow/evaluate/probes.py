@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from editflow.requests import AUTO_NEIGHBORS, EditRequest
+from editflow.requests import EditRequest
 from editflow.tokens import encode, encode_target
 
 Ids = tuple[int, ...]
@@ -73,9 +73,7 @@ def _ids(tokenizer: object, text: str | None) -> Ids | None:
     return tuple(encode_target(tokenizer, text)) if text else None
 
 
-def request_probes(
-    tokenizer: object, requests: Sequence[EditRequest], n_auto_neighbors: int = AUTO_NEIGHBORS
-) -> list[Probe]:
+def request_probes(tokenizer: object, requests: Sequence[EditRequest], n_auto_neighbors: int = 5) -> list[Probe]:
     """All probes of the edited requests, by source format (module docstring)."""
     from editflow.requests import neighbor_index
 
