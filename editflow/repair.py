@@ -8,8 +8,6 @@ solved weights W_s and takes Adam steps on the same rewrite matrices only, minim
     NLL(batch targets | the solve's context-template prompts)
     + repair_kl · KL(p_parent ‖ p) on statistics-corpus documents
     + repair_preserve · Σ_ℓ ‖(W_ℓ − W_s,ℓ) K_p‖² / ‖K_p‖²   (K_p: the lineage's earlier keys)
-    + repair_specificity · KL(p_parent ‖ p) of the next token after cross prompts
-      (each request's prompt filled with other subjects of the batch: text the edit must not change)
 
 so it can only trade the solve's result for lower drift from the parent (the model before this
 edit) while holding the batch's targets and the earlier edits' outputs. ``repair_steps = 0`` leaves
@@ -32,15 +30,13 @@ from editflow.config import MemitConfig
 from editflow.models import Adapter
 from editflow.requests import EditRequest
 from editflow.stats.batching import tokenize
-from editflow.tokens import encode, encode_target, pad_id, pad_right
+from editflow.tokens import encode_target, pad_id, pad_right
 
 #: Corpus documents per step, and their length cap in tokens.
 CORPUS_BATCH = 32
 CORPUS_LENGTH = 64
 #: Target rows (request × context template) per forward pass; gradients are accumulated over them.
 ROWS_PER_PASS = 64
-#: Other subjects each request's prompt is filled with for the specificity term.
-CROSS_PER_REQUEST = 3
 
 
 @dataclasses.dataclass
@@ -99,38 +95,6 @@ def corpus_kl(
     return (kl * mask).sum() / mask.sum()
 
 
-def cross_prompts(
-    tokenizer: object, requests: Sequence[EditRequest], per_request: int, rng: random.Random
-) -> list[list[int]]:
-    """Token ids of each request's prompt filled with up to ``per_request`` other subjects of the
-    batch, never one whose request has the same prompt and never any request's own text (those are
-    edits): same relation, another subject, so the edit should leave the continuation alone."""
-    texts = {r.text for r in requests}
-    subjects = sorted({r.subject for r in requests})
-    out: list[list[int]] = []
-    for r in requests:
-        same_prompt = {q.subject for q in requests if q.prompt == r.prompt}
-        others = [s for s in subjects if s not in same_prompt and r.prompt.format(s) not in texts]
-        for s in rng.sample(others, min(per_request, len(others))):
-            out.append(encode(tokenizer, r.prompt.format(s)))
-    return out
-
-
-def last_logprobs(model: nn.Module, prompts: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
-    """Log-probabilities of the token after each prompt, (n, V) float32."""
-    device = next(model.parameters()).device
-    batch = pad_right(prompts, pad).to(device)
-    logits = model(**batch.model_inputs()).logits  # (n, w, V)
-    last = logits[torch.arange(len(prompts), device=device), batch.lengths.to(device) - 1]  # (n, V)
-    return torch.log_softmax(last.float(), -1)
-
-
-def next_token_kl(model: nn.Module, prompts: Sequence[Sequence[int]], ref: torch.Tensor, pad: int) -> torch.Tensor:
-    """Mean over ``prompts`` of KL(ref ‖ p) of the next token; ``ref`` from :func:`last_logprobs`."""
-    logp = last_logprobs(model, prompts, pad)
-    return (ref.exp() * (ref - logp)).sum(-1).mean()
-
-
 def preserved_change(
     weights: Mapping[str, torch.Tensor],
     solved: Mapping[str, torch.Tensor],
@@ -177,14 +141,6 @@ def repair(
     rows = target_rows(tokenizer, requests, result.context_templates)
     pad = pad_id(tokenizer)
     rng = random.Random(config.seed)
-    cross = cross_prompts(tokenizer, requests, CROSS_PER_REQUEST, rng) if config.repair_specificity > 0 else []
-    if cross:
-        backup = memit.set_weights(model, parent)
-        try:
-            with torch.no_grad():
-                cross_ref = last_logprobs(model, cross, pad)  # (n, V): the parent's continuations
-        finally:
-            memit.restore(model, backup)
     was_training, flags = model.training, {n: p.requires_grad for n, p in params.items()}
     model.eval()
     for p in params.values():
@@ -200,8 +156,6 @@ def repair(
                 target_nll(model, rows, pad, range(start, min(start + ROWS_PER_PASS, len(rows.ids)))).backward()
             docs = rng.sample(list(corpus), min(CORPUS_BATCH, len(corpus)))
             extra = config.repair_kl * corpus_kl(model, parent, docs, pad)
-            if cross:
-                extra = extra + config.repair_specificity * next_token_kl(model, cross, cross_ref, pad)
             if grams:
                 extra = extra + config.repair_preserve * preserved_change(params, solved, grams, adapter.conv1d)
             extra.backward()

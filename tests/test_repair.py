@@ -4,8 +4,6 @@ and its preserve term holds the earlier edits' outputs."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from conftest import tiny_model
@@ -114,60 +112,9 @@ def test_preserve_term_holds_the_earlier_edits_outputs():
     assert moved[1e3] < 0.5 * moved[0.0], moved
 
 
-def test_cross_prompts_fill_each_prompt_with_other_subjects_never_an_edit():
-    _, tok = tiny_model()
-    reqs = parse_requests(
-        REQUESTS + [{"prompt": "alpha {}", "subject": "rho", "target_new": "Rome"}]  # rho is edited under alpha too
-    )
-    texts = {r.text for r in reqs}
-    got = repair.cross_prompts(tok, reqs, 5, random.Random(0))
-    want = {
-        r.prompt.format(s)
-        for r in reqs
-        for s in {q.subject for q in reqs}
-        if s not in {q.subject for q in reqs if q.prompt == r.prompt}
-    }
-    decoded = {tok.decode(ids, skip_special_tokens=True) for ids in got}
-    assert decoded == want and not decoded & texts
-    assert "alpha rho" not in decoded and "sigma gamma delta" in decoded
-    assert len(repair.cross_prompts(tok, reqs, 1, random.Random(0))) == len(reqs)
-
-
-def test_next_token_kl_is_zero_at_the_reference_and_positive_away_from_it():
-    model, tok = tiny_model()
-    prompts = [[5, 6, 7], [8, 9]]  # rows of different length: the last real token is scored
-    with torch.no_grad():
-        ref = repair.last_logprobs(model, prompts, pad_id(tok))
-        alone = repair.last_logprobs(model, [prompts[1]], pad_id(tok))
-        assert torch.allclose(ref[1], alone[0], atol=1e-5)
-        assert float(repair.next_token_kl(model, prompts, ref, pad_id(tok))) == pytest.approx(0.0, abs=1e-6)
-        assert float(repair.next_token_kl(model, prompts, ref.roll(1, dims=-1), pad_id(tok))) > 0
-
-
-def test_specificity_term_holds_the_cross_prompts_continuations():
-    """The same repair with and without the specificity term: with it, the next token after the cross
-    prompts stays closer to the parent's."""
-    model, tok, adapter, covs, reqs, parent, result = solved()
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cross = repair.cross_prompts(tok, reqs, repair.CROSS_PER_REQUEST, random.Random(CFG.seed))
-    with torch.no_grad():
-        memit.restore(model, parent)
-        ref = repair.last_logprobs(model, cross, pad_id(tok))
-    drift = {}
-    for mu in (0.0, 100.0):
-        memit.restore(model, start)
-        config = CFG.replace(repair_steps=15, repair_lr=3e-3, repair_kl=0.0, repair_specificity=mu)
-        repair.repair(model, tok, adapter, reqs, result, covs, config, corpus(tok))
-        with torch.no_grad():
-            drift[mu] = float(repair.next_token_kl(model, cross, ref, pad_id(tok)))
-    assert drift[100.0] < 0.5 * drift[0.0], drift
-
-
 def test_config_rejects_bad_repair_settings():
     with pytest.raises(ValueError, match="repair_steps"):
         MemitConfig(repair_steps=-1)
     with pytest.raises(ValueError, match="repair_lr"):
         MemitConfig(repair_lr=0.0)
-    with pytest.raises(ValueError, match="repair_specificity"):
-        MemitConfig(repair_specificity=-1.0)
     assert MemitConfig().repair_steps == 0  # off by default: the published algorithm
