@@ -97,8 +97,14 @@ def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[li
     if args.fluency:  # root and last version on the same prompts: a seeded sample of all batches' facts
         facts = [r for b in batches for r in load_requests(b)]
         facts = [facts[i] for i in sorted(random.Random(0).sample(range(len(facts)), min(FLUENCY_FACTS, len(facts))))]
-        last_flu = float(fact_fluency(last.handle.model, last.handle.tokenizer, facts).mean())
-        rows[-1]["fluency_same"] = (float(fact_fluency(root.model, root.tokenizer, facts).mean()), last_flu)
+        last_flu = fact_fluency(last.handle.model, last.handle.tokenizer, facts).to_numpy()  # (facts,)
+        root_flu = fact_fluency(root.model, root.tokenizer, facts).to_numpy()
+        rel = 100 * (last_flu - root_flu) / root_flu.mean()  # per fact, in % of the root's mean
+        rows[-1]["fluency_same"] = (
+            float(root_flu.mean()),
+            float(last_flu.mean()),
+            float(rel.std(ddof=1) / len(rel) ** 0.5),
+        )
     return rows, final, time.perf_counter() - t0
 
 
@@ -144,10 +150,10 @@ def table(way: str, rows: list[dict], final: list[dict], seconds: float, args: a
         + f", mean {mean_gap(final):+.1f} points vs root"
     )
     if rows and "fluency_same" in rows[-1]:
-        root, last = rows[-1]["fluency_same"]
+        root, last, se, n = rows[-1]["fluency_same"]
         caption += (
-            f"; fluency on the same {FLUENCY_FACTS} facts of all batches, root → last version: "
-            f"{root:.1f} → {last:.1f} ({100 * (last / root - 1):+.1f} %)"
+            f"; fluency on the same {n} facts of all batches, root → last version: "
+            f"{root:.1f} → {last:.1f} ({100 * (last / root - 1):+.1f} % ± {se:.1f}, paired standard error)"
         )
     header = [
         "version",
