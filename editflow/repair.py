@@ -5,7 +5,8 @@ keeps unrelated text only through the key covariance C, and over a lineage of ve
 drift each solve leaves adds up (measured: ``benchmarks/lifelong.py``). The repair starts from the
 solved weights W_s and takes Adam steps on the same rewrite matrices only, minimising
 
-    NLL(batch targets | the solve's context-template prompts)
+    NLL(batch targets | the solve's context-template prompts), its gradient reaching the rewrite
+        matrices only through their output at the subject's last token (where MEMIT writes)
     + repair_kl · KL(p_parent ‖ p) on statistics-corpus documents
     + repair_preserve · Σ_ℓ ‖(W_ℓ − W_s,ℓ) K_p‖² / ‖K_p‖²   (K_p: the lineage's earlier keys)
 
@@ -19,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from itertools import islice
 
 import torch
@@ -45,6 +47,7 @@ class _TargetRows:
 
     ids: list[list[int]]
     weights: list[list[float]]  # 1 / (target length · rows of its request) at each target position
+    fact_idx: list[int]  # the subject's last token in each row: where MEMIT writes
 
 
 def target_rows(tokenizer: object, requests: Sequence[EditRequest], templates: Sequence[str]) -> _TargetRows:
@@ -57,17 +60,40 @@ def target_rows(tokenizer: object, requests: Sequence[EditRequest], templates: S
         n_t = len(targets[owner])
         w = 1.0 / (n_t * per_request * len(requests))
         weights.append([0.0] * (len(ids) - n_t) + [w] * n_t)  # weight on the position of each target token
-    return _TargetRows(rows.ids, weights)
+    return _TargetRows(rows.ids, weights, rows.fact_idx)
 
 
-def target_nll(model: nn.Module, rows: _TargetRows, pad: int, part: range) -> torch.Tensor:
-    """Weighted target NLL of ``rows[part]`` (a scalar with gradient)."""
+def target_nll(
+    model: nn.Module, rows: _TargetRows, pad: int, part: range, rewrites: Sequence[nn.Module] = ()
+) -> torch.Tensor:
+    """Weighted target NLL of ``rows[part]`` (a scalar with gradient). With ``rewrites``, the gradient
+    reaches those modules' weights only through their output at each row's subject token."""
     device = next(model.parameters()).device
     batch = pad_right([rows.ids[j] for j in part], pad).to(device)
     w = pad_right_float([rows.weights[j] for j in part], batch.input_ids.shape[1]).to(device)  # (b, w)
-    logp = torch.log_softmax(model(**batch.model_inputs()).logits.float(), -1)  # (b, w, V)
+    at_subject = torch.zeros_like(batch.input_ids, dtype=torch.bool)  # (b, w)
+    at_subject[torch.arange(len(part)), torch.tensor([rows.fact_idx[j] for j in part])] = True
+    with gradient_only_at(rewrites, at_subject):
+        logp = torch.log_softmax(model(**batch.model_inputs()).logits.float(), -1)  # (b, w, V)
     tok = logp[:, :-1].gather(2, batch.input_ids[:, 1:, None]).squeeze(2)  # (b, w-1): log p of token t+1
     return -(tok * w[:, 1:]).sum()
+
+
+@contextmanager
+def gradient_only_at(modules: Sequence[nn.Module], positions: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``modules``' outputs keep their values but carry gradient only at
+    ``positions`` ((b, w) bool): out.detach() + m · (out − out.detach())."""
+
+    def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        m = positions[..., None].to(out.dtype)  # (b, w, 1)
+        return out.detach() + m * (out - out.detach())
+
+    handles = [module.register_forward_hook(hook) for module in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def pad_right_float(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
@@ -148,12 +174,14 @@ def repair(
     trained = [params[n] for n in names]
     for p in trained:
         p.requires_grad_(True)
+    rewrites = [model.get_submodule(adapter.rewrite(layer)) for layer in config.layers]
     opt = torch.optim.Adam(trained, lr=config.repair_lr)
     try:
         for _ in progress.track(range(config.repair_steps), desc="repair", unit="step"):
             opt.zero_grad()
             for start in range(0, len(rows.ids), ROWS_PER_PASS):
-                target_nll(model, rows, pad, range(start, min(start + ROWS_PER_PASS, len(rows.ids)))).backward()
+                part = range(start, min(start + ROWS_PER_PASS, len(rows.ids)))
+                target_nll(model, rows, pad, part, rewrites).backward()
             docs = rng.sample(list(corpus), min(CORPUS_BATCH, len(corpus)))
             extra = config.repair_kl * corpus_kl(model, parent, docs, pad)
             if grams:

@@ -118,3 +118,29 @@ def test_config_rejects_bad_repair_settings():
     with pytest.raises(ValueError, match="repair_lr"):
         MemitConfig(repair_lr=0.0)
     assert MemitConfig().repair_steps == 0  # off by default: the published algorithm
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gradient_only_at_keeps_values_and_is_the_outer_product_at_the_positions(family):
+    """Through the hook the logits are unchanged, and the rewrite weight's gradient is δ_p k_pᵀ summed
+    over the kept positions p only (δ: the gradient at the module's output, k: its input)."""
+    model, tok = tiny_model(family)
+    adapter = detect_adapter(model)
+    module = model.get_submodule(adapter.rewrite(1))
+    weight = dict(model.named_parameters())[adapter.rewrite_weight(1)]
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    keep = torch.zeros(2, 4, dtype=torch.bool)
+    keep[0, 1] = keep[1, 2] = True
+    seen = {}
+    module.register_forward_hook(lambda _m, a, out: seen.update(k=a[0], out=out) or out.retain_grad())
+    plain = model(ids).logits
+    plain.sum().backward()
+    delta, k = seen["out"].grad, seen["k"].detach()  # (b, w, d), (b, w, d_ff)
+    model.zero_grad()
+    with repair.gradient_only_at([module], keep):
+        hooked = model(ids).logits
+    assert torch.equal(hooked, plain)
+    hooked.sum().backward()
+    want = sum(delta[b, p][:, None] * k[b, p][None, :] for b, p in keep.nonzero().tolist())  # (d, d_ff)
+    got = weight.grad.T if adapter.conv1d else weight.grad
+    assert torch.allclose(got, want, atol=1e-6)
