@@ -104,6 +104,7 @@ def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[li
             float(root_flu.mean()),
             float(last_flu.mean()),
             float(rel.std(ddof=1) / len(rel) ** 0.5),
+            len(rel),
         )
     return rows, final, time.perf_counter() - t0
 
