@@ -26,6 +26,7 @@ from itertools import islice
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from editflow import memit, progress
 from editflow.config import MemitConfig
@@ -70,7 +71,7 @@ def target_nll(
     reaches those modules' weights only through their output at each row's subject token."""
     device = next(model.parameters()).device
     batch = pad_right([rows.ids[j] for j in part], pad).to(device)
-    w = pad_right_float([rows.weights[j] for j in part], batch.input_ids.shape[1]).to(device)  # (b, w)
+    w = pad_sequence([torch.tensor(rows.weights[j]) for j in part], batch_first=True).to(device)  # (b, w)
     at_subject = torch.zeros_like(batch.input_ids, dtype=torch.bool)  # (b, w)
     at_subject[torch.arange(len(part)), torch.tensor([rows.fact_idx[j] for j in part])] = True
     with gradient_only_at(rewrites, at_subject):
@@ -94,13 +95,6 @@ def gradient_only_at(modules: Sequence[nn.Module], positions: torch.Tensor) -> I
     finally:
         for h in handles:
             h.remove()
-
-
-def pad_right_float(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
-    out = torch.zeros(len(rows), width)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(list(r))
-    return out
 
 
 def corpus_kl(
