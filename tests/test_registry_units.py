@@ -62,6 +62,23 @@ def test_gate_names_each_failing_parent_rule(change, reason):
     assert not result.passed and result.reasons == [reason]
 
 
+def test_gate_limits_are_inclusive_despite_floating_point_noise():
+    """Scores are means × 100: a run logged 84 % of its neighbourhood prompts as 83.99999999999999 after
+    94.0, a drop of exactly 10 points, which a "more than 10 points" rule must pass; 10.1 still fails."""
+    at_limit = {
+        **GOOD,
+        "pre/neighborhood": 94.0,
+        "post/neighborhood": 83.99999999999999,
+        "post/efficacy": 0.9 * 100,
+        "post/retention": 0.9 * 100,
+        "post/heldout": 100.0 - 10.000000000000014,
+    }
+    assert 94.0 - at_limit["post/neighborhood"] > 10.0  # the noise is real
+    assert gate(at_limit, root=ROOT_FIGURES).passed
+    over = gate({**at_limit, "post/neighborhood": 83.9}, root=ROOT_FIGURES)
+    assert over.reasons == ["neighborhood fell 10.1 points (> 10.0)"]
+
+
 def test_cumulative_gate_stops_a_lineage_whose_per_step_drift_passed():
     # +5 % over the parent passes the per-step rule; +15.5 % over the root does not
     step = {**GOOD, "post/drift_ppl_rel": 0.05, "post/drift_ppl": 11.55, "post/heldout": 88.0, "pre/heldout": 92.0}

@@ -82,10 +82,20 @@ def gate(
     return GateResult(passed=not failures, reasons=failures, warnings=warnings)
 
 
+#: Slack for comparing percentage-point figures with a limit: scores are means × 100, so a drop of
+#: exactly 10 points can arrive as 10.000000000000014 and must not fail a "more than 10" rule.
+POINTS_SLACK = 1e-6
+
+
+def _beyond(value: float, limit: float) -> bool:
+    """``value`` exceeds ``limit`` by more than floating-point noise."""
+    return value > limit + POINTS_SLACK
+
+
 def _cumulative_failures(metrics: dict[str, float], t: GateThresholds, root: dict[str, float]) -> list[str]:
     failures = []
     retention = metrics.get("post/retention")
-    if retention is not None and retention < t.min_retention:
+    if retention is not None and _beyond(t.min_retention, retention):
         failures.append(f"retention of earlier facts {retention:.1f} < {t.min_retention:.1f}")
     ppl, root_ppl = metrics.get("post/drift_ppl"), root.get("drift_ppl")
     if ppl is not None and root_ppl:
@@ -95,7 +105,11 @@ def _cumulative_failures(metrics: dict[str, float], t: GateThresholds, root: dic
                 f"held-out perplexity {100 * rel:.1f} % above the root base's (> {100 * t.max_ppl_increase_root:.1f} %)"
             )
     heldout, root_heldout = metrics.get("post/heldout"), root.get("heldout")
-    if heldout is not None and root_heldout is not None and root_heldout - heldout > t.max_specificity_drop_root:
+    if (
+        heldout is not None
+        and root_heldout is not None
+        and _beyond(root_heldout - heldout, t.max_specificity_drop_root)
+    ):
         failures.append(
             f"heldout {root_heldout - heldout:.1f} points below the root base's (> {t.max_specificity_drop_root:.1f})"
         )
@@ -105,11 +119,11 @@ def _cumulative_failures(metrics: dict[str, float], t: GateThresholds, root: dic
 def _parent_failures(metrics: dict[str, float], thresholds: GateThresholds) -> list[str]:
     failures = []
     eff = metrics.get("post/efficacy")
-    if eff is not None and eff < thresholds.min_efficacy:
+    if eff is not None and _beyond(thresholds.min_efficacy, eff):
         failures.append(f"efficacy {eff:.1f} < {thresholds.min_efficacy:.1f}")
     for name in SPECIFICITY:
         pre, post = metrics.get(f"pre/{name}"), metrics.get(f"post/{name}")
-        if pre is not None and post is not None and pre - post > thresholds.max_specificity_drop:
+        if pre is not None and post is not None and _beyond(pre - post, thresholds.max_specificity_drop):
             failures.append(f"{name} fell {pre - post:.1f} points (> {thresholds.max_specificity_drop:.1f})")
     ppl = metrics.get("post/drift_ppl_rel")
     if ppl is not None and ppl > thresholds.max_ppl_increase:
