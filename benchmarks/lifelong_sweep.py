@@ -44,6 +44,7 @@ def run_setting(handle, covs, batches, base_cfg, overrides: dict, evaluate, corp
     setting asks for it, on ``corpus``); the figures at the last version."""
     from editflow import memit, repair
     from editflow.edit_state import EditState
+    from editflow.registry.lineage import earlier_facts
 
     cfg = base_cfg.replace(**overrides)
     state = EditState()
@@ -51,7 +52,8 @@ def run_setting(handle, covs, batches, base_cfg, overrides: dict, evaluate, corp
     backup = {n: params[n].detach().clone() for n in (handle.adapter.rewrite_weight(layer) for layer in cfg.layers)}
     t0 = time.perf_counter()
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            held = [r for b in batches[:i] for r in b]
             preserved = state.preserved(list(cfg.layers), handle.adapter.d_ff) if state.layers else None
             result = memit.edit(
                 handle.model,
@@ -64,7 +66,16 @@ def run_setting(handle, covs, batches, base_cfg, overrides: dict, evaluate, corp
                 preserved=preserved,
             )
             result = repair.repair(
-                handle.model, handle.tokenizer, handle.adapter, batch, result, covs, cfg, corpus, preserved
+                handle.model,
+                handle.tokenizer,
+                handle.adapter,
+                batch,
+                result,
+                covs,
+                cfg,
+                corpus,
+                preserved,
+                earlier=earlier_facts(held, batch, seed=cfg.seed)[0],
             )
             state = state.extended(result.keys)
         seconds = time.perf_counter() - t0

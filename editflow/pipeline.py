@@ -418,6 +418,7 @@ def _repair_solve(
         plan.config,
         corpus,
         preserved,
+        earlier=lineage.earlier_facts(plan.held, plan.requests, seed=plan.config.seed)[0],
     )
 
 

@@ -9,6 +9,8 @@ solved weights W_s and takes Adam steps on the same rewrite matrices only, minim
         matrices only through their output at the subject's last token (where MEMIT writes)
     + repair_kl · KL(p_parent ‖ p) on statistics-corpus documents
     + repair_preserve · Σ_ℓ ‖(W_ℓ − W_s,ℓ) K_p‖² / ‖K_p‖²   (K_p: the lineage's earlier keys)
+    + repair_replay · NLL(earlier facts' targets | their bare prompts), the same subject-only gradient
+        (the facts the lineage already holds, from its versions' runs: rehearsal of earlier batches)
 
 so it can only trade the solve's result for lower drift from the parent (the model before this
 edit) while holding the batch's targets and the earlier edits' outputs. ``repair_steps = 0`` leaves
@@ -62,6 +64,16 @@ def target_rows(tokenizer: object, requests: Sequence[EditRequest], templates: S
         w = 1.0 / (n_t * per_request * len(requests))
         weights.append([0.0] * (len(ids) - n_t) + [w] * n_t)  # weight on the position of each target token
     return _TargetRows(rows.ids, weights, rows.fact_idx)
+
+
+def with_replay(rows: _TargetRows, earlier: _TargetRows, weight: float) -> _TargetRows:
+    """``rows`` followed by ``earlier``'s rows, whose weights are scaled by ``weight`` (each set's
+    weights sum to one, so ``weight`` is the earlier facts' mean NLL relative to the batch's)."""
+    return _TargetRows(
+        rows.ids + earlier.ids,
+        rows.weights + [[weight * x for x in w] for w in earlier.weights],
+        rows.fact_idx + earlier.fact_idx,
+    )
 
 
 def target_nll(
@@ -141,9 +153,11 @@ def repair(
     config: MemitConfig,
     corpus: Sequence[Sequence[int]],
     preserved: Mapping[int, torch.Tensor] | None = None,
+    earlier: Sequence[EditRequest] = (),
 ) -> memit.EditResult:
     """Run the repair on a model that holds ``result`` applied; return the result with the total
-    deltas, ratios and keys of the repaired model (which it then holds)."""
+    deltas, ratios and keys of the repaired model (which it then holds). ``earlier``: facts the
+    lineage already holds, rehearsed on their bare prompts when ``config.repair_replay`` > 0."""
     if config.repair_steps <= 0:
         return result
     if not corpus:
@@ -159,6 +173,8 @@ def repair(
         else {}
     )
     rows = target_rows(tokenizer, requests, result.context_templates)
+    if earlier and config.repair_replay > 0:
+        rows = with_replay(rows, target_rows(tokenizer, earlier, ["{}"]), config.repair_replay)
     pad = pad_id(tokenizer)
     rng = random.Random(config.seed)
     was_training, flags = model.training, {n: p.requires_grad for n, p in params.items()}

@@ -164,3 +164,16 @@ def test_repair_runs_in_the_workflow_and_registers_what_it_evaluated(ws):
     assert post["efficacy_magnitude"] == pytest.approx(out.metrics["post/efficacy_magnitude"], abs=1e-4)
     assert post["efficacy_magnitude"] != pytest.approx(plain.metrics["post/efficacy_magnitude"], abs=1e-4)
     assert state_keys(reg, "life", out.version) == 4
+
+
+def test_repair_replay_rehearses_the_lineage_facts_in_the_workflow(ws):
+    """``repair_replay`` reaches the run's repair with the facts the parent's lineage holds: from the
+    same parent, the version repaired with it differs from the one repaired without it."""
+    edit(ws, ws["facts"], str(ws["model"]), hparams=HPARAMS | {"preserve_edits": True})
+    base = HPARAMS | {"preserve_edits": True, "repair_steps": 3, "repair_lr": 1e-3}
+    plain = edit(ws, ws["second"], "models:/life/2", hparams=base)
+    replayed = edit(ws, ws["second"], "models:/life/2", hparams=base | {"repair_replay": 10.0})
+    names = ["transformer.h.1.mlp.c_proj.weight", "transformer.h.2.mlp.c_proj.weight"]
+    plain_w, replayed_w = weights("life", plain.version, names), weights("life", replayed.version, names)
+    assert any(not torch.equal(plain_w[n], replayed_w[n]) for n in names)
+    assert replayed.metrics["post/n_retention"] == 2 == plain.metrics["post/n_retention"]
