@@ -25,6 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from _records import without_evaluated_anchors  # noqa: E402
 from _results import markdown_table, publish  # noqa: E402
 
 from editflow import assets  # noqa: E402
@@ -182,7 +183,7 @@ def main() -> None:
     ap.add_argument("--offset", type=int, default=0, help="First record used.")
     ap.add_argument("--fluency", action="store_true", help="Also measure fluency (slower).")
     args = ap.parse_args()
-    records = json.loads(Path(args.records).read_text())[args.offset :]
+    records = without_evaluated_anchors(json.loads(Path(args.records).read_text()))[args.offset :]
     need = args.versions * args.facts
     if len(records) < need:
         raise SystemExit(

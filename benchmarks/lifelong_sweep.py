@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from _records import without_evaluated_anchors  # noqa: E402
 from _results import markdown_table, publish  # noqa: E402
 
 from editflow import assets  # noqa: E402
@@ -110,7 +111,7 @@ def usable_requests(path: str) -> list:
     from editflow.requests import RequestError, parse_requests
 
     out, seen = [], set()
-    for record in json.loads(Path(path).read_text()):
+    for record in without_evaluated_anchors(json.loads(Path(path).read_text())):
         try:
             (req,) = parse_requests([record])
         except RequestError:

@@ -11,6 +11,8 @@ solved weights W_s and takes Adam steps on the same rewrite matrices only, minim
     + repair_preserve · Σ_ℓ ‖(W_ℓ − W_s,ℓ) K_p‖² / ‖K_p‖²   (K_p: the lineage's earlier keys)
     + repair_replay · NLL(earlier facts' targets | their bare prompts), the same subject-only gradient
         (the facts the lineage already holds, from its versions' runs: rehearsal of earlier batches)
+    + repair_anchor · KL(p_parent ‖ p) of the next token after the batch's attribute prompts
+        (CounterFact's prompts of other, unedited subjects with the same relations)
 
 so it can only trade the solve's result for lower drift from the parent (the model before this
 edit) while holding the batch's targets and the earlier edits' outputs. ``repair_steps = 0`` leaves
@@ -35,11 +37,13 @@ from editflow.config import MemitConfig
 from editflow.models import Adapter
 from editflow.requests import EditRequest
 from editflow.stats.batching import tokenize
-from editflow.tokens import encode_target, pad_id, pad_right
+from editflow.tokens import encode, encode_target, pad_id, pad_right
 
 #: Corpus documents per step, and their length cap in tokens.
 CORPUS_BATCH = 32
 CORPUS_LENGTH = 64
+#: Anchor prompts per step.
+ANCHOR_BATCH = 64
 #: Target rows (request × context template) per forward pass; gradients are accumulated over them.
 ROWS_PER_PASS = 64
 
@@ -109,13 +113,21 @@ def gradient_only_at(modules: Sequence[nn.Module], positions: torch.Tensor) -> I
             h.remove()
 
 
-def corpus_kl(
-    model: nn.Module, parent: Mapping[str, torch.Tensor], docs: Sequence[Sequence[int]], pad: int
+def parent_kl(
+    model: nn.Module,
+    parent: Mapping[str, torch.Tensor],
+    seqs: Sequence[Sequence[int]],
+    pad: int,
+    last_only: bool = False,
 ) -> torch.Tensor:
-    """Token-mean KL(p_parent ‖ p) over ``docs``; ``parent`` holds the rewrite weights before the edit."""
+    """Token-mean KL(p_parent ‖ p) over ``seqs`` (every position, or with ``last_only`` the next token
+    after each sequence); ``parent`` holds the rewrite weights before the edit."""
     device = next(model.parameters()).device
-    batch = pad_right(docs, pad).to(device)
+    batch = pad_right(seqs, pad).to(device)
     mask = batch.attention_mask.float()  # (b, w)
+    if last_only:
+        mask = torch.zeros_like(mask)
+        mask[torch.arange(len(seqs)), batch.lengths - 1] = 1.0
     backup = memit.set_weights(model, parent)
     try:
         with torch.no_grad():
@@ -125,6 +137,11 @@ def corpus_kl(
     logp = torch.log_softmax(model(**batch.model_inputs()).logits.float(), -1)
     kl = (ref.exp() * (ref - logp)).sum(-1)  # (b, w)
     return (kl * mask).sum() / mask.sum()
+
+
+def anchor_prompts(tokenizer: object, requests: Sequence[EditRequest]) -> list[list[int]]:
+    """Token ids of the requests' attribute prompts: other subjects, the same relations."""
+    return [encode(tokenizer, p) for r in requests for p in r.attribute_prompts]
 
 
 def preserved_change(
@@ -175,6 +192,7 @@ def repair(
     rows = target_rows(tokenizer, requests, result.context_templates)
     if earlier and config.repair_replay > 0:
         rows = with_replay(rows, target_rows(tokenizer, earlier, ["{}"]), config.repair_replay)
+    anchors = anchor_prompts(tokenizer, requests) if config.repair_anchor > 0 else []
     pad = pad_id(tokenizer)
     rng = random.Random(config.seed)
     was_training, flags = model.training, {n: p.requires_grad for n, p in params.items()}
@@ -193,10 +211,13 @@ def repair(
                 part = range(start, min(start + ROWS_PER_PASS, len(rows.ids)))
                 target_nll(model, rows, pad, part, rewrites).backward()
             docs = rng.sample(list(corpus), min(CORPUS_BATCH, len(corpus)))
-            extra = config.repair_kl * corpus_kl(model, parent, docs, pad)
+            # each KL term swaps the parent's weights in and out, so each is backpropagated before the next
+            (config.repair_kl * parent_kl(model, parent, docs, pad)).backward()
+            if anchors:
+                sample = rng.sample(anchors, min(ANCHOR_BATCH, len(anchors)))
+                (config.repair_anchor * parent_kl(model, parent, sample, pad, last_only=True)).backward()
             if grams:
-                extra = extra + config.repair_preserve * preserved_change(params, solved, grams, adapter.conv1d)
-            extra.backward()
+                (config.repair_preserve * preserved_change(params, solved, grams, adapter.conv1d)).backward()
             opt.step()
     finally:
         for n, p in params.items():

@@ -4,6 +4,8 @@ and its preserve term holds the earlier edits' outputs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -70,12 +72,12 @@ def test_repair_lowers_the_corpus_kl_and_keeps_deltas_consistent(family):
     names = list(result.deltas)
     rewrite_parent = {n: parent[n] for n in names}
     with torch.no_grad():
-        kl_before = float(repair.corpus_kl(model, rewrite_parent, docs, pad_id(tok)))
+        kl_before = float(repair.parent_kl(model, rewrite_parent, docs, pad_id(tok)))
     config = CFG.replace(repair_steps=15, repair_lr=1e-3, repair_kl=10.0)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     out = repair.repair(model, tok, adapter, reqs, result, covs, config, docs)
     with torch.no_grad():
-        kl_after = float(repair.corpus_kl(model, rewrite_parent, docs, pad_id(tok)))
+        kl_after = float(repair.parent_kl(model, rewrite_parent, docs, pad_id(tok)))
     assert kl_after < kl_before, (kl_before, kl_after)
     params = dict(model.named_parameters())
     for n, p in params.items():  # only the rewrite weights moved, and the deltas say by how much
@@ -143,6 +145,53 @@ def test_replay_holds_the_earlier_facts_targets():
     assert nll[10.0] < nll[0.0], nll
 
 
+def test_parent_kl_last_only_is_the_next_tokens_kl():
+    """With ``last_only`` the KL is read after each sequence's last token only (the padding of the
+    shorter one never counts), and it is zero at the parent's weights."""
+    model, tok, _, _, _, parent, result = solved()
+    rewrite_parent = {n: parent[n] for n in result.deltas}
+    seqs = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    with torch.no_grad():
+        got = float(repair.parent_kl(model, rewrite_parent, seqs, pad_id(tok), last_only=True))
+        want = 0.0
+        for seq in seqs:
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0, -1].float(), -1)
+            backup = memit.set_weights(model, rewrite_parent)
+            ref = torch.log_softmax(model(torch.tensor([seq])).logits[0, -1].float(), -1)
+            memit.restore(model, backup)
+            want += float((ref.exp() * (ref - logp)).sum()) / len(seqs)
+        memit.restore(model, rewrite_parent)
+        at_parent = float(repair.parent_kl(model, rewrite_parent, seqs, pad_id(tok), last_only=True))
+    assert want > 0 and got == pytest.approx(want, rel=1e-4)
+    assert at_parent == pytest.approx(0.0, abs=1e-6)
+
+
+def test_anchor_holds_the_attribute_prompts_next_token():
+    """The same repair with and without the anchor on the requests' attribute prompts (other
+    subjects, the same relations): with it, their next token stays closer to the parent's."""
+    model, tok = tiny_model()
+    adapter = detect_adapter(model)
+    covs = direct_cov(model, adapter, tok, CFG.layers)
+    others = {"alpha {}": "gamma rho", "sigma {}": "delta", "the {}": "kappa mu"}
+    reqs = [
+        dataclasses.replace(r, attribute_prompts=(r.prompt.format(others[r.prompt]), r.prompt.format("lambda")))
+        for r in parse_requests(REQUESTS)
+    ]
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prompts = repair.anchor_prompts(tok, reqs)
+    assert len(prompts) == 2 * len(reqs)
+    kl = {}
+    for weight in (0.0, 30.0):
+        memit.restore(model, start)
+        result = memit.edit(model, tok, adapter, reqs, covs, CFG, keep_applied=True)
+        config = CFG.replace(repair_steps=10, repair_lr=3e-3, repair_kl=1.0, repair_anchor=weight)
+        repair.repair(model, tok, adapter, reqs, result, covs, config, corpus(tok))
+        with torch.no_grad():
+            rewrite_start = {n: start[n] for n in result.deltas}
+            kl[weight] = float(repair.parent_kl(model, rewrite_start, prompts, pad_id(tok), last_only=True))
+    assert kl[30.0] < 0.5 * kl[0.0], kl
+
+
 def test_config_rejects_bad_repair_settings():
     with pytest.raises(ValueError, match="repair_steps"):
         MemitConfig(repair_steps=-1)
@@ -150,6 +199,8 @@ def test_config_rejects_bad_repair_settings():
         MemitConfig(repair_lr=0.0)
     with pytest.raises(ValueError, match="repair_replay"):
         MemitConfig(repair_replay=-1.0)
+    with pytest.raises(ValueError, match="repair_anchor"):
+        MemitConfig(repair_anchor=-1.0)
     assert MemitConfig().repair_steps == 0  # off by default: the published algorithm
 
 
