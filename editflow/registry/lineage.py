@@ -89,16 +89,11 @@ def read_state(reg: Registry, tags: dict[str, str], meta: dict) -> tuple[EditSta
 # --------------------------------------------------------------------------- facts
 
 
-def _request_dict(r: EditRequest) -> dict:
-    d = dataclasses.asdict(r)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
 def log_facts(requests: Sequence[EditRequest]) -> None:
     """Log the parsed requests of this run as ``lineage/facts.jsonl``."""
     import mlflow
 
-    text = "\n".join(json.dumps(_request_dict(r), ensure_ascii=False) for r in requests) + "\n"
+    text = "\n".join(json.dumps(r.to_dict(), ensure_ascii=False) for r in requests) + "\n"
     mlflow.log_text(text, f"{FACTS_DIR}/{FACTS_FILE}")
 
 
