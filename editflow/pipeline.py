@@ -280,6 +280,7 @@ def _resolve(reg: Registry, job: EditJob) -> _Plan:
     """Requests, the base, its config and edit state; every check on the requests runs before a new
     base is registered or any model work is done."""
     requests = load_requests(job.requests, max_requests=job.max_requests)
+    MemitConfig().replace(**job.hparams)  # unknown or bad overrides fail before the default model is registered
     base = resolve.resolve_base(
         reg, job.model, device=job.device, dtype=job.dtype, registered_model=job.registered_model
     )

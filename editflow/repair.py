@@ -231,7 +231,7 @@ def bleed_rise(
     """Mean over the (prompt, token) pairs of ``bleed[part]`` of max(0, log p − log p_parent)."""
     ids, mask = padded_tokens([bleed.tokens[i] for i in part])
     logp = next_token_logprobs(model, [bleed.ids[i] for i in part], pad).gather(1, ids)  # (b, m)
-    rise = (logp - reference[list(part)]).clamp_min(0.0) * mask
+    rise = (logp - reference[list(part), : ids.shape[1]]).clamp_min(0.0) * mask
     return rise.sum() / mask.sum()
 
 

@@ -270,9 +270,11 @@ def test_bleed_rise_is_zero_at_the_parent_and_counts_only_rises():
         edited = float(repair.bleed_rise(model, bleed, reference, [0, 1], pad))
         logp = [repair.next_token_logprobs(model, [ids], pad)[0] for ids in bleed.ids]
         want = [max(0.0, float(logp[i][t] - reference[i, j])) for i in range(2) for j, t in enumerate(bleed.tokens[i])]
+        second = float(repair.bleed_rise(model, bleed, reference, [1], pad))  # narrower than the reference
         memit.restore(model, rewrite_parent)
         at_parent = float(repair.bleed_rise(model, bleed, reference, [0, 1], pad))
     assert edited == pytest.approx(sum(want) / 3, rel=1e-5, abs=1e-7)
+    assert second == pytest.approx(want[2], rel=1e-5, abs=1e-7)
     assert at_parent == pytest.approx(0.0, abs=1e-6)
 
 
