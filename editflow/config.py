@@ -27,9 +27,7 @@ class MemitConfig:
     output on the lineage's earlier keys plus ``repair_replay`` · the target NLL of the facts the
     lineage already holds (0: none) plus ``repair_anchor`` · KL(parent ‖ model) of the next token
     after the batch's attribute prompts (CounterFact's prompts of other subjects with the same
-    relations; 0: none) plus ``repair_bleed`` · the rise of the batch's new targets' probability on
-    other, unedited subjects' prompts of the same relations (0: none). Not in the published
-    algorithms; 0 (off) is plain MEMIT.
+    relations; 0: none). Not in the published algorithms; 0 (off) is plain MEMIT.
     ``layer_tmp``/``rewrite_tmp`` override where the blocks and the rewrite modules are (module-name
     templates with one ``{}``, e.g. ``"model.layers.{}.mlp.down_proj"``); the adapter that edits with
     them comes from ``editflow.models.with_module_overrides``.
@@ -60,7 +58,6 @@ class MemitConfig:
     repair_preserve: float = 1.0
     repair_replay: float = 0.0
     repair_anchor: float = 0.0
-    repair_bleed: float = 0.0
     seed: int = 0
     layer_tmp: str | None = None
     rewrite_tmp: str | None = None
@@ -79,13 +76,8 @@ class MemitConfig:
             raise ValueError("v_num_grad_steps must be >= 1")
         if self.repair_steps < 0:
             raise ValueError("repair_steps must be >= 0")
-        if (
-            self.repair_lr <= 0
-            or min(self.repair_kl, self.repair_preserve, self.repair_replay, self.repair_anchor, self.repair_bleed) < 0
-        ):
-            raise ValueError(
-                "repair_lr must be > 0, repair_kl, repair_preserve, repair_replay, repair_anchor and repair_bleed >= 0"
-            )
+        if self.repair_lr <= 0 or min(self.repair_kl, self.repair_preserve, self.repair_replay, self.repair_anchor) < 0:
+            raise ValueError("repair_lr must be > 0, repair_kl, repair_preserve, repair_replay and repair_anchor >= 0")
         if not 0.0 <= self.nullspace_energy < 1.0:
             raise ValueError(f"nullspace_energy must be in [0, 1), got {self.nullspace_energy}")
         if self.mom2_dtype not in ("float32", "float64"):

@@ -13,10 +13,6 @@ solved weights W_s and takes Adam steps on the same rewrite matrices only, minim
         (the facts the lineage already holds, from its versions' runs: rehearsal of earlier batches)
     + repair_anchor · KL(p_parent ‖ p) of the next token after the batch's attribute prompts
         (CounterFact's prompts of other, unedited subjects with the same relations)
-    + repair_bleed · mean max(0, log p(t | q) − log p_parent(t | q)) over bleed pairs (q, t): q an
-        attribute prompt (another, unedited subject) of a batch fact's relation, from the batch or the
-        lineage's earlier facts, t the first token of a batch fact's new target that is wrong for q
-        (the rise of an edit's target on other subjects of its relation, which neighbourhood scores)
 
 so it can only trade the solve's result for lower drift from the parent (the model before this
 edit) while holding the batch's targets and the earlier edits' outputs. ``repair_steps = 0`` leaves
@@ -27,9 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import re
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import islice
@@ -50,8 +44,6 @@ CORPUS_BATCH = 32
 CORPUS_LENGTH = 64
 #: Anchor prompts per step.
 ANCHOR_BATCH = 64
-#: Bleed prompts per step (each with all its penalised tokens).
-BLEED_BATCH = 64
 #: Target rows (request × context template) per forward pass; gradients are accumulated over them.
 ROWS_PER_PASS = 64
 
@@ -152,89 +144,6 @@ def anchor_prompts(tokenizer: object, requests: Sequence[EditRequest]) -> list[l
     return [encode(tokenizer, p) for r in requests for p in r.attribute_prompts]
 
 
-@dataclasses.dataclass
-class BleedPrompts:
-    """Prompts of other, unedited subjects, each with the tokens whose probability there must not rise."""
-
-    ids: list[list[int]]
-    tokens: list[list[int]]
-
-
-def relation_key(request: EditRequest) -> str:
-    """What groups facts by relation: CounterFact's relation id, else the prompt template."""
-    return request.relation or request.prompt
-
-
-def bleed_prompts(
-    tokenizer: object, requests: Sequence[EditRequest], earlier: Sequence[EditRequest] = ()
-) -> BleedPrompts:
-    """Pair each attribute prompt of the batch's and the earlier facts' records with the first tokens
-    of the batch's new targets of that record's relation that are wrong for it (another target than
-    the record's own; prompts that name an edited subject are left out)."""
-    sources = list({(r.subject, r.prompt): r for r in (*earlier, *requests)}.values())
-    edited = re.compile("|".join(rf"(?<!\w){re.escape(s)}(?!\w)" for s in {r.subject for r in sources}))
-    new_first = {r.target_new: encode_target(tokenizer, r.target_new)[0] for r in (*sources, *requests)}
-    targets: dict[str, set[str]] = defaultdict(set)  # relation -> the batch's new targets
-    for r in requests:
-        targets[relation_key(r)].add(r.target_new)
-    pairs: dict[str, set[int]] = {}
-    for r in sources:
-        own = new_first[r.target_new]
-        wrong = {new_first[t] for t in targets.get(relation_key(r), ())} - {own}
-        if not wrong:
-            continue
-        for prompt in r.attribute_prompts:
-            if not edited.search(prompt):
-                pairs.setdefault(prompt, set()).update(wrong)
-    prompts = sorted(pairs)
-    return BleedPrompts([encode(tokenizer, p) for p in prompts], [sorted(pairs[p]) for p in prompts])
-
-
-def next_token_logprobs(model: nn.Module, seqs: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
-    """(b, V) log-probabilities of the token after each sequence."""
-    batch = pad_right(seqs, pad).to(next(model.parameters()).device)
-    logits = model(**batch.model_inputs()).logits  # (b, w, V)
-    return torch.log_softmax(logits[torch.arange(len(seqs)), batch.lengths - 1].float(), -1)
-
-
-def padded_tokens(tokens: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, m) token ids right-padded with 0 and their (b, m) float mask."""
-    width = max(len(t) for t in tokens)
-    ids = torch.zeros((len(tokens), width), dtype=torch.long)
-    mask = torch.zeros((len(tokens), width))
-    for i, t in enumerate(tokens):
-        ids[i, : len(t)] = torch.tensor(t)
-        mask[i, : len(t)] = 1.0
-    return ids, mask
-
-
-def bleed_reference(
-    model: nn.Module, parent: Mapping[str, torch.Tensor], bleed: BleedPrompts, pad: int
-) -> torch.Tensor:
-    """(n, m) the parent's log-probabilities of each bleed prompt's tokens (0 where padded)."""
-    ids, mask = padded_tokens(bleed.tokens)
-    backup = memit.set_weights(model, parent)
-    try:
-        with torch.no_grad():
-            parts = [
-                next_token_logprobs(model, bleed.ids[i : i + ROWS_PER_PASS], pad).gather(1, ids[i : i + ROWS_PER_PASS])
-                for i in range(0, len(bleed.ids), ROWS_PER_PASS)
-            ]
-    finally:
-        memit.restore(model, backup)
-    return torch.cat(parts) * mask
-
-
-def bleed_rise(
-    model: nn.Module, bleed: BleedPrompts, reference: torch.Tensor, part: Sequence[int], pad: int
-) -> torch.Tensor:
-    """Mean over the (prompt, token) pairs of ``bleed[part]`` of max(0, log p − log p_parent)."""
-    ids, mask = padded_tokens([bleed.tokens[i] for i in part])
-    logp = next_token_logprobs(model, [bleed.ids[i] for i in part], pad).gather(1, ids)  # (b, m)
-    rise = (logp - reference[list(part), : ids.shape[1]]).clamp_min(0.0) * mask
-    return rise.sum() / mask.sum()
-
-
 def preserved_change(
     weights: Mapping[str, torch.Tensor],
     solved: Mapping[str, torch.Tensor],
@@ -285,8 +194,6 @@ def repair(
         rows = with_replay(rows, target_rows(tokenizer, earlier, ["{}"]), config.repair_replay)
     anchors = anchor_prompts(tokenizer, requests) if config.repair_anchor > 0 else []
     pad = pad_id(tokenizer)
-    bleed = bleed_prompts(tokenizer, requests, earlier) if config.repair_bleed > 0 else BleedPrompts([], [])
-    reference = bleed_reference(model, parent, bleed, pad) if bleed.ids else None
     rng = random.Random(config.seed)
     was_training, flags = model.training, {n: p.requires_grad for n, p in params.items()}
     model.eval()
@@ -309,9 +216,6 @@ def repair(
             if anchors:
                 sample = rng.sample(anchors, min(ANCHOR_BATCH, len(anchors)))
                 (config.repair_anchor * parent_kl(model, parent, sample, pad, last_only=True)).backward()
-            if reference is not None:
-                part = rng.sample(range(len(bleed.ids)), min(BLEED_BATCH, len(bleed.ids)))
-                (config.repair_bleed * bleed_rise(model, bleed, reference, part, pad)).backward()
             if grams:
                 (config.repair_preserve * preserved_change(params, solved, grams, adapter.conv1d)).backward()
             opt.step()

@@ -66,7 +66,6 @@ class EditRequest:
     loc_ans: str | None = None
     source_format: str = "plain"
     case_id: str | None = None
-    relation: str | None = None  # CounterFact's relation_id (e.g. "P27"), when the record names one
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -176,7 +175,6 @@ def _from_counterfact(record: dict, index: int) -> EditRequest:
     subject = _str(rw, "subject", index, where="requested_rewrite.subject", kind="subject")
     new = _str(rw, "target_new", index, where="requested_rewrite.target_new", kind="target")
     true = _str(rw, "target_true", index, required=False, where="requested_rewrite.target_true", kind="target")
-    relation = _str(rw, "relation_id", index, required=False, where="requested_rewrite.relation_id")
     _check_prompt(prompt, index, "requested_rewrite.prompt")
     _check_targets(new, true, index, "requested_rewrite.target_new")
     return EditRequest(
@@ -190,7 +188,6 @@ def _from_counterfact(record: dict, index: int) -> EditRequest:
         generation_prompts=_str_list(record, "generation_prompts", index),
         source_format="counterfact",
         case_id=_case_id(record, index, index),
-        relation=relation,
     )
 
 
@@ -599,9 +596,6 @@ def _neighbors_of(
 
 
 def requests_digest(requests: Sequence[EditRequest]) -> str:
-    """A stable SHA-256 of the parsed requests (independent of file formatting). ``relation`` is left
-    out: it only groups facts for the repair's bleed term, and without it the digests (and the caches
-    keyed by them) of files parsed before it was read stay the same."""
-    rows = [{k: v for k, v in r.to_dict().items() if k != "relation"} for r in requests]
-    payload = json.dumps(rows, sort_keys=True, ensure_ascii=False)
+    """A stable SHA-256 of the parsed requests (independent of file formatting)."""
+    payload = json.dumps([r.to_dict() for r in requests], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -85,8 +85,8 @@ def test_bad_hparams_on_an_empty_store_register_nothing(ws, tmp_path):
     """The first edit of a new store registers the default model; a bad override fails before that."""
     facts = tmp_path / "one.json"
     facts.write_text(json.dumps([{"prompt": "{} plays", "subject": "rho", "target_new": "Paris"}]))
-    result = CliRunner().invoke(cli, ["edit", str(facts), "--hparams", "repair_bleed=-1", "--no-fluency"])
-    assert result.exit_code == 1 and "repair_bleed" in result.output
+    result = CliRunner().invoke(cli, ["edit", str(facts), "--hparams", "repair_kl=-1", "--no-fluency"])
+    assert result.exit_code == 1 and "repair_kl" in result.output
     assert client(ws).search_registered_models() == []
 
 

@@ -177,28 +177,3 @@ def test_repair_replay_rehearses_the_lineage_facts_in_the_workflow(ws):
     plain_w, replayed_w = weights("life", plain.version, names), weights("life", replayed.version, names)
     assert any(not torch.equal(plain_w[n], replayed_w[n]) for n in names)
     assert replayed.metrics["post/n_retention"] == 2 == plain.metrics["post/n_retention"]
-
-
-def counterfact(subject: str, target: str, attribute: list[str]) -> dict:
-    rewrite = {"prompt": "{} plays", "subject": subject, "target_new": {"str": target}, "relation_id": "P1"}
-    return {"requested_rewrite": rewrite, "attribute_prompts": attribute}
-
-
-def test_repair_bleed_uses_the_lineage_facts_attribute_prompts_in_the_workflow(ws, tmp_path):
-    """The lineage's facts keep their relation and attribute prompts, and ``repair_bleed`` reaches the
-    run's repair with them: the second batch has no attribute prompts of its own, so only the
-    earlier fact's (same relation, another target) can make the version repaired with it differ."""
-    first, second = tmp_path / "cf_first.json", tmp_path / "cf_second.json"
-    first.write_text(json.dumps([counterfact("alpha", "chess", ["gamma plays", "delta plays"])]))
-    second.write_text(json.dumps([counterfact("beta", "golf", [])]))
-    edit(ws, first, str(ws["model"]), hparams=HPARAMS | {"preserve_edits": True})
-    held = lineage.lineage_requests(Registry(), "life", 2)
-    assert [(r.subject, r.relation, r.attribute_prompts) for r in held] == [
-        ("alpha", "P1", ("gamma plays", "delta plays"))
-    ]
-    base = HPARAMS | {"preserve_edits": True, "repair_steps": 3, "repair_lr": 1e-3}
-    plain = edit(ws, second, "models:/life/2", hparams=base)
-    bled = edit(ws, second, "models:/life/2", hparams=base | {"repair_bleed": 10.0})
-    names = ["transformer.h.1.mlp.c_proj.weight", "transformer.h.2.mlp.c_proj.weight"]
-    plain_w, bled_w = weights("life", plain.version, names), weights("life", bled.version, names)
-    assert any(not torch.equal(plain_w[n], bled_w[n]) for n in names)

@@ -15,7 +15,7 @@ from editflow import memit, repair
 from editflow.config import MemitConfig
 from editflow.edit_state import EditState
 from editflow.models import detect_adapter
-from editflow.requests import EditRequest, parse_requests
+from editflow.requests import parse_requests
 from editflow.tokens import pad_id
 
 EARLIER = [{"prompt": "beta {}", "subject": "omega", "target_new": "tennis"}]
@@ -192,92 +192,6 @@ def test_anchor_holds_the_attribute_prompts_next_token():
     assert kl[30.0] < 0.5 * kl[0.0], kl
 
 
-def fact(subject: str, target: str, relation: str | None, attribute: tuple[str, ...] = (), prompt: str = "{} plays"):
-    return EditRequest(
-        prompt=prompt, subject=subject, target_new=target, relation=relation, attribute_prompts=attribute
-    )
-
-
-def test_bleed_prompts_pair_other_subjects_with_the_batch_targets_wrong_for_them():
-    """Each attribute prompt of a fact of relation R is paired with the first tokens of the batch's
-    new targets of R other than that fact's own; other relations' targets, prompts naming an edited
-    subject and facts whose relation has no batch target give no pair."""
-    _, tok = tiny_model()
-    first = {w: tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("chess", "golf", "tennis", "Paris")}
-    batch = [
-        fact("alpha", "chess", "P1", ("beta plays",)),
-        fact("gamma", "golf", "P1", ("delta plays", "alpha plays")),  # the second names an edited subject
-        fact("eta", "Paris", "P2", ("theta lives in",), prompt="{} lives in"),
-    ]
-    earlier = [
-        fact("iota", "tennis", "P1", ("kappa plays",)),
-        fact("mu", "chess", "P1", ("nu plays",)),  # the same target as a batch fact: only golf is wrong there
-        fact("xi", "London", "P3", ("pi lives in",), prompt="{} lives in"),  # no batch fact of P3
-    ]
-    got = repair.bleed_prompts(tok, batch, earlier)
-    pairs = {tok.decode(ids).strip(): set(tokens) for ids, tokens in zip(got.ids, got.tokens)}
-    assert pairs == {
-        "beta plays": {first["golf"]},
-        "delta plays": {first["chess"]},
-        "kappa plays": {first["chess"], first["golf"]},
-        "nu plays": {first["golf"]},
-    }
-
-
-def test_bleed_groups_by_the_prompt_template_without_a_relation():
-    _, tok = tiny_model()
-    batch = [fact("alpha", "chess", None, ("beta plays",)), fact("gamma", "golf", None, ("delta plays",))]
-    other_template = [fact("eta", "tennis", None, ("theta is",), prompt="{} is")]
-    got = repair.bleed_prompts(tok, batch, other_template)
-    assert sorted(tok.decode(ids).strip() for ids in got.ids) == ["beta plays", "delta plays"]
-
-
-def test_bleed_term_holds_the_batch_targets_on_other_subjects():
-    """The same repair with and without the bleed term: with it, the batch's new targets rise less
-    on other subjects' prompts of the same relation (what a neighbourhood score counts)."""
-    model, tok = tiny_model()
-    adapter = detect_adapter(model)
-    covs = direct_cov(model, adapter, tok, CFG.layers)
-    reqs = [
-        dataclasses.replace(r, relation="P1", attribute_prompts=(r.prompt.format(o) for o in others))
-        for r, others in zip(parse_requests(REQUESTS), (("omega", "chi psi"), ("tau", "phi"), ("upsilon", "eta")))
-    ]
-    reqs = [dataclasses.replace(r, attribute_prompts=tuple(r.attribute_prompts)) for r in reqs]
-    bleed = repair.bleed_prompts(tok, reqs)
-    assert len(bleed.ids) == 6 and all(len(t) == 2 for t in bleed.tokens)
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    rewrite_start = {n: start[n] for n in (adapter.rewrite_weight(layer) for layer in CFG.layers)}
-    with torch.no_grad():
-        reference = repair.bleed_reference(model, rewrite_start, bleed, pad_id(tok))
-    rise = {}
-    for weight in (0.0, 30.0):
-        memit.restore(model, start)
-        result = memit.edit(model, tok, adapter, reqs, covs, CFG, keep_applied=True)
-        config = CFG.replace(repair_steps=20, repair_lr=3e-3, repair_kl=1.0, repair_bleed=weight)
-        repair.repair(model, tok, adapter, reqs, result, covs, config, corpus(tok))
-        with torch.no_grad():
-            rise[weight] = float(repair.bleed_rise(model, bleed, reference, range(len(bleed.ids)), pad_id(tok)))
-    assert rise[0.0] > 0 and rise[30.0] < 0.8 * rise[0.0], rise
-
-
-def test_bleed_rise_is_zero_at_the_parent_and_counts_only_rises():
-    model, tok, _, _, _, parent, result = solved()
-    rewrite_parent = {n: parent[n] for n in result.deltas}
-    bleed = repair.BleedPrompts([[5, 6], [7, 8, 9]], [[10, 11], [12]])
-    pad = pad_id(tok)
-    with torch.no_grad():
-        reference = repair.bleed_reference(model, rewrite_parent, bleed, pad)
-        edited = float(repair.bleed_rise(model, bleed, reference, [0, 1], pad))
-        logp = [repair.next_token_logprobs(model, [ids], pad)[0] for ids in bleed.ids]
-        want = [max(0.0, float(logp[i][t] - reference[i, j])) for i in range(2) for j, t in enumerate(bleed.tokens[i])]
-        second = float(repair.bleed_rise(model, bleed, reference, [1], pad))  # narrower than the reference
-        memit.restore(model, rewrite_parent)
-        at_parent = float(repair.bleed_rise(model, bleed, reference, [0, 1], pad))
-    assert edited == pytest.approx(sum(want) / 3, rel=1e-5, abs=1e-7)
-    assert second == pytest.approx(want[2], rel=1e-5, abs=1e-7)
-    assert at_parent == pytest.approx(0.0, abs=1e-6)
-
-
 def test_config_rejects_bad_repair_settings():
     with pytest.raises(ValueError, match="repair_steps"):
         MemitConfig(repair_steps=-1)
@@ -287,8 +201,6 @@ def test_config_rejects_bad_repair_settings():
         MemitConfig(repair_replay=-1.0)
     with pytest.raises(ValueError, match="repair_anchor"):
         MemitConfig(repair_anchor=-1.0)
-    with pytest.raises(ValueError, match="repair_bleed"):
-        MemitConfig(repair_bleed=-1.0)
     assert MemitConfig().repair_steps == 0  # off by default: the published algorithm
 
 

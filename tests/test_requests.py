@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -31,7 +30,6 @@ CF = {
         "subject": "beta gamma",
         "target_new": {"str": "Paris", "id": "Q1"},
         "target_true": {"str": "Rome", "id": "Q2"},
-        "relation_id": "P551",
     },
     "paraphrase_prompts": ["p1"],
     "neighborhood_prompts": ["n1", "n2"],
@@ -60,7 +58,6 @@ def test_three_formats():
         "7",
     )
     assert cf.neighborhood_prompts == ("n1", "n2") and cf.source_format == "counterfact"
-    assert (cf.relation, plain.relation, zsre.relation) == ("P551", None, None)
     assert zsre.prompt == "When was the inception of {}?" and zsre.text == ZSRE["src"]
     assert (zsre.target_new, zsre.target_true, zsre.loc_ans, zsre.paraphrase_prompts) == (
         "2006",
@@ -101,12 +98,6 @@ def test_json_and_jsonl_files(tmp_path):
             "requested_rewrite.prompt",
             "exactly one",
         ),
-        (
-            {**CF, "requested_rewrite": {**CF["requested_rewrite"], "relation_id": 27}},
-            1,
-            "requested_rewrite.relation_id",
-            "must be a string",
-        ),
         ({**ZSRE, "subject": "nowhere"}, 1, "src", "does not occur"),
         ({**PLAIN, "target_new": "tennis"}, 1, "target_new", "conflicts with record 0"),
         ("just a string", 1, None, "JSON object"),
@@ -117,13 +108,6 @@ def test_bad_records_name_index_and_field(record, index, field, message):
         parse_requests([PLAIN, record])
     assert err.value.index == index and err.value.field == field
     assert f"record {index}" in str(err.value)
-
-
-def test_the_digest_leaves_the_relation_out():
-    """Reading ``relation_id`` did not change the digests (and caches) of CounterFact files."""
-    (cf,) = parse_requests([CF])
-    assert requests_digest([cf]) == requests_digest([dataclasses.replace(cf, relation=None)])
-    assert requests_digest([cf]) != requests_digest([dataclasses.replace(cf, target_new="Berlin")])
 
 
 def test_exact_duplicates_are_merged():
