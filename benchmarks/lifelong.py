@@ -144,7 +144,9 @@ def table(way: str, rows: list[dict], final: list[dict], seconds: float, args: a
             f"{fmt(r['ns'])} ({fmt(r['ns_pre'])}) | {fmt(ho)} | {fmt(ppl_rel)} % | {fmt(flu)} % |"
         )
     caption = (
-        f"**{way}** — {args.model}, {args.algorithm}, {len(rows)} versions × {args.facts} facts, "
+        f"**{way}** — {args.model}, {args.algorithm}"
+        + (f" + `{args.hparams}`" if args.hparams else "")
+        + f", {len(rows)} versions × {args.facts} facts, "
         f"{seconds / 60:.1f} min; efficacy of each batch at the last version: "
         + " / ".join(fmt(f["es"]) for f in final)
         + "; neighbourhood of each batch at the last version (root): "

@@ -135,6 +135,19 @@ def test_shipped_model_was_built_by_the_recipe_defaults() -> None:
     assert card["corpus_options"] == asdict(CorpusOptions())
 
 
+def test_shipped_edit_defaults_are_the_lifelong_setting() -> None:
+    """The bundled model's ``editflow.json`` resolves to the setting the README's *Lifelong editing*
+    chose (MEMIT + preserved edits, λ 1,000, then the repair with replay), and it is a valid config."""
+    from editflow.config import default_config
+    from editflow.models import read_model_defaults
+
+    shipped = read_model_defaults(default_model_path())
+    cfg = default_config("gpt2", 6, shipped["hparams"])
+    assert (cfg.algorithm, cfg.layers, cfg.preserve_edits, cfg.mom2_update_weight) == ("memit", (0, 1, 2), True, 1000)
+    assert (cfg.repair_steps, cfg.repair_replay, cfg.repair_kl) == (30, 0.3, 3.0)
+    assert shipped["stats_tokens"] == 320000 and "repair_steps=0" in shipped["chosen_by"]
+
+
 @pytest.mark.slow
 def test_shipped_model_knows_its_records() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
