@@ -10,6 +10,9 @@ preserved keys: the behaviour before edit states existed).
 
     python benchmarks/lifelong.py [--model default|PATH.gguf] [--versions 6] [--facts 50]
         [--algorithm alphaedit] [--hparams k=v,...] [--ways lineage,from-zero] [--offset 0] [--fluency]
+        [--records A.json,B.json]
+
+zsRE batches report zsRE's efficacy, paraphrase and specificity (``loc``) in the ES, PS and NS columns.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,14 +34,49 @@ from _results import markdown_table, publish  # noqa: E402
 
 from editflow import assets  # noqa: E402
 
+#: Each table figure's metric: CounterFact's name first, then zsRE's (a batch holds one format or both).
+FIGURES = {
+    "es": ("efficacy", "zsre_efficacy"),
+    "ps": ("paraphrase", "zsre_paraphrase"),
+    "ns": ("neighborhood", "zsre_specificity"),
+}
+
+
+def figure(metrics: dict[str, float], key: str, prefix: str = "") -> float | None:
+    """The table's ``key`` figure from ``metrics`` (names under ``prefix``, e.g. ``"post/"``): the
+    CounterFact metric, or the zsRE one where the batch has no CounterFact records."""
+    return next((metrics[prefix + n] for n in FIGURES[key] if prefix + n in metrics), None)
+
+
+def load_records(paths: str) -> list[dict]:
+    """The records of the comma-separated JSON files ``paths``, in order, less those editflow refuses
+    as edit requests (e.g. zsRE records whose new answer is the true one); says how many it left out."""
+    from editflow.requests import RequestError, parse_record
+
+    records = [r for p in paths.split(",") for r in json.loads(Path(p).read_text())]
+    kept = []
+    for i, r in enumerate(records):
+        try:
+            parse_record(r, i)
+            kept.append(r)
+        except RequestError:
+            pass
+    if len(kept) < len(records):
+        print(
+            f"lifelong: {len(records) - len(kept)} of {len(records)} records are not valid edits; left out",
+            file=sys.stderr,
+        )
+    return kept
+
 
 def batch_figures(handle, batch: Path) -> tuple[float, float]:
-    """Efficacy and neighbourhood of ``handle`` on the facts of ``batch``."""
+    """Efficacy and neighbourhood (zsRE: specificity) of ``handle`` on the facts of ``batch``."""
     from editflow.evaluate import Evaluator
     from editflow.requests import load_requests
 
     m = Evaluator(handle, load_requests(batch), n_auto_neighbors=0, fluency=False).pre().metrics
-    return m.get("efficacy", float("nan")), m.get("neighborhood", float("nan"))
+    es, ns = figure(m, "es"), figure(m, "ns")
+    return float("nan") if es is None else es, float("nan") if ns is None else ns
 
 
 def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[list[dict], list[dict], float]:
@@ -74,15 +113,15 @@ def run_way(way: str, args: argparse.Namespace, batches: list[Path]) -> tuple[li
         rows.append(
             {
                 "version": out.version,
-                "es": m.get("post/efficacy"),
-                "ps": m.get("post/paraphrase"),
+                "es": figure(m, "es", "post/"),
+                "ps": figure(m, "ps", "post/"),
                 "retention": m.get("post/retention"),
                 "heldout": m.get("post/heldout"),
                 "heldout_root": m.get("pre/heldout") if k == 0 else rows[0]["heldout_root"],
                 "ppl": m.get("post/drift_ppl"),
                 "ppl_root": m.get("pre/drift_ppl") if k == 0 else rows[0]["ppl_root"],
-                "ns": m.get("post/neighborhood"),
-                "ns_pre": m.get("pre/neighborhood"),
+                "ns": figure(m, "ns", "post/"),
+                "ns_pre": figure(m, "ns", "pre/"),
                 "fluency": m.get("post/fluency"),
                 "fluency_parent": m.get("pre/fluency"),
             }
@@ -181,11 +220,15 @@ def main() -> None:
     ap.add_argument("--hparams", default="")
     ap.add_argument("--ways", default="lineage,from-zero")
     ap.add_argument("--stats-tokens", type=int, default=0)
-    ap.add_argument("--records", default=str(assets.counterfact_records_path()))
+    ap.add_argument(
+        "--records",
+        default=str(assets.counterfact_records_path()),
+        help="Record files, comma-separated (CounterFact or zsRE; e.g. ../shared/data/zsre/zsre_sample.json).",
+    )
     ap.add_argument("--offset", type=int, default=0, help="First record used.")
     ap.add_argument("--fluency", action="store_true", help="Also measure fluency (slower).")
     args = ap.parse_args()
-    records = without_evaluated_anchors(json.loads(Path(args.records).read_text()))[args.offset :]
+    records = without_evaluated_anchors(load_records(args.records))[args.offset :]
     need = args.versions * args.facts
     if len(records) < need:
         raise SystemExit(
