@@ -34,7 +34,7 @@ from _results import markdown_table, publish  # noqa: E402
 
 from editflow import assets  # noqa: E402
 
-#: Each table figure's metric: CounterFact's name first, then zsRE's (a batch holds one format or both).
+#: Each table figure's metric: CounterFact's name first, then zsRE's (a mixed batch reports its CounterFact figure).
 FIGURES = {
     "es": ("efficacy", "zsre_efficacy"),
     "ps": ("paraphrase", "zsre_paraphrase"),
