@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Lifelong editing of SmolLM2-135M on a GPU: VERSIONS × FACTS edits through the registry, every version
-# promoted, the lineage's state carried, with the model's shipped defaults; prints the per-version table
+# promoted, the lineage's state carried, with the model's shipped defaults (editflow applies them by the
+# file's digest: hparams and statistics budget); prints the per-version table
 # (benchmarks/lifelong.py). Run from anywhere:
 #     bash benchmarks/gpu_lifelong.sh
 # Defaults: 9 versions × 100 edits, the 300 bundled CounterFact records after the first 12, then zsRE
@@ -22,7 +23,5 @@ if [ "$EDITFLOW_DEVICE" = cuda ]; then
 fi
 MODEL=${MODEL:-$(editflow fetch smollm2-135m)}
 RECORDS=${RECORDS:-editflow/assets/counterfact/records.json,../shared/data/zsre/zsre_sample.json}
-HPARAMS='{"layers":[4,5,6,7,8],"mom2_update_weight":3000,"v_num_grad_steps":40,"v_early_stop_loss":0.01,"context_templates":2,"preserve_edits":true}'
-if [ "$MODEL" = default ]; then HPARAMS=""; fi  # the bundled model's own defaults (a dry run on CPU)
 exec "$PY" benchmarks/lifelong.py --model "$MODEL" --versions "${VERSIONS:-9}" --facts "${FACTS:-100}" \
-  --offset "${OFFSET:-12}" --records "$RECORDS" --hparams "$HPARAMS" --ways lineage --stats-tokens 20000 --fluency
+  --offset "${OFFSET:-12}" --records "$RECORDS" --ways lineage --fluency
